@@ -1,0 +1,70 @@
+"""The bus app: starts the bus in a background thread of server processes.
+
+`server_process_kind` is the single place that decides whether this process
+serves pages (and so runs the bus); it reads argv and the environment only,
+no database, so importing and setting up Django stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from django.apps import AppConfig
+
+# Commands that serve pages. Every other manage.py command (migrate, shell,
+# test, reset_jobs, enqueue, runbus itself, ...) never starts the bus thread.
+SERVER_COMMANDS = {"runserver"}
+SERVER_PROGRAMS = {"gunicorn", "uvicorn", "daphne", "hypercorn", "granian"}
+
+
+def server_process_kind(argv: list[str], environ: os._Environ | dict) -> str | None:
+    """Return "runserver", the server program's name, or None when this is no server process."""
+    program = os.path.basename(argv[0]) if argv else ""
+    if program in ("manage.py", "django-admin") or program.endswith("manage.py"):
+        command = argv[1] if len(argv) > 1 else ""
+        if command not in SERVER_COMMANDS:
+            return None
+        # With the autoreloader, the parent only watches files; the child it
+        # spawns (RUN_MAIN=true) serves requests.
+        if "--noreload" in argv or environ.get("RUN_MAIN") == "true":
+            return command
+        return None
+    for name in SERVER_PROGRAMS:
+        if program == name or program.startswith(name + "-") or (
+            program in ("python", "python3", "__main__.py") and len(argv) > 1 and argv[1] == name
+        ):
+            return name
+    if program == "__main__.py" and any(name in sys.modules for name in SERVER_PROGRAMS):
+        return next(name for name in SERVER_PROGRAMS if name in sys.modules)
+    return None
+
+
+def _in_gunicorn_master() -> bool:
+    """True while gunicorn --preload loads the app in the arbiter, before forking workers."""
+    return any("gunicorn/arbiter.py" in frame.filename for frame in traceback.extract_stack())
+
+
+class BusConfig(AppConfig):
+    name = "bus"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from django.conf import settings
+
+        from . import checks  # noqa: F401  (registers the system checks)
+
+        if not settings.BUS_AUTOSTART:
+            return
+        kind = server_process_kind(sys.argv, os.environ)
+        if kind is None or "pytest" in sys.modules:  # a test run serves no crawler
+            return
+        from .runtime import start_background_bus
+
+        if kind == "gunicorn" and _in_gunicorn_master():
+            # A thread started here would not survive the fork: start it in
+            # each worker instead.
+            os.register_at_fork(after_in_child=start_background_bus)
+            return
+        start_background_bus()

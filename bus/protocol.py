@@ -1,0 +1,223 @@
+"""The wire format of PROTOCOL.md version 1: framing, frame checks, HMAC proofs.
+
+Pure Python, no Django: the bus and the reference crawler both use it, and it
+can be tested on its own (tests/test_protocol.py, hypothesis included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import time
+from typing import Any
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 1024 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+MAX_JOB_ID = 2**63 - 1
+MAX_ATTEMPT = 2**31 - 1
+MAX_NESTING = 64
+
+# Error codes. The first five are PROTOCOL.md's; `invalid` is ours for a
+# well-formed frame of a known type whose fields are wrong (the session stays).
+BAD_FRAME = "bad_frame"
+UNKNOWN_TYPE = "unknown_type"
+UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+UNAUTHORIZED = "unauthorized"
+STALE = "stale"
+INVALID = "invalid"
+
+
+class FrameError(Exception):
+    """A framing error: the session must end (after a bad_frame error if possible)."""
+
+
+class FieldError(Exception):
+    """A well-formed frame whose fields are wrong: answer `invalid`, keep the session."""
+
+
+class FrameReader:
+    """Splits a byte stream into JSON frames, never holding more than one frame of bytes.
+
+    feed() returns the complete frames; it raises FrameError as soon as the
+    current line is longer than max_frame (newline included), even before its
+    newline arrives, so a 100 MB line costs at most max_frame bytes of memory.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        frames = []
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                break
+            line_length = len(self._buffer) + (end - start) + 1
+            if line_length > self.max_frame:
+                self._buffer.clear()
+                raise FrameError(f"frame of at least {line_length} bytes exceeds the limit of {self.max_frame}")
+            if self._buffer:
+                self._buffer += data[start:end]
+                line = bytes(self._buffer)
+                self._buffer.clear()
+            else:
+                line = data[start:end]
+            frames.append(decode_frame(line))
+            start = end + 1
+        rest = len(data) - start
+        if rest:
+            if len(self._buffer) + rest >= self.max_frame:  # no room left for the newline
+                self._buffer.clear()
+                raise FrameError(f"frame exceeds the limit of {self.max_frame} bytes")
+            self._buffer += data[start:]
+        return frames
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _depth_ok(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_NESTING:
+            return False
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return True
+
+
+def decode_frame(line: bytes) -> dict[str, Any]:
+    """Decode one line (without its newline) into a frame, or raise FrameError."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FrameError(f"frame is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        frame = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise FrameError("frame is nested too deeply") from None
+    except ValueError as exc:
+        raise FrameError(f"frame is not JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise FrameError(f"frame is a JSON {type(frame).__name__}, not an object")
+    if not isinstance(frame.get("type"), str):
+        raise FrameError("frame has no string field 'type'")
+    if not _depth_ok(frame):
+        raise FrameError(f"frame is nested deeper than {MAX_NESTING} levels")
+    return frame
+
+
+def encode_frame(frame: dict[str, Any]) -> bytes:
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\n"
+
+
+def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message[:500], **extra}
+
+
+def heartbeat_frame(**extra: Any) -> dict[str, Any]:
+    return {"type": "heartbeat", "ts": time.time(), **extra}
+
+
+# --- Field checks --------------------------------------------------------------
+
+
+def job_id_of(frame: dict[str, Any]) -> int:
+    value = frame.get("job_id")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError("job_id must be an integer")
+    if not 1 <= value <= MAX_JOB_ID:
+        raise FieldError("job_id is out of range")
+    return value
+
+
+def attempt_of(frame: dict[str, Any]) -> int:
+    value = frame.get("attempt")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError("attempt must be an integer")
+    if not 1 <= value <= MAX_ATTEMPT:
+        raise FieldError("attempt must be an integer >= 1")
+    return value
+
+
+def slots_of(frame: dict[str, Any]) -> int:
+    value = frame.get("slots")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
+        raise FieldError("slots must be an integer between 0 and 1000000")
+    return value
+
+
+def running_of(frame: dict[str, Any], *, limit: int = 1_000_000) -> list[tuple[int, int]]:
+    """The optional `running` list of ready/heartbeat frames: [[job_id, attempt], ...]."""
+    value = frame.get("running", [])
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise FieldError("running must be a list of [job_id, attempt] pairs")
+    if len(value) > limit:
+        raise FieldError(f"running lists more than {limit} jobs")
+    pairs = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2:
+            raise FieldError("running must be a list of [job_id, attempt] pairs")
+        pairs.append((job_id_of({"job_id": item[0]}), attempt_of({"attempt": item[1]})))
+    return pairs
+
+
+def number_of(frame: dict[str, Any], name: str) -> float | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FieldError(f"{name} must be a finite number")
+    return value
+
+
+def nonce_ok(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) < 32 or len(value) > 1024:
+        return False
+    try:
+        int(value, 16)
+    except ValueError:
+        return False
+    return True
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(32)
+
+
+# --- Authentication (HMAC-SHA256 proofs) ------------------------------------------
+
+
+def _proof(token: str, label: str, nonce: str, session: str) -> str:
+    message = f"jobsite-bus/1 {label} {nonce} {session}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def hello_proof(token: str, welcome_nonce: str, session: str) -> str:
+    return _proof(token, "hello", welcome_nonce, session)
+
+
+def ready_proof(token: str, hello_nonce: str, session: str) -> str:
+    return _proof(token, "ready", hello_nonce, session)
+
+
+def proof_matches(expected: str, given: Any) -> bool:
+    if not isinstance(given, str):
+        return False
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))

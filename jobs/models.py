@@ -1,0 +1,166 @@
+"""Job state and its audit trail.
+
+Only jobs/services.py changes a job's status; this module declares the state,
+the invariants the database enforces, and the read-side questions
+(`Job.objects.running()`, `.leased_to(session)`, `.lease_expired(at)`).
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+
+class Status(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+
+
+class JobQuerySet(models.QuerySet):
+    def queued(self):
+        return self.filter(status=Status.QUEUED)
+
+    def running(self):
+        return self.filter(status=Status.RUNNING)
+
+    def claimable(self, now):
+        return self.queued().filter(Q(run_after__isnull=True) | Q(run_after__lte=now))
+
+    def leased_to(self, session):
+        return self.running().filter(lease_session=session)
+
+    def lease_expired(self, at):
+        return self.running().filter(lease_expires_at__lt=at)
+
+    def terminal(self):
+        return self.filter(status__in=TERMINAL)
+
+    def status_counts(self) -> dict[str, int]:
+        """How many jobs are in each status, every status listed (zeros included)."""
+        counts = dict(self.order_by().values_list("status").annotate(n=models.Count("id")))
+        return {status: counts.get(status, 0) for status in Status.values}
+
+
+class Job(models.Model):
+    url = models.URLField(max_length=2048)
+    payload = models.JSONField(default=dict, blank=True)
+    priority = models.IntegerField(default=0, help_text="Higher runs first.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+
+    # attempt is the fencing token of PROTOCOL.md: +1 on every assignment.
+    attempt = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField(default=5)
+    # Retryable failures so far; a retryable `failed` requeues while
+    # failures < max_attempts. Interruptions have their own budget.
+    failures = models.PositiveIntegerField(default=0)
+    interruptions = models.PositiveIntegerField(default=0)
+    max_interruptions = models.PositiveIntegerField(default=3)
+    # The attempt whose outcome (done/failed) was last recorded: tells a resend
+    # of a recorded outcome (rule 2) from a late one for a requeued job (rule 3).
+    outcome_attempt = models.PositiveIntegerField(null=True, blank=True)
+
+    # The lease: which bus session holds the running job, and until when.
+    lease_session = models.UUIDField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    run_after = models.DateTimeField(null=True, blank=True, help_text="Not claimable before this time.")
+
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    progress = models.JSONField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            # "Next queued jobs by priority": an index scan in claim order.
+            models.Index(
+                fields=["-priority", "id"], condition=Q(status="queued"), name="job_claim_order"
+            ),
+            # "Running jobs of session S".
+            models.Index(
+                fields=["lease_session"], condition=Q(status="running"), name="job_running_session"
+            ),
+            # The sweeper's "running jobs whose lease expired".
+            models.Index(
+                fields=["lease_expires_at"], condition=Q(status="running"), name="job_running_lease"
+            ),
+            models.Index(fields=["status", "id"], name="job_status_id"),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=Status.values), name="job_status_valid"
+            ),
+            # A running job has a lease; no other job has one.
+            models.CheckConstraint(
+                condition=(
+                    Q(status="running", lease_session__isnull=False, lease_expires_at__isnull=False)
+                    | (~Q(status="running") & Q(lease_session__isnull=True, lease_expires_at__isnull=True))
+                ),
+                name="job_lease_iff_running",
+            ),
+            models.CheckConstraint(
+                condition=Q(max_attempts__gte=1) & Q(max_interruptions__gte=1),
+                name="job_limits_positive",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Job {self.pk} {self.status} {self.url}"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+class EventKind(models.TextChoices):
+    ENQUEUE = "enqueue", "Enqueued"
+    CLAIM = "claim", "Assigned"
+    RELEASE = "re_lease", "Re-leased"
+    OUTCOME = "outcome", "Outcome recorded"
+    STALE = "stale", "Stale outcome"
+    INTERRUPT = "interrupt", "Interrupted"
+    RETRY = "retry", "Retried"
+    CANCEL = "cancel", "Cancelled"
+
+
+class JobEvent(models.Model):
+    """One row per transition (and per stale outcome): a job's history."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events")
+    at = models.DateTimeField()
+    kind = models.CharField(max_length=16, choices=EventKind.choices)
+    from_status = models.CharField(max_length=16, blank=True, default="")
+    to_status = models.CharField(max_length=16, blank=True, default="")
+    attempt = models.PositiveIntegerField(default=0)
+    session = models.UUIDField(null=True, blank=True)
+    actor = models.CharField(max_length=150)
+    reason = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["job", "id"], name="jobevent_job_id"),
+            models.Index(fields=["at"], name="jobevent_at"),
+        ]
+        constraints = [
+            # At most one recorded outcome per attempt: a resend can never be
+            # recorded twice, whatever the races.
+            models.UniqueConstraint(
+                fields=["job", "attempt"], condition=Q(kind="outcome"), name="jobevent_one_outcome_per_attempt"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.kind} {self.from_status}->{self.to_status}"

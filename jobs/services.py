@@ -1,0 +1,620 @@
+"""Every change of a job's status happens here.
+
+Views, admin actions, commands, signal receivers and the bus call these
+keyword-only functions; each runs in one transaction, is safe against
+concurrent callers (row locks, SKIP LOCKED, conditional updates), writes the
+audit events, and returns what it did. The hot paths (claim, reset) are one
+set-based statement on PostgreSQL; see docs/benchmarks.md for their figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Iterable, Sequence
+from uuid import UUID
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
+from django.db import connection, transaction
+from django.db.models import Case, DateTimeField, F, Q, TextField, Value, When
+from django.dispatch import Signal
+from django.utils import timezone
+
+from jobsite.logging import kv
+
+from .models import EventKind, Job, JobEvent, Status
+
+log = logging.getLogger("jobs.services")
+
+MAX_URL_LENGTH = 2048
+MAX_PAYLOAD_BYTES = 64 * 1024
+
+# Sent after a commit that made jobs claimable, so an in-process bus wakes up
+# at once (on PostgreSQL a NOTIFY on NOTIFY_CHANNEL reaches other processes).
+jobs_available = Signal()
+NOTIFY_CHANNEL = "jobsite_jobs"
+
+
+def now() -> datetime:
+    """The one clock of the services: tests and callers may pass `now` instead."""
+    return timezone.now()
+
+
+def _is_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+def _announce_queued() -> None:
+    """Tell buses that jobs became claimable, once the transaction commits."""
+    if _is_postgres():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])  # delivered at commit
+    transaction.on_commit(lambda: jobs_available.send(sender=Job))
+
+
+def _events(rows: Iterable[dict[str, Any]]) -> None:
+    JobEvent.objects.bulk_create([JobEvent(**row) for row in rows], batch_size=500)
+
+
+# --- Enqueue -----------------------------------------------------------------
+
+_url_validator = URLValidator(schemes=["http", "https"])
+
+
+def validate_job_spec(*, url: Any, payload: Any = None, priority: Any = 0) -> tuple[str, dict, int]:
+    """Check one job's fields; raise ValidationError naming the bad field."""
+    if not isinstance(url, str) or not url.strip():
+        raise ValidationError({"url": "a URL is required"})
+    url = url.strip()
+    if len(url) > MAX_URL_LENGTH:
+        raise ValidationError({"url": f"URL is {len(url)} characters long; at most {MAX_URL_LENGTH} are allowed"})
+    try:
+        _url_validator(url)
+    except ValidationError:
+        raise ValidationError({"url": f"{url[:200]!r} is not a valid http:// or https:// URL"}) from None
+    if payload is None:
+        payload = {}
+    if not isinstance(payload, dict):
+        raise ValidationError({"payload": "payload must be a JSON object"})
+    try:
+        size = len(json.dumps(payload, allow_nan=False).encode())
+    except (TypeError, ValueError) as exc:
+        raise ValidationError({"payload": f"payload is not valid JSON: {exc}"}) from None
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValidationError({"payload": f"payload is {size} bytes; at most {MAX_PAYLOAD_BYTES} are allowed"})
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValidationError({"priority": "priority must be a whole number"})
+    if not -(2**31) <= priority < 2**31:
+        raise ValidationError({"priority": "priority is out of range"})
+    return url, payload, priority
+
+
+def enqueue(*, url: str, payload: dict | None = None, priority: int = 0, actor: str) -> Job:
+    """Queue one job."""
+    return enqueue_many(urls=[url], payload=payload, priority=priority, actor=actor)[0]
+
+
+def enqueue_many(
+    *, urls: Sequence[str], payload: dict | None = None, priority: int = 0, actor: str
+) -> list[Job]:
+    """Queue several jobs, all or none: any invalid URL raises before anything is written.
+
+    The ValidationError lists every bad entry as "line N: reason" (1-based).
+    """
+    problems: list[str] = []
+    specs = []
+    for number, url in enumerate(urls, start=1):
+        try:
+            specs.append(validate_job_spec(url=url, payload=payload, priority=priority))
+        except ValidationError as exc:
+            reasons = "; ".join(msg for msgs in exc.message_dict.values() for msg in msgs)
+            problems.append(f"line {number}: {reasons}")
+    if problems:
+        raise ValidationError(problems)
+    if not specs:
+        raise ValidationError("no URLs given")
+    at = now()
+    with transaction.atomic():
+        jobs = Job.objects.bulk_create(
+            [Job(url=url, payload=data, priority=prio) for url, data, prio in specs], batch_size=500
+        )
+        if any(job.pk is None for job in jobs):  # backends without RETURNING ids
+            jobs = list(Job.objects.order_by("-id")[: len(jobs)])[::-1]
+        _events(
+            dict(job_id=job.pk, at=at, kind=EventKind.ENQUEUE, to_status=Status.QUEUED, actor=actor)
+            for job in jobs
+        )
+        _announce_queued()
+    log.info(kv("jobs.enqueued", count=len(jobs), actor=actor))
+    return jobs
+
+
+# --- Claim -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    attempt: int
+    url: str
+    payload: dict
+
+
+def _json_value(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _db(field_name: str, value: Any) -> Any:
+    """Adapt a Python value for a raw SQL parameter of Job.<field_name>."""
+    return Job._meta.get_field(field_name).get_db_prep_value(value, connection)
+
+
+def claim_jobs(
+    *, session: UUID, limit: int, lease_seconds: float, at: datetime | None = None, actor: str = "bus"
+) -> list[ClaimedJob]:
+    """Lease up to `limit` queued jobs to `session`, in priority order.
+
+    Each claimed job becomes running with attempt + 1 (the new fencing token).
+    Two concurrent claimers never get the same job: PostgreSQL skips rows
+    another claimer has locked; SQLite serialises writers (BEGIN IMMEDIATE).
+    """
+    if limit <= 0:
+        return []
+    at = at or now()
+    picked = (
+        Job.objects.claimable(at).order_by("-priority", "id").values("id")[:limit]
+    )
+    values = {
+        "session": _db("lease_session", session),
+        "until": _db("lease_expires_at", at + timedelta(seconds=lease_seconds)),
+        "at": _db("started_at", at),
+    }
+    table = connection.ops.quote_name(Job._meta.db_table)
+    events = connection.ops.quote_name(JobEvent._meta.db_table)
+    with transaction.atomic():
+        if _is_postgres():
+            picked_sql, picked_params = picked.select_for_update(skip_locked=True).query.sql_with_params()
+            sql = f"""
+                WITH picked AS ({picked_sql}),
+                claimed AS (
+                    UPDATE {table} AS j SET status = 'running', attempt = j.attempt + 1,
+                        lease_session = %s, lease_expires_at = %s, started_at = %s,
+                        updated_at = %s, run_after = NULL, progress = NULL
+                    FROM picked WHERE j.id = picked.id
+                    RETURNING j.id, j.attempt, j.url, j.payload, j.priority
+                ),
+                logged AS (
+                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+                    SELECT id, %s, 'claim', 'queued', 'running', attempt, %s, %s, '' FROM claimed
+                )
+                SELECT id, attempt, url, payload FROM claimed ORDER BY priority DESC, id
+            """
+            params = (
+                *picked_params, values["session"], values["until"], values["at"], values["at"],
+                values["at"], values["session"], actor,
+            )
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                rows = cursor.fetchall()
+        else:
+            picked_sql, picked_params = picked.query.sql_with_params()
+            sql = f"""
+                UPDATE {table} SET status = 'running', attempt = attempt + 1,
+                    lease_session = %s, lease_expires_at = %s, started_at = %s,
+                    updated_at = %s, run_after = NULL, progress = NULL
+                WHERE id IN ({picked_sql})
+                RETURNING id, attempt, url, payload, priority
+            """
+            params = (values["session"], values["until"], values["at"], values["at"], *picked_params)
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                returned = cursor.fetchall()
+            returned.sort(key=lambda row: (-row[4], row[0]))
+            rows = [row[:4] for row in returned]
+            _events(
+                dict(job_id=row[0], at=at, kind=EventKind.CLAIM, from_status=Status.QUEUED,
+                     to_status=Status.RUNNING, attempt=row[1], session=session, actor=actor)
+                for row in rows
+            )
+    return [ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=_json_value(row[3])) for row in rows]
+
+
+# --- Reset (requeue) -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResetCounts:
+    requeued: int = 0
+    failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.requeued + self.failed
+
+
+def _running_filter(
+    *, session: UUID | None, job_ids: Iterable[int] | None, lease_expired_before: datetime | None
+):
+    jobs = Job.objects.running()
+    if session is not None:
+        jobs = jobs.filter(lease_session=session)
+    if job_ids is not None:
+        jobs = jobs.filter(id__in=list(job_ids))
+    if lease_expired_before is not None:
+        jobs = jobs.filter(lease_expires_at__lt=lease_expired_before)
+    return jobs
+
+
+def reset_running_jobs(
+    *,
+    session: UUID | None = None,
+    job_ids: Iterable[int] | None = None,
+    lease_expired_before: datetime | None = None,
+    reason: str,
+    actor: str,
+    at: datetime | None = None,
+) -> ResetCounts:
+    """Requeue running jobs; the one function signals, admin and commands share.
+
+    Only running jobs move; the filters combine (no filter: every running
+    job). Each moved job loses its lease and started_at and counts one
+    interruption; a job that reaches max_interruptions becomes failed with the
+    reason instead. One transaction, set-based; concurrent or repeated calls
+    never count an interruption twice, because a job is moved only while it
+    is still running under the row lock (PostgreSQL) or write lock (SQLite).
+    """
+    if not reason:
+        raise ValidationError("a reason is required to reset jobs")
+    if job_ids is not None:
+        job_ids = list(job_ids)
+        if not job_ids:
+            return ResetCounts()
+    at = at or now()
+    failed_reason = f"{reason} (interrupted too many times: max_interruptions reached)"
+    target = _running_filter(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
+    table = connection.ops.quote_name(Job._meta.db_table)
+    events = connection.ops.quote_name(JobEvent._meta.db_table)
+    at_db = _db("updated_at", at)
+    with transaction.atomic():
+        if _is_postgres():
+            target_sql, target_params = (
+                target.order_by("id").values("id", "lease_session").select_for_update().query.sql_with_params()
+            )
+            sql = f"""
+                WITH target AS ({target_sql}),
+                moved AS (
+                    UPDATE {table} AS j SET
+                        interruptions = j.interruptions + 1,
+                        status = CASE WHEN j.interruptions + 1 >= j.max_interruptions
+                                      THEN 'failed' ELSE 'queued' END,
+                        finished_at = CASE WHEN j.interruptions + 1 >= j.max_interruptions
+                                      THEN %s::timestamptz ELSE NULL END,
+                        error = CASE WHEN j.interruptions + 1 >= j.max_interruptions
+                                      THEN %s ELSE j.error END,
+                        lease_session = NULL, lease_expires_at = NULL, started_at = NULL,
+                        updated_at = %s
+                    FROM target WHERE j.id = target.id
+                    RETURNING j.id, j.status, j.attempt, target.lease_session
+                ),
+                logged AS (
+                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+                    SELECT id, %s, 'interrupt', 'running', status, attempt, lease_session, %s,
+                           CASE WHEN status = 'failed' THEN %s ELSE %s END
+                    FROM moved
+                    RETURNING to_status
+                )
+                SELECT to_status, count(*) FROM logged GROUP BY to_status
+            """
+            params = (*target_params, at_db, failed_reason, at_db, at_db, actor, failed_reason, reason)
+            with connection.cursor() as cursor:
+                cursor.execute(sql, params)
+                counts = dict(cursor.fetchall())
+        else:
+            # SQLite runs one writer at a time (BEGIN IMMEDIATE), so the
+            # INSERT ... SELECT and the UPDATE below see the same rows.
+            poisoned = Q(interruptions__gte=F("max_interruptions") - 1)
+            to_status = Case(When(poisoned, then=Value(Status.FAILED)), default=Value(Status.QUEUED))
+            listed = target.annotate(to_status=to_status).values("id", "attempt", "lease_session", "to_status")
+            listed_sql, listed_params = listed.query.sql_with_params()
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"""
+                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+                    SELECT t.id, %s, 'interrupt', 'running', t.to_status, t.attempt, t.lease_session, %s,
+                           CASE WHEN t.to_status = 'failed' THEN %s ELSE %s END
+                    FROM ({listed_sql}) AS t
+                    """,
+                    (at_db, actor, failed_reason, reason, *listed_params),
+                )
+                cursor.execute(
+                    f"SELECT t.to_status, count(*) FROM ({listed_sql}) AS t GROUP BY t.to_status",
+                    listed_params,
+                )
+                counts = dict(cursor.fetchall())
+            target.update(
+                interruptions=F("interruptions") + 1,
+                status=to_status,
+                finished_at=Case(When(poisoned, then=Value(at)), default=None, output_field=DateTimeField()),
+                error=Case(When(poisoned, then=Value(failed_reason)), default=F("error"), output_field=TextField()),
+                lease_session=None,
+                lease_expires_at=None,
+                started_at=None,
+                updated_at=at,
+            )
+        result = ResetCounts(requeued=counts.get("queued", 0), failed=counts.get("failed", 0))
+        if result.requeued:
+            _announce_queued()
+    if result.total:
+        log.info(kv(
+            "jobs.reset", requeued=result.requeued, failed=result.failed, reason=reason, actor=actor,
+            session=session, expired_before=lease_expired_before and lease_expired_before.isoformat(),
+        ))
+    return result
+
+
+def expire_leases(*, at: datetime | None = None, actor: str = "sweeper") -> ResetCounts:
+    """Requeue running jobs whose lease ran out (their bus died without telling)."""
+    at = at or now()
+    return reset_running_jobs(lease_expired_before=at, reason="lease expired", actor=actor, at=at)
+
+
+# --- Outcomes (fencing) ----------------------------------------------------------
+
+RECORDED = "recorded"
+STALE = "stale"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A `done` or `failed` frame from a crawler."""
+
+    job_id: int
+    attempt: int
+    succeeded: bool
+    result: dict | None = None
+    error: str = ""
+    retryable: bool = False
+
+
+def retry_delay(failures: int) -> timedelta:
+    base = settings.JOB_RETRY_BACKOFF_BASE
+    return timedelta(seconds=min(settings.JOB_RETRY_BACKOFF_CAP, base * 2 ** max(0, failures - 1)))
+
+
+def record_outcomes(
+    *, session: UUID | None, outcomes: Sequence[Outcome], actor: str = "bus", at: datetime | None = None
+) -> list[str]:
+    """Apply PROTOCOL.md's fencing rules to a batch of outcomes; return an ack status for each.
+
+    1. running with that attempt (any session): record -> "recorded"
+    2. that attempt's outcome is already recorded: change nothing -> "recorded"
+    3. queued and its latest attempt is this one: record -> "recorded"
+    4. anything else: change nothing but an audit event -> "stale"
+    The caller acks only after this returns, i.e. after the commit.
+    """
+    if not outcomes:
+        return []
+    at = at or now()
+    acks: list[str] = []
+    with transaction.atomic():
+        ids = sorted({outcome.job_id for outcome in outcomes})
+        fields = ("id", "status", "attempt", "outcome_attempt", "failures", "max_attempts", "error")
+        jobs = {
+            row["id"]: row
+            for row in Job.objects.select_for_update().filter(id__in=ids).order_by("id").values(*fields)
+        }
+        older = [(o.job_id, o.attempt) for o in outcomes if o.job_id in jobs and o.attempt < jobs[o.job_id]["attempt"]]
+        recorded_before = set()
+        if older:
+            recorded_before = set(
+                JobEvent.objects.filter(kind=EventKind.OUTCOME, job_id__in={pair[0] for pair in older})
+                .values_list("job_id", "attempt")
+            )
+        changed: dict[int, Job] = {}
+        events: list[dict[str, Any]] = []
+        requeued = False
+        for outcome in outcomes:
+            job = jobs.get(outcome.job_id)
+            pair = (outcome.job_id, outcome.attempt)
+            if job is None:
+                acks.append(STALE)
+                log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session, why="unknown job"))
+                continue
+            current = job["attempt"] == outcome.attempt
+            if job["outcome_attempt"] == outcome.attempt or pair in recorded_before:
+                acks.append(RECORDED)  # rule 2: a resend
+                continue
+            if not current or job["status"] not in (Status.RUNNING, Status.QUEUED):
+                acks.append(STALE)
+                why = (f"job is at attempt {job['attempt']} ({job['status']})" if not current
+                       else f"job is {job['status']}")
+                events.append(dict(
+                    job_id=outcome.job_id, at=at, kind=EventKind.STALE, attempt=outcome.attempt,
+                    session=session, actor=actor,
+                    reason=f"stale {'done' if outcome.succeeded else 'failed'} for attempt {outcome.attempt}: {why}"
+                    + ("" if outcome.succeeded else f"; error: {outcome.error[:500]}"),
+                ))
+                log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session, why=why))
+                continue
+            # Rules 1 and 3.
+            update = Job(id=outcome.job_id, outcome_attempt=outcome.attempt, failures=job["failures"],
+                         lease_session=None, lease_expires_at=None, updated_at=at, run_after=None,
+                         result=None, error="", finished_at=at)
+            if outcome.succeeded:
+                update.status, update.result = Status.SUCCEEDED, outcome.result
+                reason = ""
+            else:
+                update.error = outcome.error
+                if outcome.retryable:
+                    update.failures = job["failures"] + 1
+                if outcome.retryable and update.failures < job["max_attempts"]:
+                    update.status, update.finished_at = Status.QUEUED, None
+                    update.run_after = at + retry_delay(update.failures)
+                    requeued = True
+                    reason = f"retryable failure {update.failures} of {job['max_attempts']}: {outcome.error[:500]}"
+                else:
+                    update.status = Status.FAILED
+                    reason = outcome.error[:1000]
+            changed[outcome.job_id] = update
+            events.append(dict(
+                job_id=outcome.job_id, at=at, kind=EventKind.OUTCOME, from_status=job["status"],
+                to_status=update.status, attempt=outcome.attempt, session=session, actor=actor, reason=reason,
+            ))
+            job.update(status=update.status, outcome_attempt=outcome.attempt, failures=update.failures)
+            acks.append(RECORDED)
+        if changed:
+            Job.objects.bulk_update(
+                list(changed.values()),
+                ["status", "outcome_attempt", "failures", "lease_session", "lease_expires_at", "updated_at",
+                 "run_after", "result", "error", "finished_at"],
+            )
+        _events(events)
+        if requeued:
+            _announce_queued()
+    return acks
+
+
+def record_outcome(*, session: UUID | None, outcome: Outcome, actor: str = "bus") -> str:
+    return record_outcomes(session=session, outcomes=[outcome], actor=actor)[0]
+
+
+# --- Lease upkeep from the crawler's reports --------------------------------------
+
+
+def mark_started(*, session: UUID, job_id: int, attempt: int, at: datetime | None = None) -> bool:
+    """Record the crawler's `started`; False when the job is not leased to this session and attempt."""
+    return bool(
+        Job.objects.leased_to(session).filter(id=job_id, attempt=attempt).update(started_at=at or now())
+    )
+
+
+def record_progress(*, session: UUID, job_id: int, attempt: int, progress: dict) -> bool:
+    """Store the crawler's latest progress report; False when the job is not leased to it."""
+    return bool(
+        Job.objects.leased_to(session).filter(id=job_id, attempt=attempt).update(progress=progress, updated_at=now())
+    )
+
+
+def renew_leases(
+    *, session: UUID, running: Sequence[tuple[int, int]], lease_seconds: float, at: datetime | None = None
+) -> set[tuple[int, int]]:
+    """Extend the leases of the listed (job_id, attempt) pairs held by `session`.
+
+    Returns the pairs that were renewed; a listed pair missing from the result
+    is not leased to this session (cancelled, re-assigned, unknown).
+    """
+    if not running:
+        return set()
+    at = at or now()
+    listed = set(running)
+    held = set(
+        Job.objects.leased_to(session).filter(id__in={job_id for job_id, _ in listed}).values_list("id", "attempt")
+    )
+    renewed = listed & held
+    if renewed:
+        Job.objects.filter(id__in={job_id for job_id, _ in renewed}, lease_session=session).update(
+            lease_expires_at=at + timedelta(seconds=lease_seconds)
+        )
+    return renewed
+
+
+def re_lease_jobs(
+    *, session: UUID, running: Sequence[tuple[int, int]], lease_seconds: float,
+    at: datetime | None = None, actor: str = "bus",
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Give a new session the jobs its crawler still runs from an earlier one.
+
+    A job is re-leased when it is still queued at that same attempt and its
+    outcome is not recorded (nobody took it since); the rest are returned as
+    the second list, for the bus to send `cancel`.
+    """
+    at = at or now()
+    taken, refused = [], []
+    with transaction.atomic():
+        for job_id, attempt in running:
+            won = (
+                Job.objects.queued()
+                .filter(id=job_id, attempt=attempt)
+                .exclude(outcome_attempt=attempt)
+                .update(status=Status.RUNNING, lease_session=session, updated_at=at, run_after=None,
+                        lease_expires_at=at + timedelta(seconds=lease_seconds), started_at=at)
+            )
+            (taken if won else refused).append((job_id, attempt))
+        _events(
+            dict(job_id=job_id, at=at, kind=EventKind.RELEASE, from_status=Status.QUEUED,
+                 to_status=Status.RUNNING, attempt=attempt, session=session, actor=actor,
+                 reason="the crawler still runs it after reconnecting")
+            for job_id, attempt in taken
+        )
+    return taken, refused
+
+
+# --- A person's actions -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChangeResult:
+    changed: int
+    skipped: int
+    running: list[tuple[int, int, UUID]] = field(default_factory=list)  # (id, attempt, session) that were running
+
+
+def cancel_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "cancelled by a person") -> ChangeResult:
+    """Cancel queued or running jobs; finished ones are skipped.
+
+    A running job's late outcome is then acked stale (rule 4); the bus tells
+    the crawler to stop it when the crawler next lists it.
+    """
+    job_ids = sorted(set(job_ids))
+    at = now()
+    with transaction.atomic():
+        rows = list(
+            Job.objects.select_for_update().filter(id__in=job_ids, status__in=[Status.QUEUED, Status.RUNNING])
+            .order_by("id").values_list("id", "status", "attempt", "lease_session")
+        )
+        ids = [row[0] for row in rows]
+        Job.objects.filter(id__in=ids).update(
+            status=Status.CANCELLED, lease_session=None, lease_expires_at=None, finished_at=at,
+            updated_at=at, run_after=None,
+        )
+        _events(
+            dict(job_id=job_id, at=at, kind=EventKind.CANCEL, from_status=status, to_status=Status.CANCELLED,
+                 attempt=attempt, session=lease, actor=actor, reason=reason)
+            for job_id, status, attempt, lease in rows
+        )
+    running = [(job_id, attempt, lease) for job_id, status, attempt, lease in rows if status == Status.RUNNING]
+    if rows:
+        log.info(kv("jobs.cancelled", count=len(rows), running=len(running), actor=actor))
+    return ChangeResult(changed=len(rows), skipped=len(job_ids) - len(rows), running=running)
+
+
+def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by a person") -> ChangeResult:
+    """Put failed or cancelled jobs back in the queue with fresh failure and interruption budgets.
+
+    The attempt counter is kept: it is the fencing token and only grows.
+    """
+    job_ids = sorted(set(job_ids))
+    at = now()
+    with transaction.atomic():
+        rows = list(
+            Job.objects.select_for_update().filter(id__in=job_ids, status__in=[Status.FAILED, Status.CANCELLED])
+            .order_by("id").values_list("id", "status", "attempt")
+        )
+        Job.objects.filter(id__in=[row[0] for row in rows]).update(
+            status=Status.QUEUED, failures=0, interruptions=0, error="", finished_at=None,
+            run_after=None, updated_at=at,
+        )
+        _events(
+            dict(job_id=job_id, at=at, kind=EventKind.RETRY, from_status=status, to_status=Status.QUEUED,
+                 attempt=attempt, actor=actor, reason=reason)
+            for job_id, status, attempt in rows
+        )
+        if rows:
+            _announce_queued()
+    if rows:
+        log.info(kv("jobs.retried", count=len(rows), actor=actor))
+    return ChangeResult(changed=len(rows), skipped=len(job_ids) - len(rows))

@@ -1,0 +1,7 @@
+"""ASGI entry point; the bus thread starts from BusConfig.ready in the worker."""
+import os
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "jobsite.settings")
+application = get_asgi_application()

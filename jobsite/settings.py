@@ -1,0 +1,145 @@
+"""Settings for jobsite, read from the environment in this one place.
+
+Every variable is parsed strictly: a bad value stops start-up with a message
+that names the variable (see jobsite/env.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from django.core.exceptions import ImproperlyConfigured
+
+from bus.endpoints import EndpointError, parse_endpoints
+from jobsite import env
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env.boolean("DEBUG", False)
+SECRET_KEY = env.string("SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("SECRET_KEY must be set unless DEBUG=true")
+    SECRET_KEY = "jobsite-insecure-development-key-only-for-debug"
+ALLOWED_HOSTS = env.string_list("ALLOWED_HOSTS") or (["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "jobs.apps.JobsConfig",
+    "bus.apps.BusConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "jobsite.urls"
+WSGI_APPLICATION = "jobsite.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------
+# SQLite is the embedded default for one machine; PostgreSQL for production.
+DATABASES = {"default": env.database("DATABASE_URL", f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = {
+        # WAL lets page requests read while the bus thread writes; IMMEDIATE
+        # takes the write lock at BEGIN so two writers queue on the busy
+        # timeout instead of failing with "database is locked" on upgrade.
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+    }
+    # A file, not :memory:, so that processes a test starts share its data.
+    DATABASES["default"]["TEST"] = {
+        "NAME": env.string("TEST_SQLITE_PATH")
+        or str(Path(tempfile.gettempdir()) / "jobsite-test.sqlite3"),
+    }
+else:
+    DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+LOGIN_URL = "admin:login"
+
+# --- Bus and crawler --------------------------------------------------------
+HEARTBEAT_TIMEOUT = env.positive_float("HEARTBEAT_TIMEOUT", 60.0)
+SUPERVISED = env.boolean("SUPERVISED", False)
+SUPERVISOR_SOCKET_PATH = env.string("SUPERVISOR_SOCKET_PATH")
+SOCKET_PATH = env.string("SOCKET_PATH")
+BUS_AUTOSTART = env.boolean("BUS_AUTOSTART", True)
+BUS_TOKEN = env.string("BUS_TOKEN")
+BUS_MAX_FRAME = env.positive_int("BUS_MAX_FRAME", 1024 * 1024, minimum=1024)
+BUS_BACKOFF_BASE = env.positive_float("BUS_BACKOFF_BASE", 0.1)
+BUS_BACKOFF_CAP = env.positive_float("BUS_BACKOFF_CAP", 30.0)
+BUS_POLL_INTERVAL = env.positive_float("BUS_POLL_INTERVAL", 2.0)
+BUS_NODE = env.string("BUS_NODE")
+BUS_SWEEP_INTERVAL = env.positive_float("BUS_SWEEP_INTERVAL", 2.0)
+BUS_STALL_TIMEOUT = env.positive_float("BUS_STALL_TIMEOUT", 0.0, allow_zero=True)
+JOB_RETRY_BACKOFF_BASE = env.positive_float("JOB_RETRY_BACKOFF_BASE", 2.0, allow_zero=True)
+JOB_RETRY_BACKOFF_CAP = env.positive_float("JOB_RETRY_BACKOFF_CAP", 600.0, allow_zero=True)
+if BUS_BACKOFF_CAP < BUS_BACKOFF_BASE:
+    raise ImproperlyConfigured("BUS_BACKOFF_CAP must be >= BUS_BACKOFF_BASE")
+
+_endpoint_texts = env.string_list("BUS_ENDPOINTS") or [
+    text for text in (SUPERVISOR_SOCKET_PATH or SOCKET_PATH,) if text
+]
+try:
+    BUS_ENDPOINTS = [str(endpoint) for endpoint in parse_endpoints(_endpoint_texts)]
+except EndpointError as exc:
+    source = "BUS_ENDPOINTS" if env.string_list("BUS_ENDPOINTS") else (
+        "SUPERVISOR_SOCKET_PATH" if SUPERVISOR_SOCKET_PATH else "SOCKET_PATH"
+    )
+    raise ImproperlyConfigured(f"{source}: {exc}") from None
+
+# --- Logging: one key=value line per event, on stderr -----------------------
+LOG_LEVEL = env.string("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+    raise ImproperlyConfigured(f"LOG_LEVEL={LOG_LEVEL!r} must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"kv": {"()": "jobsite.logging.KeyValueFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "kv"}},
+    "root": {"handlers": ["stderr"], "level": "WARNING"},
+    "loggers": {
+        "jobs": {"level": LOG_LEVEL},
+        "bus": {"level": LOG_LEVEL},
+        "django": {"level": "INFO"},
+    },
+}

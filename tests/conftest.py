@@ -1,0 +1,131 @@
+"""Shared test helpers: deadlines instead of sleeps, free ports, real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate, *, timeout: float = 10.0, interval: float = 0.01, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url() -> str:
+    """The URL of the database the tests use, for processes the tests start."""
+    from django.db import connection
+
+    config = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{config['NAME']}"
+    user = config.get("USER") or "postgres"
+    password = f":{config['PASSWORD']}" if config.get("PASSWORD") else ""
+    host = config.get("HOST") or "127.0.0.1"
+    port = config.get("PORT") or 5432
+    return f"postgres://{user}{password}@{host}:{port}/{config['NAME']}"
+
+
+def is_postgres() -> bool:
+    from django.db import connection
+
+    return connection.vendor == "postgresql"
+
+
+class Processes:
+    """Starts real subprocesses (manage.py commands) and ends every one of them."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp_path = tmp_path
+        self.started: list[subprocess.Popen] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        env.update(
+            DATABASE_URL=database_url(),
+            DEBUG="true",
+            PYTHONUNBUFFERED="1",
+            BUS_AUTOSTART="true",
+        )
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def manage(self, *args: str, env: dict | None = None, name: str | None = None, **popen) -> subprocess.Popen:
+        name = name or args[0]
+        log = open(self.tmp_path / f"{name}-{len(self.started)}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            cwd=ROOT, env=env or self.env(), stdout=log, stderr=subprocess.STDOUT, **popen,
+        )
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+    def output(self, proc: subprocess.Popen) -> str:
+        return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signal.SIGCONT)
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+        for proc in self.started:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+@pytest.fixture
+def short_socket_path():
+    """A Unix socket path short enough for AF_UNIX (pytest's tmp_path can be too long)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="js-", dir="/tmp")
+    yield os.path.join(folder, "crawler.sock")
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        skip = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL=postgres://...)")
+        for item in items:
+            if "postgres" in item.keywords:
+                item.add_marker(skip)
