@@ -1,0 +1,228 @@
+"""The operator's view of jobs: find them, read their history, and hand them to the services.
+
+Requeue, retry and cancel are admin actions that call jobs/services.py; the
+change form edits only the definition of a job that is still queued, never
+its status or lease.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
+from django.db.models import Q, QuerySet
+from django.http import HttpRequest, HttpResponseRedirect
+from django.urls import reverse
+from django.utils.html import format_html
+
+from . import services
+from .models import Job, JobEvent, Status
+
+# What an operator may change, and only while the job waits in the queue: once
+# claimed, the crawler already runs what it was given.
+EDITABLE_WHILE_QUEUED = ("url", "payload", "priority", "max_attempts", "max_interruptions")
+
+# The changelist reads only these columns: payload, progress and result can
+# each be tens of kilobytes of JSON that a list page never shows.
+CHANGELIST_FIELDS = (
+    "id", "url", "status", "priority", "attempt", "interruptions", "lease_session", "started_at", "updated_at",
+)
+
+URL_COLUMN_LENGTH = 60
+MAX_BIGINT = 2**63 - 1
+
+
+def format_duration(duration: timedelta) -> str:
+    """A compact, sortable-looking duration: 45s, 3m 05s, 2h 03m, 4d 02h."""
+    seconds = max(0, int(duration.total_seconds()))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {seconds:02d}s"
+    return f"{seconds}s"
+
+
+class JobChangeList(ChangeList):
+    def get_queryset(self, request, exclude_parameters=None):
+        return super().get_queryset(request, exclude_parameters).only(*CHANGELIST_FIELDS)
+
+
+class JobEventInline(admin.TabularInline):
+    """A job's audit trail: written by the services only, so never editable here."""
+
+    model = JobEvent
+    fields = ("at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
+    readonly_fields = fields
+    ordering = ("id",)
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    verbose_name_plural = "history"
+
+    def has_add_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        return False
+
+    def has_view_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        # The history is part of the job: whoever may see the job sees it.
+        return request.user.has_perm("jobs.view_job") or request.user.has_perm("jobs.change_job")
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin):
+    list_display = (
+        "id", "short_url", "status", "priority", "attempt", "interruptions", "session_link",
+        "running_for", "updated_at",
+    )
+    list_display_links = ("id", "short_url")
+    list_filter = ("status",)
+    search_fields = ("url",)
+    search_help_text = "A job id, or part of a URL."
+    actions = ("requeue_running", "retry", "cancel")
+    inlines = (JobEventInline,)
+    # Counting every matching row a second time is the slowest query of a page
+    # on a large table; the paginator's count is enough.
+    show_full_result_count = False
+    fieldsets = (
+        ("Job", {"fields": EDITABLE_WHILE_QUEUED}),
+        ("State", {"fields": (
+            "status", "attempt", "failures", "interruptions", "outcome_attempt", "run_after", "error",
+        )}),
+        ("Lease", {"fields": ("lease_session", "lease_expires_at", "started_at", "running_for")}),
+        ("Outcome", {"fields": ("finished_at", "progress", "result")}),
+        ("Times", {"fields": ("created_at", "updated_at")}),
+    )
+
+    # --- The list ------------------------------------------------------------
+
+    def get_changelist(self, request: HttpRequest, **kwargs):
+        return JobChangeList
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        term = search_term.strip().removeprefix("#")
+        if term.isdigit() and int(term) <= MAX_BIGINT:
+            # An id (through the primary key, not a text cast), or digits in a URL.
+            return queryset.filter(Q(pk=int(term)) | Q(url__icontains=term)), False
+        return super().get_search_results(request, queryset, search_term)
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        # The bus session list links here with ?lease_session=<uuid>.
+        return lookup == "lease_session" or super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="URL", ordering="url")
+    def short_url(self, job: Job) -> str:
+        if len(job.url) <= URL_COLUMN_LENGTH:
+            return job.url
+        return format_html('<span title="{}">{}…</span>', job.url, job.url[: URL_COLUMN_LENGTH - 1])
+
+    @admin.display(description="session", ordering="lease_session")
+    def session_link(self, job: Job) -> str:
+        if job.lease_session is None:
+            return "-"
+        url = reverse("admin:bus_bussession_change", args=[job.lease_session])
+        return format_html('<a href="{}" title="{}">{}</a>', url, job.lease_session, str(job.lease_session)[:8])
+
+    @admin.display(description="running for", ordering="-started_at")
+    def running_for(self, job: Job) -> str:
+        if job.status != Status.RUNNING or job.started_at is None:
+            return "-"
+        return format_duration(services.now() - job.started_at)
+
+    # --- Actions: each calls one service and reports what it did -------------------
+
+    @admin.action(description="Requeue selected running jobs", permissions=["change"])
+    def requeue_running(self, request: HttpRequest, queryset: QuerySet) -> None:
+        job_ids = list(queryset.values_list("id", flat=True))
+        username = request.user.get_username()
+        counts = services.reset_running_jobs(
+            job_ids=job_ids, reason=f"requeued by {username} in the admin", actor=f"admin:{username}",
+        )
+        skipped = len(job_ids) - counts.total
+        self.message_user(
+            request,
+            f"Requeued {counts.requeued}, failed {counts.failed} (interrupted too many times), "
+            f"skipped {skipped} not running.",
+            messages.SUCCESS if counts.total else messages.WARNING,
+        )
+
+    @admin.action(description="Retry selected jobs", permissions=["change"])
+    def retry(self, request: HttpRequest, queryset: QuerySet) -> None:
+        job_ids = list(queryset.values_list("id", flat=True))
+        username = request.user.get_username()
+        result = services.retry_jobs(
+            job_ids=job_ids, reason=f"retried by {username} in the admin", actor=f"admin:{username}",
+        )
+        self.message_user(
+            request,
+            f"Retried {result.changed}, skipped {result.skipped} not failed or cancelled.",
+            messages.SUCCESS if result.changed else messages.WARNING,
+        )
+
+    @admin.action(description="Cancel selected jobs", permissions=["change"])
+    def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:
+        job_ids = list(queryset.values_list("id", flat=True))
+        username = request.user.get_username()
+        result = services.cancel_jobs(
+            job_ids=job_ids, reason=f"cancelled by {username} in the admin", actor=f"admin:{username}",
+        )
+        self.message_user(
+            request,
+            f"Cancelled {result.changed} ({len(result.running)} of them running; their crawlers are told "
+            f"to stop), skipped {result.skipped} already finished.",
+            messages.SUCCESS if result.changed else messages.WARNING,
+        )
+
+    # --- The change form: a queued job's definition, nothing else ----------------
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Jobs are created by services.enqueue (`manage.py enqueue`), which
+        # writes the audit event and wakes the bus.
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Job | None = None) -> bool:
+        # Deleting would take a running job from under the bus and erase its
+        # history; cancel it instead.
+        return False
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Job | None = None) -> list[str]:
+        shown = [name for _, options in self.fieldsets for name in options["fields"]]
+        if obj is not None and obj.status == Status.QUEUED:
+            return [name for name in shown if name not in EDITABLE_WHILE_QUEUED]
+        return shown
+
+    def save_model(self, request: HttpRequest, obj: Job, form, change: bool) -> None:
+        # Never save() the whole row: the bus may have claimed the job since
+        # the form was loaded, and save() would write back the old status and
+        # lease. Write only the edited fields, and only while still queued.
+        edited = [name for name in form.changed_data if name in EDITABLE_WHILE_QUEUED]
+        if not edited:
+            return
+        updated = Job.objects.queued().filter(pk=obj.pk).update(
+            **{name: getattr(obj, name) for name in edited}, updated_at=services.now(),
+        )
+        if not updated:
+            obj._not_saved = True  # read by log_change and response_change
+            self.message_user(
+                request, f"Job {obj.pk} is no longer queued, so it was not changed.", messages.ERROR,
+            )
+
+    def log_change(self, request: HttpRequest, obj: Job, message):
+        if getattr(obj, "_not_saved", False):
+            return None
+        return super().log_change(request, obj, message)
+
+    def response_change(self, request: HttpRequest, obj: Job):
+        if getattr(obj, "_not_saved", False):
+            return HttpResponseRedirect(request.path)
+        return super().response_change(request, obj)
