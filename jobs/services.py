@@ -424,7 +424,9 @@ def record_outcomes(
                 acks.append(STALE)
                 log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session, why="unknown job"))
                 continue
-            current = job["attempt"] == outcome.attempt
+            # Attempt 0 was never assigned (a job's first claim makes it 1), so
+            # an outcome for it is stale, not a late result of a queued job.
+            current = outcome.attempt >= 1 and job["attempt"] == outcome.attempt
             if job["outcome_attempt"] == outcome.attempt or pair in recorded_before:
                 acks.append(RECORDED)  # rule 2: a resend
                 continue
