@@ -215,11 +215,19 @@ def claim_jobs(
                 returned = cursor.fetchall()
             returned.sort(key=lambda row: (-row[4], row[0]))
             rows = [row[:4] for row in returned]
-            _events(
-                dict(job_id=row[0], at=at, kind=EventKind.CLAIM, from_status=Status.QUEUED,
-                     to_status=Status.RUNNING, attempt=row[1], session=session, actor=actor)
-                for row in rows
-            )
+            if rows:
+                # One INSERT ... SELECT whatever the batch size (bulk_create would
+                # split it by SQLite's parameter limit); the write lock held since
+                # BEGIN IMMEDIATE means these rows are still the ones just claimed.
+                with connection.cursor() as cursor:
+                    cursor.execute(
+                        f"""
+                        INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+                        SELECT id, %s, 'claim', 'queued', 'running', attempt, lease_session, %s, ''
+                        FROM {table} WHERE id IN (SELECT value FROM json_each(%s))
+                        """,
+                        (values["at"], actor, json.dumps([row[0] for row in rows])),
+                    )
     return [ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=_json_value(row[3])) for row in rows]
 
 
