@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import secrets
 import time
 from typing import Any
@@ -20,6 +21,10 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_JOB_ID = 2**63 - 1
 MAX_ATTEMPT = 2**31 - 1
 MAX_NESTING = 64
+# Python's own default (sys.int_max_str_digits), made explicit so that a library
+# raising or lifting that global limit cannot open a quadratic-time parse.
+MAX_INT_DIGITS = 4300
+_NONCE = re.compile(r"[0-9a-fA-F]{32,1024}")
 
 # Error codes. The first five are PROTOCOL.md's; `invalid` is ours for a
 # well-formed frame of a known type whose fields are wrong (the session stays).
@@ -87,6 +92,37 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _parse_int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of more than {MAX_INT_DIGITS} digits is out of range")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 overflows to inf, which JSON cannot carry back
+        raise ValueError(f"number {text[:40]}{'...' if len(text) > 40 else ''} is out of range")
+    return value
+
+
+def _text_ok(value: Any) -> bool:
+    """False if a string or key holds a lone surrogate (a \\ud800 escape): it is not UTF-8 text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def _depth_ok(value: Any) -> bool:
     stack = [(value, 1)]
     while stack:
@@ -107,7 +143,7 @@ def decode_frame(line: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise FrameError(f"frame is not UTF-8: {exc.reason} at byte {exc.start}") from None
     try:
-        frame = json.loads(text, parse_constant=_reject_constant)
+        frame = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float)
     except RecursionError:
         raise FrameError("frame is nested too deeply") from None
     except ValueError as exc:
@@ -118,6 +154,8 @@ def decode_frame(line: bytes) -> dict[str, Any]:
         raise FrameError("frame has no string field 'type'")
     if not _depth_ok(frame):
         raise FrameError(f"frame is nested deeper than {MAX_NESTING} levels")
+    if "\\u" in text and not _text_ok(frame):
+        raise FrameError("frame has a string with a lone surrogate escape, which is not UTF-8 text")
     return frame
 
 
@@ -141,7 +179,7 @@ def job_id_of(frame: dict[str, Any]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise FieldError("job_id must be an integer")
     if not 1 <= value <= MAX_JOB_ID:
-        raise FieldError("job_id is out of range")
+        raise FieldError(f"job_id must be between 1 and {MAX_JOB_ID}")
     return value
 
 
@@ -150,7 +188,7 @@ def attempt_of(frame: dict[str, Any]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise FieldError("attempt must be an integer")
     if not 1 <= value <= MAX_ATTEMPT:
-        raise FieldError("attempt must be an integer >= 1")
+        raise FieldError(f"attempt must be between 1 and {MAX_ATTEMPT}")
     return value
 
 
@@ -188,13 +226,8 @@ def number_of(frame: dict[str, Any], name: str) -> float | None:
 
 
 def nonce_ok(value: Any) -> bool:
-    if not isinstance(value, str) or len(value) < 32 or len(value) > 1024:
-        return False
-    try:
-        int(value, 16)
-    except ValueError:
-        return False
-    return True
+    # Not int(value, 16): it would also take "0x", "_", signs, spaces and non-ASCII digits.
+    return isinstance(value, str) and _NONCE.fullmatch(value) is not None
 
 
 def new_nonce() -> str:
@@ -220,4 +253,5 @@ def ready_proof(token: str, hello_nonce: str, session: str) -> str:
 def proof_matches(expected: str, given: Any) -> bool:
     if not isinstance(given, str):
         return False
-    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+    # Hex is case-insensitive; bytes.lower() folds ASCII only and keeps the time constant.
+    return hmac.compare_digest(expected.encode().lower(), given.encode("utf-8", "replace").lower())
