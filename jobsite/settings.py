@@ -6,6 +6,7 @@ that names the variable (see jobsite/env.py).
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -78,7 +79,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not :memory:, so that processes a test starts share its data.
     DATABASES["default"]["TEST"] = {
         "NAME": env.string("TEST_SQLITE_PATH")
-        or str(Path(tempfile.gettempdir()) / "jobsite-test.sqlite3"),
+        or str(Path(tempfile.gettempdir()) / f"jobsite-test-{os.getpid()}.sqlite3"),
     }
 else:
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)

@@ -1,0 +1,67 @@
+"""manage.py runbus: the bus in the foreground, as a long-running worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from bus.endpoints import EndpointError, parse_endpoint
+from bus.runtime import Bus, BusConfigError
+from jobsite.logging import kv
+
+log = logging.getLogger("bus.runbus")
+
+
+def endpoint_argument(text: str) -> str:
+    try:
+        return str(parse_endpoint(text))
+    except EndpointError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the bus in the foreground: connect to the crawler endpoints, dispatch jobs, record outcomes, "
+        "and requeue a session's jobs the moment it ends. SIGTERM/SIGINT end it cleanly."
+    )
+    requires_system_checks = []  # runbus validates its own endpoints and token
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--endpoint", action="append", type=endpoint_argument, metavar="ENDPOINT",
+            help="crawler endpoint (/path.sock, unix:/path.sock or tcp://host:port); repeatable; "
+                 "overrides BUS_ENDPOINTS / SUPERVISOR_SOCKET_PATH / SOCKET_PATH",
+        )
+
+    def handle(self, *args, endpoint=None, **options):
+        endpoints = endpoint or settings.BUS_ENDPOINTS
+        if not endpoints:
+            raise CommandError(
+                "no crawler endpoint: pass --endpoint or set BUS_ENDPOINTS, SUPERVISOR_SOCKET_PATH or SOCKET_PATH"
+            )
+        try:
+            bus = Bus.from_settings(endpoints=endpoints)
+        except BusConfigError as exc:
+            raise CommandError(str(exc)) from None
+
+        interrupts = 0
+
+        def request_stop(signum, frame):
+            nonlocal interrupts
+            interrupts += signum == signal.SIGINT
+            if interrupts > 1:
+                log.error(kv("bus.forced_exit", signal=signal.Signals(signum).name))
+                os._exit(130)
+            log.info(kv("bus.stopping", signal=signal.Signals(signum).name))
+            bus.stop()
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        status = bus.run()
+        if status:
+            sys.exit(status)

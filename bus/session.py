@@ -1,0 +1,621 @@
+"""One bus session: the socket side (SessionIO) and the database side (SessionWorker).
+
+Concurrency model, chosen so that a slow query never delays liveness: each
+session has two threads. SessionIO owns the socket — handshake, framing,
+heartbeats out, silence detection — and never touches the database; it waits
+on a selector with a timeout of at most one second, so loss is detected at
+most a second late even while a query is stuck. SessionWorker owns the
+database work (claims, outcomes, lease renewals, the final requeue) through
+the narrow Store interface, and hands frames back to SessionIO's outbox.
+Frames received in one read are passed to the worker as one batch, so under
+load a whole batch of outcomes is committed and acked in one transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import selectors
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobsite.logging import kv
+
+from . import protocol
+from .protocol import FieldError, FrameError
+
+log = logging.getLogger("bus.session")
+
+MAX_OUTBOX_BYTES = 64 * 1024 * 1024
+MAX_CLAIM_BATCH = 500
+PROGRESS_WRITE_INTERVAL = 1.0
+MAX_PROGRESS_MESSAGE = 1000
+MAX_ERROR_TEXT = 10_000
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    heartbeat_timeout: float
+    token: str | None = None
+    max_frame: int = protocol.DEFAULT_MAX_FRAME
+    node: str = "bus"
+    poll_interval: float = 2.0
+    handshake_timeout: float = protocol.HANDSHAKE_TIMEOUT
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.heartbeat_timeout / 2
+
+    @property
+    def silence_limit(self) -> float:
+        return 2 * self.heartbeat_timeout
+
+
+@dataclass
+class SessionEnd:
+    reason: str
+    cause: str  # "lost", "closed", "timeout", "supervisor"
+    ready: bool = False  # the handshake completed
+    unauthorized: bool = False
+
+
+@dataclass(frozen=True)
+class OutcomeReport:
+    """A crawler's done/failed, in the shape jobs.services.Outcome takes."""
+
+    job_id: int
+    attempt: int
+    succeeded: bool
+    result: dict | None = None
+    error: str = ""
+    retryable: bool = False
+
+
+class _Ended(Exception):
+    def __init__(self, reason: str, cause: str = "lost", unauthorized: bool = False):
+        super().__init__(reason)
+        self.reason, self.cause, self.unauthorized = reason, cause, unauthorized
+
+
+class SessionIO:
+    """Runs one connected socket through the handshake and the steady state."""
+
+    def __init__(self, *, sock: socket.socket, endpoint: str, config: SessionConfig, store: Any,
+                 stop: threading.Event, make_outcome=OutcomeReport, on_worker=None):
+        self.sock = sock
+        self.endpoint = endpoint
+        self.config = config
+        self.store = store
+        self.stop = stop
+        self.make_outcome = make_outcome
+        self.on_worker = on_worker  # called with the worker once it runs (the Bus tracks them)
+        self.session = uuid.uuid4()
+        self.reader = protocol.FrameReader(config.max_frame)
+        self._pending: list[dict] = []
+        self._outbox = bytearray()
+        self._out_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.end_cause: str | None = None  # set from another thread to end the session (supervisor)
+        self.last_rx = self.last_tx = time.monotonic()
+        self.worker: SessionWorker | None = None
+
+    # --- called from other threads ------------------------------------------------
+    def send(self, *frames: dict) -> None:
+        data = b"".join(protocol.encode_frame(frame) for frame in frames)
+        with self._out_lock:
+            self._outbox += data
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closing
+
+    def close_wake(self) -> None:
+        try:
+            self._wake_w.close()
+        except OSError:
+            pass
+
+    def end(self, cause: str) -> None:
+        self.end_cause = cause
+        self.wake()
+
+    # --- the session -------------------------------------------------------------------
+    def run(self) -> SessionEnd:
+        ready = False
+        try:
+            self.sock.setblocking(False)
+            welcome = self._handshake()
+            ready = True
+            self.worker = SessionWorker(io=self, welcome=welcome)
+            if self.on_worker:
+                self.on_worker(self.worker)
+            self.worker.start()
+            self._steady_state()
+        except _Ended as ended:
+            return self._finish(SessionEnd(ended.reason, ended.cause, ready, ended.unauthorized))
+        except OSError as exc:
+            return self._finish(SessionEnd(f"socket error: {exc.__class__.__name__}: {exc}", "lost", ready))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _finish(self, end: SessionEnd) -> SessionEnd:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self._wake_r.close()
+        if self.worker is not None:
+            self.worker.post(("ended", end.reason, end.cause))
+        else:
+            self._wake_w.close()
+        return end
+
+    def _fail(self, code: str, message: str, cause: str = "lost", unauthorized: bool = False):
+        """Send an error, flush briefly, and end the session."""
+        self.send(protocol.error_frame(code, message))
+        self._flush_for(0.5)
+        raise _Ended(f"{code}: {message}", cause, unauthorized)
+
+    def _flush_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self._outbox and time.monotonic() < deadline:
+            try:
+                self._flush()
+            except OSError:
+                return
+            if self._outbox:
+                time.sleep(0.01)
+
+    def _flush(self) -> None:
+        with self._out_lock:
+            if not self._outbox:
+                return
+            try:
+                sent = self.sock.send(self._outbox)
+            except BlockingIOError:
+                return
+            del self._outbox[:sent]
+            self.last_tx = time.monotonic()
+
+    def _read_some(self) -> bool:
+        """Read what the socket has; False at EOF."""
+        try:
+            data = self.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return True
+        if not data:
+            return False
+        self.last_rx = time.monotonic()
+        try:
+            self._pending.extend(self.reader.feed(data))
+        except FrameError as exc:
+            self._fail(protocol.BAD_FRAME, str(exc))
+        return True
+
+    def _next_handshake_frame(self, expected: str, deadline: float) -> dict:
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ)
+        try:
+            while not self._pending:
+                if self.stop.is_set():
+                    raise _Ended("bus shutdown during handshake", "closed")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._fail(protocol.BAD_FRAME, f"no {expected} within {self.config.handshake_timeout:g} s")
+                if selector.select(min(remaining, 0.5)) and not self._read_some():
+                    raise _Ended(f"connection closed during handshake (waiting for {expected})")
+        finally:
+            selector.close()
+        frame = self._pending.pop(0)
+        if frame["type"] == "error":
+            raise _Ended(f"crawler sent error during handshake: {frame.get('code')}: {str(frame.get('message'))[:200]}",
+                         unauthorized=frame.get("code") == protocol.UNAUTHORIZED)
+        if frame["type"] != expected:
+            self._fail(protocol.BAD_FRAME, f"expected {expected}, got {frame['type'][:50]!r}")
+        return frame
+
+    def _handshake(self) -> dict:
+        config = self.config
+        welcome = self._next_handshake_frame("welcome", time.monotonic() + config.handshake_timeout)
+        if welcome.get("protocol") != protocol.PROTOCOL_VERSION:
+            self._fail(protocol.UNSUPPORTED_PROTOCOL,
+                       f"this bus speaks protocol {protocol.PROTOCOL_VERSION}, not {str(welcome.get('protocol'))[:20]}")
+        if not protocol.nonce_ok(welcome.get("nonce")):
+            self._fail(protocol.BAD_FRAME, "welcome.nonce must be a hex string of at least 32 characters")
+        session = str(self.session)
+        hello_nonce = protocol.new_nonce()
+        hello = {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "node": config.node, "session": session,
+                 "heartbeat": config.heartbeat_interval, "nonce": hello_nonce}
+        if config.token:
+            hello["auth"] = protocol.hello_proof(config.token, welcome["nonce"], session)
+        self.send(hello)
+        self._flush_for(config.handshake_timeout)
+        ready = self._next_handshake_frame("ready", time.monotonic() + config.handshake_timeout)
+        if config.token and not protocol.proof_matches(protocol.ready_proof(config.token, hello_nonce, session),
+                                                       ready.get("auth")):
+            log.error(kv("bus.unauthorized", session=session, endpoint=self.endpoint,
+                         detail="the crawler's ready proof is missing or wrong (check BUS_TOKEN on both sides)"))
+            self._fail(protocol.UNAUTHORIZED, "missing or wrong ready.auth", unauthorized=True)
+        try:
+            slots = protocol.slots_of(ready)
+            running = protocol.running_of(ready)
+        except FieldError as exc:
+            self._fail(protocol.BAD_FRAME, f"ready: {exc}")
+        crawler = welcome.get("crawler") if isinstance(welcome.get("crawler"), str) else ""
+        log.info(kv("bus.session_ready", session=session, endpoint=self.endpoint, crawler=crawler[:100],
+                    slots=slots, resumed=len(running)))
+        return {"crawler": crawler, "slots": slots, "running": running}
+
+    def _steady_state(self) -> None:
+        config = self.config
+        selector = selectors.DefaultSelector()
+        selector.register(self.sock, selectors.EVENT_READ, "sock")
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        want_write = False
+        try:
+            while True:
+                if self._pending:
+                    self._dispatch(self._pending)
+                    self._pending = []
+                if self.stop.is_set() or self.end_cause:
+                    cause = self.end_cause or "closed"
+                    reason = "supervisor process gone" if cause == "supervisor" else "bus shutdown"
+                    self.send({"type": "bye", "reason": reason})
+                    self._flush_for(1.0)
+                    raise _Ended(reason, cause)
+                now = time.monotonic()
+                silence = now - self.last_rx
+                if silence >= config.silence_limit:
+                    log.warning(kv("bus.heartbeat_timeout", session=self.session, endpoint=self.endpoint,
+                                   silence=round(silence, 3)))
+                    raise _Ended(f"heartbeat timeout: nothing heard for {silence:.1f} s", "timeout")
+                if now - self.last_tx >= config.heartbeat_interval:
+                    self.send(protocol.heartbeat_frame())
+                self._flush()
+                if len(self._outbox) > MAX_OUTBOX_BYTES:
+                    raise _Ended("the crawler does not read its frames (outbox over 64 MiB)")
+                if bool(self._outbox) != want_write:
+                    want_write = bool(self._outbox)
+                    selector.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0),
+                                    "sock")
+                timeout = min(1.0, config.heartbeat_interval - (now - self.last_tx),
+                              config.silence_limit - silence)
+                for key, events in selector.select(max(0.0, timeout)):
+                    if key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                    elif events & selectors.EVENT_READ and not self._read_some():
+                        raise _Ended("connection closed by the crawler (EOF)")
+        finally:
+            selector.close()
+
+    def _dispatch(self, frames: list[dict]) -> None:
+        """Check each steady-state frame; pass the good ones to the worker as one batch."""
+        batch = []
+        for frame in frames:
+            kind = frame["type"]
+            try:
+                if kind == "heartbeat":
+                    running = protocol.running_of(frame) if "running" in frame else None
+                    batch.append(("heartbeat", running))
+                elif kind in ("done", "failed"):
+                    batch.append(("outcome", self._outcome(frame)))
+                elif kind == "started":
+                    batch.append(("started", protocol.job_id_of(frame), protocol.attempt_of(frame)))
+                elif kind == "progress":
+                    batch.append(("progress", protocol.job_id_of(frame), protocol.attempt_of(frame),
+                                  self._progress(frame)))
+                elif kind == "capacity":
+                    batch.append(("capacity", protocol.slots_of(frame)))
+                elif kind == "error":
+                    log.warning(kv("bus.crawler_error", session=self.session, code=str(frame.get("code"))[:50],
+                                   message=str(frame.get("message"))[:300], job=frame.get("job_id")))
+                elif kind == "bye":
+                    if batch:
+                        self.worker.post(*batch)
+                    raise _Ended(f"crawler said bye: {str(frame.get('reason'))[:200]}", "closed")
+                elif kind in ("welcome", "ready", "hello", "assign", "ack", "cancel"):
+                    self.send(protocol.error_frame(protocol.INVALID, f"unexpected {kind} frame after the handshake"))
+                else:
+                    self.send(protocol.error_frame(protocol.UNKNOWN_TYPE, f"unknown frame type {kind[:50]!r}"))
+            except FieldError as exc:
+                ids = {key: frame[key] for key in ("job_id", "attempt") if key in frame
+                       and isinstance(frame[key], int) and not isinstance(frame[key], bool)}
+                self.send(protocol.error_frame(protocol.INVALID, f"{kind}: {exc}", **ids))
+        if batch:
+            self.worker.post(*batch)
+
+    def _outcome(self, frame: dict):
+        job_id, attempt = protocol.job_id_of(frame), protocol.attempt_of(frame)
+        if frame["type"] == "done":
+            result = frame.get("result")
+            if not isinstance(result, dict):
+                raise FieldError("done.result must be a JSON object")
+            return self.make_outcome(job_id=job_id, attempt=attempt, succeeded=True, result=result)
+        error = frame.get("error", "")
+        retryable = frame.get("retryable", False)
+        if not isinstance(error, str):
+            raise FieldError("failed.error must be a string")
+        if not isinstance(retryable, bool):
+            raise FieldError("failed.retryable must be true or false")
+        return self.make_outcome(job_id=job_id, attempt=attempt, succeeded=False,
+                                 error=error[:MAX_ERROR_TEXT].replace("\x00", ""), retryable=retryable)
+
+    @staticmethod
+    def _progress(frame: dict) -> dict:
+        progress = {}
+        for name in ("done", "total"):
+            value = protocol.number_of(frame, name)
+            if value is not None:
+                progress[name] = value
+        message = frame.get("message")
+        if message is not None:
+            if not isinstance(message, str):
+                raise FieldError("progress.message must be a string")
+            progress["message"] = message[:MAX_PROGRESS_MESSAGE].replace("\x00", "")
+        return progress
+
+
+@dataclass
+class _Assignment:
+    attempt: int
+    assigned_at: float
+    misses: int = 0
+
+
+@dataclass
+class _WorkerState:
+    slots: int
+    outstanding: dict[int, _Assignment] = field(default_factory=dict)
+    outcomes: list = field(default_factory=list)
+    reported_running: list | None = None
+    lost: list[int] = field(default_factory=list)
+    started: list[tuple[int, int]] = field(default_factory=list)
+    progress: dict[int, tuple[int, dict]] = field(default_factory=dict)
+    progress_written: dict[int, float] = field(default_factory=dict)
+    want_dispatch: bool = True
+    seen_due: bool = True
+
+
+class SessionWorker(threading.Thread):
+    """The database side of one session; see the module docstring."""
+
+    def __init__(self, *, io: SessionIO, welcome: dict):
+        super().__init__(name=f"bus-worker-{str(io.session)[:8]}", daemon=True)
+        self.io = io
+        self.store = io.store
+        self.session = io.session
+        self.config = io.config
+        self.welcome = welcome
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.state = _WorkerState(slots=welcome["slots"])
+        self.ended: tuple[str, str] | None = None
+        self.finished = threading.Event()
+
+    def post(self, *messages) -> None:
+        for message in messages:
+            self.inbox.put(message)
+
+    def wake(self) -> None:
+        self.inbox.put(("wake",))
+
+    def run(self) -> None:
+        try:
+            self._start_session()
+            delay = 0.05
+            while True:
+                try:
+                    self._work()
+                    delay = 0.05
+                except Exception as exc:  # database trouble: keep everything pending and retry
+                    log.warning(kv("bus.db_error", session=self.session, error=exc.__class__.__name__,
+                                   detail=str(exc).strip()[:300]))
+                    self._reset_connection()
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    self._drain()
+                    continue
+                if self.ended:
+                    break
+                self._receive()
+            self._end_session()
+        except Exception:
+            log.exception(kv("bus.worker_crashed", session=self.session))
+            self.io.end("lost")
+            if self.ended is None:
+                self.ended = ("session worker crashed", "lost")
+            self._end_session()
+        finally:
+            self._reset_connection()
+            self.io.close_wake()
+            self.finished.set()
+
+    def _reset_connection(self) -> None:
+        try:
+            self.store.close_connection()
+        except Exception:
+            pass
+
+    def _retrying(self, what: str, call):
+        """Run a database call until it succeeds (the database may be restarting)."""
+        delay = 0.05
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                log.warning(kv("bus.db_error", session=self.session, during=what, error=exc.__class__.__name__,
+                               detail=str(exc).strip()[:300]))
+                self._reset_connection()
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _start_session(self) -> None:
+        io, welcome = self.io, self.welcome
+        self._retrying("open_session", lambda: self.store.open_session(
+            session=self.session, node=self.config.node, endpoint=io.endpoint, crawler=welcome["crawler"],
+            slots=welcome["slots"]))
+        if welcome["running"]:
+            taken, refused = self._retrying("re_lease", lambda: self.store.re_lease(
+                session=self.session, running=welcome["running"]))
+            now = time.monotonic()
+            for job_id, attempt in taken:
+                self.state.outstanding[job_id] = _Assignment(attempt, now)
+            if refused:
+                io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in refused))
+            log.info(kv("bus.re_leased", session=self.session, taken=len(taken), cancelled=len(refused)))
+
+    def _receive(self) -> None:
+        """Wait for messages (at most until the next poll or progress write) and apply them to the state."""
+        state = self.state
+        timeout = self.config.poll_interval
+        if state.progress:
+            timeout = min(timeout, PROGRESS_WRITE_INTERVAL)
+        if state.outcomes or state.lost or state.started or state.reported_running is not None:
+            timeout = 0
+        try:
+            message = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            state.want_dispatch = True  # fallback poll: jobs enqueued elsewhere, retries now due
+            return
+        self._apply(message)
+        self._drain()
+
+    def _drain(self) -> None:
+        """Apply every message already waiting, without blocking."""
+        while True:
+            try:
+                message = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._apply(message)
+
+    def _apply(self, message: tuple) -> None:
+        state = self.state
+        kind = message[0]
+        if kind == "outcome":
+            outcome = message[1]
+            assignment = state.outstanding.get(outcome.job_id)
+            if assignment and assignment.attempt == outcome.attempt:
+                del state.outstanding[outcome.job_id]
+                state.want_dispatch = True
+            state.progress.pop(outcome.job_id, None)
+            state.outcomes.append(outcome)
+        elif kind == "heartbeat":
+            state.seen_due = True
+            if message[1] is not None:
+                state.reported_running = message[1]
+                self._reconcile(message[1])
+        elif kind == "started":
+            if self._holds(message[1], message[2]):
+                state.started.append((message[1], message[2]))
+        elif kind == "progress":
+            if self._holds(message[1], message[2]):
+                state.progress[message[1]] = (message[2], message[3])
+        elif kind == "capacity":
+            state.want_dispatch = message[1] > state.slots
+            state.slots = message[1]
+            state.seen_due = True
+        elif kind == "wake":
+            state.want_dispatch = True
+        elif kind == "ended":
+            self.ended = (message[1], message[2])
+
+    def _holds(self, job_id: int, attempt: int) -> bool:
+        assignment = self.state.outstanding.get(job_id)
+        if assignment and assignment.attempt == attempt:
+            return True
+        self.io.send(protocol.error_frame(protocol.STALE, "job is not leased to this session with that attempt",
+                                          job_id=job_id, attempt=attempt))
+        return False
+
+    def _reconcile(self, running: list[tuple[int, int]]) -> None:
+        """Count heartbeats that leave out an assigned job; two in a row make it a lost assignment."""
+        listed = set(running)
+        older_than = time.monotonic() - self.config.heartbeat_interval
+        for job_id, assignment in list(self.state.outstanding.items()):
+            if (job_id, assignment.attempt) in listed:
+                assignment.misses = 0
+            elif assignment.assigned_at < older_than:
+                assignment.misses += 1
+                if assignment.misses >= 2:
+                    del self.state.outstanding[job_id]
+                    self.state.lost.append(job_id)
+                    self.state.want_dispatch = True
+
+    def _work(self) -> None:
+        """One pass over the pending database work; raises on database errors, keeping it pending."""
+        state, store, session = self.state, self.store, self.session
+        if state.outcomes:
+            acks = store.record_outcomes(session=session, outcomes=state.outcomes)
+            if not self.ended:  # the socket is gone otherwise; the crawler resends and gets "recorded"
+                self.io.send(*({"type": "ack", "job_id": o.job_id, "attempt": o.attempt, "status": ack}
+                               for o, ack in zip(state.outcomes, acks)))
+            state.outcomes = []
+        if self.ended:
+            return
+        if state.lost:
+            counts = store.requeue_lost_assignments(session=session, job_ids=state.lost)
+            log.info(kv("bus.lost_assignments", session=session, jobs=len(state.lost), counts=counts))
+            state.lost = []
+        if state.reported_running is not None:
+            reported = state.reported_running
+            renewed = store.renew(session=session, running=reported)
+            cancel = [pair for pair in reported if pair not in renewed]
+            for job_id, attempt in cancel:
+                assignment = state.outstanding.get(job_id)
+                if assignment and assignment.attempt == attempt:
+                    del state.outstanding[job_id]  # no longer ours (cancelled or requeued elsewhere)
+                    state.want_dispatch = True
+            if cancel:
+                self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in cancel))
+            state.reported_running = None
+        if state.seen_due:
+            store.session_seen(session=session, slots=state.slots)
+            state.seen_due = False
+        for job_id, attempt in state.started:
+            store.started(session=session, job_id=job_id, attempt=attempt)
+        state.started = []
+        now = time.monotonic()
+        for job_id, (attempt, progress) in list(state.progress.items()):
+            if now - state.progress_written.get(job_id, 0.0) >= PROGRESS_WRITE_INTERVAL:
+                store.progress(session=session, job_id=job_id, attempt=attempt, progress=progress)
+                state.progress_written[job_id] = now
+                del state.progress[job_id]
+        if len(state.progress_written) > 10_000:
+            state.progress_written = {k: v for k, v in state.progress_written.items() if now - v < 2}
+        while state.want_dispatch and not self.ended:
+            free = state.slots - len(state.outstanding)
+            if free <= 0:
+                state.want_dispatch = False
+                break
+            limit = min(free, MAX_CLAIM_BATCH)
+            claimed = store.claim(session=session, limit=limit)
+            at = time.monotonic()
+            for job in claimed:
+                state.outstanding[job.id] = _Assignment(job.attempt, at)
+            if claimed:
+                self.io.send(*({"type": "assign", "job_id": job.id, "attempt": job.attempt, "url": job.url,
+                                "payload": job.payload} for job in claimed))
+            state.want_dispatch = len(claimed) == limit
+            if not self.inbox.empty():
+                break  # outcomes waiting: record and ack them before claiming more
+
+    def _end_session(self) -> None:
+        reason, cause = self.ended or ("session ended", "lost")
+        started = time.monotonic()
+        counts = self._retrying("end_session", lambda: self.store.end_session(
+            session=self.session, reason=reason, cause=cause))
+        log.info(kv("bus.session_ended", session=self.session, endpoint=self.io.endpoint, reason=reason,
+                    cause=cause, requeued=getattr(counts, "requeued", None), failed=getattr(counts, "failed", None),
+                    ms=round((time.monotonic() - started) * 1000, 1)))

@@ -1,0 +1,222 @@
+"""The bus's one narrow interface to the database.
+
+The protocol code (bus/session.py, bus/runtime.py) imports no Django models;
+it calls a Store. DjangoStore implements it with jobs.services and the bus
+signals, so every job transition still happens in jobs/services.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from typing import Any, Callable, Protocol, Sequence
+from uuid import UUID
+
+from jobsite.logging import kv
+
+log = logging.getLogger("bus.store")
+
+# Why a session ended -> which signal announces it.
+SIGNAL_FOR_CAUSE = {"lost": "session_lost", "closed": "session_lost", "timeout": "heartbeat_timeout",
+                    "supervisor": "supervisor_lost"}
+
+
+class Store(Protocol):
+    lease_seconds: float
+
+    def open_session(self, *, session: UUID, node: str, endpoint: str, crawler: str, slots: int) -> None: ...
+    def re_lease(self, *, session: UUID, running: Sequence[tuple[int, int]]) -> tuple[list, list]: ...
+    def claim(self, *, session: UUID, limit: int) -> list[Any]: ...
+    def record_outcomes(self, *, session: UUID, outcomes: Sequence[Any]) -> list[str]: ...
+    def renew(self, *, session: UUID, running: Sequence[tuple[int, int]]) -> set[tuple[int, int]]: ...
+    def started(self, *, session: UUID, job_id: int, attempt: int) -> bool: ...
+    def progress(self, *, session: UUID, job_id: int, attempt: int, progress: dict) -> bool: ...
+    def session_seen(self, *, session: UUID, slots: int) -> None: ...
+    def requeue_lost_assignments(self, *, session: UUID, job_ids: Sequence[int]) -> Any: ...
+    def end_session(self, *, session: UUID, reason: str, cause: str) -> Any: ...
+    def close_connection(self) -> None: ...
+
+
+class DjangoStore:
+    """Store backed by jobs.services, bus.models and bus.signals."""
+
+    def __init__(self, *, heartbeat_timeout: float, sender: object = None):
+        self.heartbeat_timeout = heartbeat_timeout
+        self.lease_seconds = 2 * heartbeat_timeout
+        self.sender = sender
+        from jobs.services import Outcome
+
+        self.outcome_type = Outcome
+
+    # Imports are local so that importing bus.store stays free of model imports
+    # until Django is set up.
+    def open_session(self, *, session, node, endpoint, crawler, slots):
+        from django.utils import timezone
+
+        from .models import BusSession
+
+        at = timezone.now()
+        BusSession.objects.update_or_create(
+            session=session,
+            defaults=dict(node=node, endpoint=endpoint, crawler=crawler[:200], slots=slots,
+                          connected_at=at, last_heartbeat_at=at, state="connected"),
+        )
+
+    def re_lease(self, *, session, running):
+        from jobs import services
+
+        return services.re_lease_jobs(session=session, running=running, lease_seconds=self.lease_seconds)
+
+    def claim(self, *, session, limit):
+        from jobs import services
+
+        return services.claim_jobs(session=session, limit=limit, lease_seconds=self.lease_seconds)
+
+    def record_outcomes(self, *, session, outcomes):
+        from jobs import services
+
+        return services.record_outcomes(session=session, outcomes=outcomes)
+
+    def renew(self, *, session, running):
+        from jobs import services
+
+        return services.renew_leases(session=session, running=running, lease_seconds=self.lease_seconds)
+
+    def started(self, *, session, job_id, attempt):
+        from jobs import services
+
+        return services.mark_started(session=session, job_id=job_id, attempt=attempt)
+
+    def progress(self, *, session, job_id, attempt, progress):
+        from jobs import services
+
+        return services.record_progress(session=session, job_id=job_id, attempt=attempt, progress=progress)
+
+    def session_seen(self, *, session, slots):
+        from django.utils import timezone
+
+        from .models import BusSession
+
+        BusSession.objects.filter(session=session).update(last_heartbeat_at=timezone.now(), slots=slots)
+
+    def requeue_lost_assignments(self, *, session, job_ids):
+        from jobs import services
+
+        return services.reset_running_jobs(
+            session=session, job_ids=job_ids, actor="bus",
+            reason="lost assignment: the crawler left it out of two heartbeats",
+        )
+
+    def end_session(self, *, session, reason, cause):
+        """Send the signal for the session's end (its receiver requeues the jobs), then close the row.
+
+        Raises on database errors: the caller keeps the reset pending and retries.
+        """
+        from django.db import transaction
+        from django.utils import timezone
+
+        from . import signals
+        from .models import BusSession
+
+        signal = getattr(signals, SIGNAL_FOR_CAUSE.get(cause, "session_lost"))
+        with transaction.atomic():
+            responses = signal.send(sender=self.sender, session=session, reason=reason)
+            BusSession.objects.filter(session=session).update(
+                state="closed" if cause == "closed" else "lost", closed_at=timezone.now(), close_reason=reason[:1000],
+            )
+        counts = [response for _, response in responses if response is not None]
+        return counts[0] if counts else None
+
+    def close_connection(self):
+        from django.db import connection
+
+        connection.close()
+
+    # --- Helpers for the Bus's maintenance threads ------------------------------
+
+    def sweep_expired_leases(self):
+        from jobs import services
+
+        return services.expire_leases(actor="sweeper")
+
+    def mark_sessions_lost(self, *, sessions: Sequence[UUID], reason: str) -> None:
+        from django.utils import timezone
+
+        from .models import BusSession
+
+        BusSession.objects.filter(session__in=list(sessions), state="connected").update(
+            state="lost", closed_at=timezone.now(), close_reason=reason,
+        )
+
+    def recover_node(self, *, node: str, endpoint: str, keep: Sequence[UUID] = ()) -> Any:
+        """Requeue jobs leased to earlier sessions of this node and endpoint (a previous, dead incarnation)."""
+        from django.utils import timezone
+
+        from jobs import services
+
+        from .models import BusSession
+
+        stale = list(
+            BusSession.objects.open().filter(node=node, endpoint=endpoint).exclude(session__in=list(keep))
+            .values_list("session", flat=True)
+        )
+        total = None
+        for session in stale:
+            total = services.reset_running_jobs(
+                session=session, actor="bus", reason="bus restarted: recovering jobs of its earlier session",
+            )
+            BusSession.objects.filter(session=session).update(
+                state="lost", closed_at=timezone.now(), close_reason="bus restarted",
+            )
+        return total
+
+    def connect_job_signal(self, callback: Callable[[], None]) -> None:
+        from jobs.services import jobs_available
+
+        jobs_available.connect(lambda **kwargs: callback(), weak=False, dispatch_uid=f"bus-wake-{id(self)}")
+
+    def disconnect_job_signal(self) -> None:
+        from jobs.services import jobs_available
+
+        jobs_available.disconnect(dispatch_uid=f"bus-wake-{id(self)}")
+
+    def listen_for_jobs(self, callback: Callable[[], None], stop: threading.Event) -> None:
+        """On PostgreSQL, LISTEN for enqueue notifications until `stop`; reconnect on errors.
+
+        Returns at once on other databases (they rely on the in-process signal
+        and the fallback poll).
+        """
+        from django.db import connection, connections
+
+        from jobs.services import NOTIFY_CHANNEL
+
+        if connection.vendor != "postgresql":
+            return
+        delay = 0.1
+        while not stop.is_set():
+            wrapper = connections.create_connection("default")
+            try:
+                wrapper.ensure_connection()
+                raw = wrapper.connection
+                raw.autocommit = True
+                with raw.cursor() as cursor:
+                    cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                delay = 0.1
+                callback()  # anything enqueued while we were not listening
+                while not stop.is_set():
+                    readable, _, _ = select.select([raw], [], [], 1.0)
+                    if readable:
+                        raw.poll()
+                        if raw.notifies:
+                            raw.notifies.clear()
+                            callback()
+            except Exception as exc:  # the database went away: listen again later
+                log.warning(kv("bus.listen_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
+                stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                try:
+                    wrapper.close()
+                except Exception:
+                    pass
