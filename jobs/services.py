@@ -94,7 +94,10 @@ def validate_job_spec(*, url: Any, payload: Any = None, priority: Any = 0) -> tu
 
 
 def enqueue(*, url: str, payload: dict | None = None, priority: int = 0, actor: str) -> Job:
-    """Queue one job."""
+    """Queue one job; a bad field raises ValidationError keyed by the field's name."""
+    # Checked here as well so the error names the field (message_dict) rather
+    # than enqueue_many's "line 1: ..." list, which has no field to point at.
+    url, payload, priority = validate_job_spec(url=url, payload=payload, priority=priority)
     return enqueue_many(urls=[url], payload=payload, priority=priority, actor=actor)[0]
 
 
