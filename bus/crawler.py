@@ -1,0 +1,681 @@
+"""The reference crawler: the crawler side of PROTOCOL.md, serving several bus sessions at once.
+
+No Django here: `manage.py runcrawler` builds a Crawler and runs it, and the
+tests run one in a thread and talk to it over real sockets.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import random
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from jobsite.logging import kv
+
+from .endpoints import Endpoint, parse_endpoint
+from .fetch import Cancellation, FetchCancelled, FetchError
+from .protocol import (
+    BAD_FRAME,
+    DEFAULT_MAX_FRAME,
+    HANDSHAKE_TIMEOUT,
+    INVALID,
+    PROTOCOL_VERSION,
+    UNAUTHORIZED,
+    UNKNOWN_TYPE,
+    UNSUPPORTED_PROTOCOL,
+    FieldError,
+    FrameError,
+    FrameReader,
+    attempt_of,
+    encode_frame,
+    error_frame,
+    hello_proof,
+    job_id_of,
+    new_nonce,
+    nonce_ok,
+    number_of,
+    proof_matches,
+    ready_proof,
+)
+
+log = logging.getLogger("bus.crawler")
+
+JobKey = tuple[int, int]  # (job_id, attempt)
+Fetch = Callable[..., dict[str, Any]]  # fetch(url, *, cancel=Cancellation) -> result
+
+RECV_SIZE = 256 * 1024
+CLOSE_FLUSH_TIMEOUT = 2.0  # how long a closing session may spend sending its last frames
+MIN_HEARTBEAT = 0.01
+IDLE_TICK = 1.0  # the longest a loop sleeps without looking at its clocks
+
+
+@dataclass(eq=False)
+class _Job:
+    key: JobKey
+    url: str
+    session: _Session | None  # None: orphaned, its session ended (see resume_grace)
+    cancellation: Cancellation = field(default_factory=Cancellation)
+    orphaned_at: float | None = None
+
+
+@dataclass(eq=False)
+class _Outcome:
+    data: bytes  # the encoded done/failed frame, resent as is
+    owner: _Session | None  # the session it was last sent on; None: send after the next ready
+
+
+class Crawler:
+    """Listens on endpoints; each accepted connection is one bus session with its own thread.
+
+    Concurrency: one thread per session owns its socket (non-blocking, a
+    selector with a wake-up socketpair), and every other thread only appends
+    encoded frames to the session's outbox. The session thread writes the
+    whole outbox in one send, so a burst of outcomes costs one syscall, and a
+    slow bus never blocks a fetch thread or another session. Fetch jobs get a
+    thread each (a cancelled fetch stuck in connect must not hold a slot the
+    bus already reuses); --noop answers inline in the session thread, and a
+    noop delay uses one timer thread, never a thread per job.
+
+    Job state (running jobs and unacked outcomes) belongs to the crawler, not
+    to a session, so outcomes outlive the session they were produced on.
+    All sessions are assumed to come from one jobsite (one database).
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoints: list[Endpoint | str],
+        slots: int,
+        name: str | None = None,
+        token: str | None = None,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        fetcher: Fetch | None = None,
+        noop: bool = False,
+        noop_delay: tuple[float, float] | None = None,
+        resume_grace: float = 0.0,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ):
+        self.endpoints = [parse_endpoint(e) if isinstance(e, str) else e for e in endpoints]
+        if not self.endpoints:
+            raise ValueError("at least one endpoint to listen on is required")
+        self.token = token or None
+        for endpoint in self.endpoints:
+            if endpoint.is_tcp and not self.token:
+                raise ValueError(
+                    f"{endpoint}: a tcp:// endpoint requires a token (BUS_TOKEN or --token); "
+                    "without one anybody who reaches the port could drive this crawler"
+                )
+        if slots < 0:
+            raise ValueError("slots must be >= 0")
+        if not noop and fetcher is None:
+            raise ValueError("a fetcher is required unless noop is set")
+        self.slots = slots
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.max_frame = max_frame
+        self.fetcher = fetcher
+        self.noop = noop
+        self.noop_delay = noop_delay if noop_delay and noop_delay[1] > 0 else None
+        self.resume_grace = resume_grace
+        self.handshake_timeout = handshake_timeout
+
+        self.listening = threading.Event()  # set once every endpoint is bound
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()  # guards the four collections below and _Session.live
+        self._running: dict[JobKey, _Job] = {}
+        self._unacked: dict[JobKey, _Outcome] = {}
+        self._sessions: set[_Session] = set()
+        self._job_threads: set[threading.Thread] = set()
+        self._session_numbers = itertools.count(1)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._timers: list[tuple[float, int, _Job]] = []  # noop delays: (due, seq, job)
+        self._timer_seq = itertools.count()
+        self._timer_cond = threading.Condition()
+
+    # --- Running ------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Accept bus sessions until stop(); then say bye on each and stop every job."""
+        listeners: list[tuple[Endpoint, socket.socket]] = []
+        timer_thread = None
+        try:
+            for endpoint in self.endpoints:
+                sock = endpoint.listen()
+                sock.setblocking(False)
+                listeners.append((endpoint, sock))
+                log.info(kv("crawler.listening", endpoint=endpoint, crawler=self.name, slots=self.slots,
+                            noop=self.noop or None))
+            if self.noop_delay:
+                timer_thread = threading.Thread(target=self._run_timers, name="crawler-noop-timers", daemon=True)
+                timer_thread.start()
+            self.listening.set()
+            with selectors.DefaultSelector() as selector:
+                selector.register(self._wake_r, selectors.EVENT_READ)
+                for endpoint, sock in listeners:
+                    selector.register(sock, selectors.EVENT_READ, endpoint)
+                while not self._stopping.is_set():
+                    for key, _ in selector.select(self._reap_timeout()):
+                        if key.fileobj is self._wake_r:
+                            _drain(self._wake_r)
+                        else:
+                            self._accept(key.fileobj, key.data)
+                    self._reap_orphans()
+        finally:
+            self._stopping.set()
+            for endpoint, sock in listeners:
+                sock.close()
+                if endpoint.kind == "unix":
+                    try:
+                        os.unlink(endpoint.path)
+                    except OSError:
+                        pass
+            self._shutdown(timer_thread)
+
+    def stop(self) -> None:
+        """Ask serve_forever to end; safe from any thread and from a signal handler."""
+        # No lock here: a signal handler may run while this thread holds one.
+        # serve_forever wakes the sessions once its selector returns.
+        self._stopping.set()
+        _wake(self._wake_w)
+
+    def _accept(self, listener: socket.socket, endpoint: Endpoint) -> None:
+        while True:
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: log, keep serving
+                log.warning(kv("crawler.accept_failed", endpoint=endpoint, error=exc))
+                return
+            sock.setblocking(False)
+            if endpoint.is_tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session = _Session(self, sock, f"{endpoint}#{next(self._session_numbers)}")
+            with self._lock:
+                self._sessions.add(session)
+            log.info(kv("crawler.session.accepted", conn=session.label, peer=peer or None))
+            session.thread.start()
+
+    def _shutdown(self, timer_thread: threading.Thread | None) -> None:
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.wake()
+        deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT + 3.0
+        for session in sessions:
+            session.thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            jobs = list(self._running.values())
+            self._running.clear()
+            threads = list(self._job_threads)
+        for job in jobs:
+            job.cancellation.cancel()
+        with self._timer_cond:
+            self._timer_cond.notify_all()
+        for thread in [*threads, *([timer_thread] if timer_thread else [])]:
+            thread.join(max(0.1, deadline - time.monotonic()))
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info(kv("crawler.stopped", crawler=self.name, unacked=len(self._unacked)))
+
+    # --- Jobs -----------------------------------------------------------------------
+
+    def _start_job(self, session: _Session, key: JobKey, url: str) -> None:
+        if self.noop and not self.noop_delay:
+            data = encode_frame({"type": "done", "job_id": key[0], "attempt": key[1], "result": {"noop": True}})
+            with self._lock:
+                self._unacked[key] = _Outcome(data, session)
+                session.queue(data)
+            return
+        with self._lock:
+            existing = self._running.get(key)
+            if existing is not None:
+                # A repeated assign for a job already running here: keep the
+                # one fetch, now reported on this session.
+                existing.session, existing.orphaned_at = session, None
+                return
+            job = self._running[key] = _Job(key, url, session)
+        if self.noop:
+            low, high = self.noop_delay  # type: ignore[misc]
+            with self._timer_cond:
+                heapq.heappush(self._timers, (time.monotonic() + random.uniform(low, high), next(self._timer_seq), job))
+                self._timer_cond.notify()
+            return
+        session.queue(encode_frame({"type": "started", "job_id": key[0], "attempt": key[1]}))
+        thread = threading.Thread(target=self._run_fetch, args=(job,), name=f"crawler-job-{key[0]}-{key[1]}",
+                                  daemon=True)
+        with self._lock:
+            self._job_threads.add(thread)
+        thread.start()
+
+    def _run_fetch(self, job: _Job) -> None:
+        job_id, attempt = job.key
+        try:
+            result = self.fetcher(job.url, cancel=job.cancellation)  # type: ignore[misc]
+            outcome = {"type": "done", "job_id": job_id, "attempt": attempt, "result": result}
+        except FetchCancelled:
+            outcome = None
+        except FetchError as exc:
+            outcome = {"type": "failed", "job_id": job_id, "attempt": attempt, "error": str(exc)[:2000],
+                       "retryable": exc.retryable}
+        except Exception as exc:  # noqa: BLE001 - a crawler bug fails the job, it must not kill the thread silently
+            log.exception(kv("crawler.job.crashed", job_id=job_id, attempt=attempt))
+            # Not retryable: the same bug would fail every attempt.
+            outcome = {"type": "failed", "job_id": job_id, "attempt": attempt,
+                       "error": f"crawler error: {type(exc).__name__}: {exc}"[:2000], "retryable": False}
+        finally:
+            with self._lock:
+                self._job_threads.discard(threading.current_thread())
+        if outcome is not None and self._finish(job, outcome):
+            log.info(kv("crawler.job.finished", job_id=job_id, attempt=attempt, outcome=outcome["type"],
+                        status=(outcome.get("result") or {}).get("status"), error=outcome.get("error")))
+
+    def _finish(self, job: _Job, outcome: dict[str, Any]) -> bool:
+        """Keep the outcome until acked and send it now if the job's session is live."""
+        data = encode_frame(outcome)
+        with self._lock:
+            if self._running.get(job.key) is not job or job.cancellation.is_set():
+                return False  # cancelled or stopped: its outcome no longer matters
+            del self._running[job.key]
+            owner = job.session if job.session is not None and job.session.live else None
+            self._unacked[job.key] = _Outcome(data, owner)
+            if owner is not None:
+                # Queued under the lock so that a session ending right now
+                # either sees this outcome as its own (and releases it) or not at all.
+                owner.queue(data)
+        return True
+
+    def _cancel(self, key: JobKey, *, reason: str) -> bool:
+        with self._lock:
+            job = self._running.pop(key, None)
+            dropped = self._unacked.pop(key, None)
+        if job is not None:
+            job.cancellation.cancel()
+            log.info(kv("crawler.job.cancelled", job_id=key[0], attempt=key[1], reason=reason))
+        return job is not None or dropped is not None
+
+    def _acked(self, key: JobKey) -> None:
+        with self._lock:
+            self._unacked.pop(key, None)
+
+    def _run_timers(self) -> None:
+        while not self._stopping.is_set():
+            with self._timer_cond:
+                now = time.monotonic()
+                due = []
+                while self._timers and self._timers[0][0] <= now:
+                    due.append(heapq.heappop(self._timers)[2])
+                if not due:
+                    timeout = self._timers[0][0] - now if self._timers else IDLE_TICK
+                    self._timer_cond.wait(min(timeout, IDLE_TICK))
+                    continue
+            for job in due:
+                self._finish(job, {"type": "done", "job_id": job.key[0], "attempt": job.key[1],
+                                   "result": {"noop": True}})
+
+    def _reap_timeout(self) -> float:
+        return min(IDLE_TICK, self.resume_grace) if self.resume_grace > 0 else IDLE_TICK
+
+    def _reap_orphans(self) -> None:
+        """Stop orphaned jobs that no new session took over within resume_grace."""
+        if self.resume_grace <= 0:
+            return
+        now = time.monotonic()
+        with self._lock:
+            expired = [job for job in self._running.values()
+                       if job.session is None and job.orphaned_at is not None
+                       and now - job.orphaned_at >= self.resume_grace]
+            for job in expired:
+                del self._running[job.key]
+        for job in expired:
+            job.cancellation.cancel()
+            log.info(kv("crawler.job.cancelled", job_id=job.key[0], attempt=job.key[1], reason="no session resumed it"))
+
+    # --- Session hooks (called by the session threads) ---------------------------------
+
+    def _session_ready(self, session: _Session, hello_nonce: str) -> tuple[int, int]:
+        """Send ready (resuming orphaned jobs), then every outcome no live session owns."""
+        with self._lock:
+            resumed = [job for job in self._running.values() if job.session is None]
+            for job in resumed:
+                job.session, job.orphaned_at = session, None
+            ready: dict[str, Any] = {"type": "ready", "slots": self.slots,
+                                     "running": [list(job.key) for job in resumed]}
+            if self.token:
+                ready["auth"] = ready_proof(self.token, hello_nonce, session.bus_session)
+            session.live = True
+            session.queue(encode_frame(ready))
+            resent = 0
+            for outcome in self._unacked.values():
+                if outcome.owner is None:
+                    outcome.owner = session
+                    session.queue(outcome.data)
+                    resent += 1
+        return len(resumed), resent
+
+    def _session_ended(self, session: _Session) -> None:
+        """Stop the session's jobs (or orphan them for resume_grace); free its unacked outcomes."""
+        now = time.monotonic()
+        with self._lock:
+            session.live = False
+            self._sessions.discard(session)
+            stopped = []
+            for job in self._running.values():
+                if job.session is session:
+                    job.session = None
+                    if self.resume_grace > 0 and not self._stopping.is_set():
+                        job.orphaned_at = now
+                    else:
+                        stopped.append(job)
+            for job in stopped:
+                del self._running[job.key]
+            for outcome in self._unacked.values():
+                if outcome.owner is session:
+                    outcome.owner = None
+        for job in stopped:
+            job.cancellation.cancel()
+        if stopped:
+            log.info(kv("crawler.session.jobs_stopped", session=session.bus_session, jobs=len(stopped)))
+
+    def _running_of(self, session: _Session) -> list[list[int]]:
+        with self._lock:
+            return [list(key) for key, job in self._running.items() if job.session is session]
+
+    # --- Introspection (tests, logs) ------------------------------------------------
+
+    def running_jobs(self) -> list[JobKey]:
+        with self._lock:
+            return list(self._running)
+
+    def unacked_outcomes(self) -> list[JobKey]:
+        with self._lock:
+            return list(self._unacked)
+
+    def session_count(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+
+HANDSHAKE, READY = "handshake", "ready"
+
+
+class _Session:
+    """One bus connection: the handshake, then frames in and out, heartbeats and liveness."""
+
+    def __init__(self, crawler: Crawler, sock: socket.socket, label: str):
+        self.crawler = crawler
+        self.sock = sock
+        self.label = label
+        self.bus_session: str | None = None
+        self.live = False  # handshake done and not ended; guarded by crawler._lock
+        self.thread = threading.Thread(target=self._run, name=f"crawler-session-{label}", daemon=True)
+        self._reader = FrameReader(crawler.max_frame)
+        self._state = HANDSHAKE
+        self._welcome_nonce = new_nonce()
+        self._heartbeat = 0.0
+        self._out_lock = threading.Lock()
+        self._outbox: list[bytes] = []
+        self._wake_pending = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._pending = bytearray()  # encoded bytes the socket has not taken yet
+        self._closing: str | None = None  # why the session ends; set once
+        self._close_by = 0.0
+        self._dead = False
+        now = time.monotonic()
+        self._handshake_by = now + crawler.handshake_timeout
+        self._last_sent = now
+        self._last_received = now
+
+    # --- Any thread -------------------------------------------------------------------
+
+    def queue(self, data: bytes) -> None:
+        """Append one encoded frame to the outbox; the session thread sends it."""
+        with self._out_lock:
+            self._outbox.append(data)
+            if self._wake_pending or threading.current_thread() is self.thread:
+                return  # the session thread flushes before it sleeps again
+            self._wake_pending = True
+        _wake(self._wake_w)
+
+    def wake(self) -> None:
+        _wake(self._wake_w)
+
+    # --- The session thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except Exception:  # noqa: BLE001 - a bug must end this session, not the crawler
+            log.exception(kv("crawler.session.crashed", conn=self.label, session=self.bus_session))
+            self._closing = self._closing or "crawler error"
+        finally:
+            self.crawler._session_ended(self)
+            for sock in (self.sock, self._wake_r, self._wake_w):
+                sock.close()
+            log.info(kv("crawler.session.closed", conn=self.label, session=self.bus_session, reason=self._closing))
+
+    def _serve(self) -> None:
+        self.queue(encode_frame({"type": "welcome", "protocol": PROTOCOL_VERSION, "crawler": self.crawler.name,
+                                 "nonce": self._welcome_nonce}))
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            mask = selectors.EVENT_READ
+            while True:
+                self._flush()
+                if self._dead or (self._closing and not self._pending):
+                    return
+                want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self._pending else 0)
+                if want != mask:
+                    selector.modify(self.sock, want)
+                    mask = want
+                for key, events in selector.select(max(0.0, self._next_deadline() - time.monotonic())):
+                    if key.fileobj is self._wake_r:
+                        _drain(self._wake_r)
+                        with self._out_lock:
+                            self._wake_pending = False
+                    elif events & selectors.EVENT_READ:
+                        self._receive()
+                self._tick(time.monotonic())
+
+    def _next_deadline(self) -> float:
+        deadlines = [time.monotonic() + IDLE_TICK]
+        if self._closing:
+            deadlines.append(self._close_by)
+        elif self._state == HANDSHAKE:
+            deadlines.append(self._handshake_by)
+        else:
+            deadlines.append(self._last_sent + self._heartbeat)
+            deadlines.append(self._last_received + 2 * self._heartbeat)
+        return min(deadlines)
+
+    def _tick(self, now: float) -> None:
+        if self._closing:
+            if now >= self._close_by:
+                self._end("could not send the last frames in time")
+            return
+        if self.crawler._stopping.is_set():
+            self._close("crawler stopping", {"type": "bye", "reason": "crawler stopping"})
+        elif self._state == HANDSHAKE:
+            if now >= self._handshake_by:
+                self._close("no hello in time",
+                            {"type": "bye", "reason": f"no hello within {self.crawler.handshake_timeout:g} s"})
+        elif now - self._last_received >= 2 * self._heartbeat:
+            log.warning(kv("crawler.session.bus_silent", session=self.bus_session,
+                           silent_s=round(now - self._last_received, 3)))
+            self._close("bus silent", {"type": "bye", "reason": "heartbeat timeout: nothing from the bus"})
+        elif now - self._last_sent >= self._heartbeat:
+            self.queue(encode_frame({"type": "heartbeat", "ts": time.time(),
+                                     "running": self.crawler._running_of(self)}))
+
+    def _flush(self) -> None:
+        with self._out_lock:
+            if self._outbox:
+                self._pending += b"".join(self._outbox)
+                self._outbox.clear()
+        if not self._pending or self._dead:
+            return
+        try:
+            sent = self.sock.send(self._pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._end(f"send failed: {exc}")
+            return
+        del self._pending[:sent]
+        self._last_sent = time.monotonic()
+
+    def _receive(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._end(f"receive failed: {exc}")
+            return
+        if not data:
+            self._end(self._closing or "connection closed by the bus")
+            return
+        if self._closing:
+            return  # ending: what the bus says now changes nothing
+        self._last_received = time.monotonic()
+        try:
+            frames = self._reader.feed(data)
+        except FrameError as exc:
+            log.warning(kv("crawler.session.bad_frame", session=self.bus_session, conn=self.label, error=exc))
+            self._close(f"bad frame: {exc}", error_frame(BAD_FRAME, str(exc)))
+            return
+        for frame in frames:
+            if self._state == HANDSHAKE:
+                self._on_handshake_frame(frame)
+            else:
+                self._on_frame(frame)
+            if self._closing:
+                return
+
+    def _close(self, reason: str, last_frame: dict[str, Any] | None = None) -> None:
+        """End the session after sending last_frame (an error or a bye), if the socket takes it in time."""
+        if self._closing:
+            return
+        self._closing = reason
+        self._close_by = time.monotonic() + CLOSE_FLUSH_TIMEOUT
+        if last_frame is not None:
+            self.queue(encode_frame(last_frame))
+
+    def _end(self, reason: str) -> None:
+        """End the session now: the socket is broken or the bus has gone."""
+        self._closing = self._closing or reason
+        self._dead = True
+
+    # --- Frames -------------------------------------------------------------------------
+
+    def _on_handshake_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "hello":
+            self._on_hello(frame)
+        elif kind == "bye":
+            self._close(f"bye from the bus: {frame.get('reason')}")
+        elif kind == "error":
+            log.warning(kv("crawler.session.bus_error", conn=self.label, code=frame.get("code"),
+                           message=frame.get("message")))
+        elif kind == "heartbeat":
+            pass
+        elif kind in BUS_FRAME_TYPES:
+            self._close("frame before hello", error_frame(INVALID, f"expected hello, got {kind!r}"))
+        else:
+            self.queue(encode_frame(error_frame(UNKNOWN_TYPE, f"unknown frame type {kind!r}")))
+
+    def _on_hello(self, frame: dict[str, Any]) -> None:
+        protocol = frame.get("protocol")
+        if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
+            self._close(f"unsupported protocol {protocol!r}", error_frame(
+                UNSUPPORTED_PROTOCOL, f"this crawler speaks protocol {PROTOCOL_VERSION}, not {protocol!r}"))
+            return
+        session = frame.get("session")
+        try:
+            if not isinstance(session, str) or not 0 < len(session) <= 200:
+                raise FieldError("session must be a non-empty string")
+            heartbeat = number_of(frame, "heartbeat")
+            if heartbeat is None or heartbeat <= 0:
+                raise FieldError("heartbeat must be a positive number of seconds")
+        except FieldError as exc:
+            self._close(f"invalid hello: {exc}", error_frame(INVALID, f"invalid hello: {exc}"))
+            return
+        token = self.crawler.token
+        hello_nonce = frame.get("nonce")
+        if token:
+            expected = hello_proof(token, self._welcome_nonce, session)
+            if not proof_matches(expected, frame.get("auth")) or not nonce_ok(hello_nonce):
+                log.error(kv("crawler.session.unauthorized", conn=self.label, session=session,
+                             auth="missing" if frame.get("auth") is None else "wrong"))
+                self._close("unauthorized", error_frame(UNAUTHORIZED, "hello auth is missing or wrong"))
+                return
+        elif frame.get("auth") is not None:
+            log.error(kv("crawler.session.unauthorized", conn=self.label, session=session, auth="unexpected"))
+            self._close("unauthorized", error_frame(
+                UNAUTHORIZED, "the bus sent auth but this crawler has no token: configure the same BUS_TOKEN on both"))
+            return
+        self.bus_session = session
+        self._heartbeat = max(float(heartbeat), MIN_HEARTBEAT)
+        self._state = READY
+        resumed, resent = self.crawler._session_ready(self, hello_nonce if isinstance(hello_nonce, str) else "")
+        log.info(kv("crawler.session.ready", conn=self.label, session=session, node=frame.get("node"),
+                    heartbeat=self._heartbeat, slots=self.crawler.slots, resumed=resumed, resent=resent))
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        try:
+            if kind == "assign":
+                key = (job_id_of(frame), attempt_of(frame))
+                url = frame.get("url")
+                if not isinstance(url, str) or not url:
+                    raise FieldError("url must be a non-empty string")
+                self.crawler._start_job(self, key, url)
+            elif kind == "ack":
+                self.crawler._acked((job_id_of(frame), attempt_of(frame)))
+            elif kind == "cancel":
+                self.crawler._cancel((job_id_of(frame), attempt_of(frame)), reason="cancel from the bus")
+            elif kind == "heartbeat":
+                pass  # receiving it renewed _last_received
+            elif kind == "bye":
+                self._close(f"bye from the bus: {frame.get('reason')}")
+            elif kind == "error":
+                log.warning(kv("crawler.session.bus_error", session=self.bus_session, code=frame.get("code"),
+                               message=frame.get("message"), job_id=frame.get("job_id")))
+            elif kind == "hello":
+                raise FieldError("the handshake is already done")
+            else:
+                self.queue(encode_frame(error_frame(UNKNOWN_TYPE, f"this crawler does not accept {kind!r} frames")))
+        except FieldError as exc:
+            ids = {name: frame[name] for name in ("job_id", "attempt") if isinstance(frame.get(name), int)}
+            self.queue(encode_frame(error_frame(INVALID, f"{kind}: {exc}", **ids)))
+
+
+# Frames a bus sends; anything else a bus sends gets unknown_type.
+BUS_FRAME_TYPES = frozenset({"hello", "assign", "cancel", "ack", "heartbeat", "error", "bye"})
+
+
+def _wake(sock: socket.socket) -> None:
+    try:
+        sock.send(b"\0")
+    except OSError:  # full (a wake-up is already pending) or closed
+        pass
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except OSError:
+        pass

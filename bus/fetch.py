@@ -1,0 +1,368 @@
+"""The reference crawler's HTTP fetcher: one GET with redirects, limits and an address policy.
+
+Standard library only, no Django. Every hop's host is resolved here, checked
+against the policy, and the connection goes to that checked address, so a DNS
+answer that changes between the check and the connect cannot reach a private host.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import socket
+import ssl
+import threading
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass
+from html.parser import HTMLParser
+from typing import Any
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_BYTES = 5 * 1024 * 1024
+DEFAULT_MAX_REDIRECTS = 5
+MAX_TITLE = 500
+USER_AGENT = "jobsite-crawler/1"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+CHUNK = 64 * 1024
+
+
+class FetchError(Exception):
+    """The job failed; `retryable` says whether another attempt could succeed."""
+
+    def __init__(self, message: str, *, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class FetchCancelled(Exception):
+    """The job was cancelled while fetching: there is no outcome to report."""
+
+
+class Cancellation:
+    """A cancel flag that also shuts down the sockets a fetch is blocked on.
+
+    Shutting the socket down wakes a blocked recv at once, so a cancel does not
+    wait for the read timeout.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._event.set()
+            sockets = list(self._sockets)
+        for sock in sockets:
+            _shutdown(sock)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+            cancelled = self._event.is_set()
+        if cancelled:
+            _shutdown(sock)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.discard(sock)
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise FetchCancelled()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def address_refusal(address: str) -> str | None:
+    """Why an IP address may not be fetched without allow_private, or None if it may."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    for reason in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{reason}"):
+            return reason.replace("_", "-")
+    if not ip.is_global:  # e.g. 100.64.0.0/10, shared address space
+        return "not globally routable"
+    return None
+
+
+@dataclass
+class FetchResult:
+    status: int
+    final_url: str
+    bytes: int
+    content_type: str
+    title: str
+    links: int
+    elapsed_ms: int
+    truncated: bool
+    redirects: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _PageParser(HTMLParser):
+    """Collects the first <title>'s text and counts <a href> tags."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)  # unescapes entities in text
+        self.links = 0
+        self.title_parts: list[str] = []
+        self._in_title = False
+        self._title_seen = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a" and any(name == "href" for name, _ in attrs):
+            self.links += 1
+        elif tag == "title" and not self._title_seen:
+            self._in_title = True
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a" and any(name == "href" for name, _ in attrs):
+            self.links += 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "title" and self._in_title:
+            self._in_title = False
+            self._title_seen = True
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title_parts.append(data)
+
+
+def parse_page(body: bytes, charset: str | None) -> tuple[str, int]:
+    """The page's title (unescaped, whitespace collapsed, at most 500 chars) and link count."""
+    try:
+        text = body.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # an unknown charset name in the header
+        text = body.decode("utf-8", errors="replace")
+    parser = _PageParser()
+    try:
+        parser.feed(text)
+        parser.close()
+    except Exception:  # noqa: BLE001 - a hostile page must not fail the job; keep what was parsed
+        pass
+    title = " ".join("".join(parser.title_parts).split())[:MAX_TITLE]
+    return title, parser.links
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """Connects to an address checked beforehand while Host stays the URL's host name."""
+
+    def __init__(self, host: str, port: int, *, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int, *, address: str, timeout: float, tls: ssl.SSLContext):
+        super().__init__(host, port, timeout=timeout, context=tls)
+        self._address = address
+        self._tls = tls
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self._address, self.port), self.timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+        except BaseException:
+            raw.close()
+            raise
+
+
+class Fetcher:
+    """Fetches one URL per call and returns the result dict of a `done` outcome.
+
+    Raises FetchError (retryable for network trouble, not for a refused URL)
+    or FetchCancelled. HTTP error statuses are results, not errors.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        total_timeout: float | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_redirects: int = DEFAULT_MAX_REDIRECTS,
+        user_agent: str = USER_AGENT,
+    ):
+        self.allow_private = allow_private
+        self.timeout = timeout
+        self.total_timeout = total_timeout if total_timeout is not None else 3 * timeout
+        self.max_bytes = max_bytes
+        self.max_redirects = max_redirects
+        self.user_agent = user_agent
+        self._tls = ssl.create_default_context()
+
+    def __call__(self, url: str, *, cancel: Cancellation | None = None) -> dict[str, Any]:
+        return self.fetch(url, cancel=cancel).as_dict()
+
+    def fetch(self, url: str, *, cancel: Cancellation | None = None) -> FetchResult:
+        cancel = cancel or Cancellation()
+        started = time.monotonic()
+        deadline = started + self.total_timeout
+        redirects = 0
+        while True:
+            cancel.check()
+            try:
+                scheme, host, port, target = self._split(url)
+                addresses = self._resolve(host, port)
+                conn = self._connect(scheme, host, port, addresses, deadline, cancel)
+                try:
+                    response = self._request(conn, target, deadline, cancel)
+                    location = response.getheader("Location")
+                    if response.status not in REDIRECT_STATUSES or not location:
+                        body, truncated = self._read_body(conn, response, deadline, cancel)
+                        break
+                finally:
+                    if conn.sock is not None:
+                        cancel.unwatch(conn.sock)
+                    conn.close()
+            except (OSError, http.client.HTTPException) as exc:
+                cancel.check()  # a cancel shuts the socket down: that error is the cancel
+                raise FetchError(f"{url}: {_describe(exc)}", retryable=True) from None
+            redirects += 1
+            if redirects > self.max_redirects:
+                raise FetchError(f"too many redirects (more than {self.max_redirects})", retryable=False)
+            url = urllib.parse.urljoin(url, location.strip())
+        content_type = response.getheader("Content-Type", "") or ""
+        title, links = "", 0
+        if content_type.split(";", 1)[0].strip().lower() in HTML_TYPES:
+            title, links = parse_page(body, response.headers.get_content_charset())
+        return FetchResult(
+            status=response.status,
+            final_url=url,
+            bytes=len(body),
+            content_type=content_type[:200],
+            title=title,
+            links=links,
+            elapsed_ms=round((time.monotonic() - started) * 1000),
+            truncated=truncated,
+            redirects=redirects,
+        )
+
+    def _split(self, url: str) -> tuple[str, str, int, str]:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise FetchError(f"invalid URL {url!r}: {exc}", retryable=False) from None
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https"):
+            raise FetchError(f"refused URL {url!r}: only http and https are fetched", retryable=False)
+        host = parts.hostname
+        if not host:
+            raise FetchError(f"invalid URL {url!r}: no host", retryable=False)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        # http.client sends the target as ASCII: percent-encode what is not.
+        target = urllib.parse.quote(target, safe="/?&=%:@;+$,!~*'()[]")
+        return scheme, host, port or (443 if scheme == "https" else 80), target
+
+    def _resolve(self, host: str, port: int) -> list[str]:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise FetchError(f"cannot resolve {host!r}: {_describe(exc)}", retryable=True) from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        if self.allow_private:
+            return addresses
+        allowed = [address for address in addresses if address_refusal(address) is None]
+        if not allowed:
+            address = addresses[0]
+            raise FetchError(
+                f"refused address {address} of host {host!r}: {address_refusal(address)} addresses "
+                "are not fetched (start the crawler with --allow-private to allow them)",
+                retryable=False,
+            )
+        return allowed
+
+    def _connect(
+        self, scheme: str, host: str, port: int, addresses: list[str], deadline: float, cancel: Cancellation
+    ) -> http.client.HTTPConnection:
+        error: Exception | None = None
+        for address in addresses:
+            timeout = self._remaining(deadline)
+            if scheme == "https":
+                conn: http.client.HTTPConnection = _PinnedHTTPSConnection(
+                    host, port, address=address, timeout=timeout, tls=self._tls
+                )
+            else:
+                conn = _PinnedHTTPConnection(host, port, address=address, timeout=timeout)
+            try:
+                conn.connect()
+            except ssl.SSLCertVerificationError as exc:
+                conn.close()
+                raise FetchError(f"TLS certificate of {host!r} rejected: {exc.verify_message}", retryable=False) from None
+            except OSError as exc:
+                conn.close()
+                error = exc
+                cancel.check()
+                continue
+            cancel.watch(conn.sock)
+            return conn
+        raise FetchError(f"cannot connect to {host}:{port}: {_describe(error)}", retryable=True)
+
+    def _request(
+        self, conn: http.client.HTTPConnection, target: str, deadline: float, cancel: Cancellation
+    ) -> http.client.HTTPResponse:
+        cancel.check()
+        conn.sock.settimeout(self._remaining(deadline))
+        conn.request("GET", target, headers={
+            "User-Agent": self.user_agent,
+            "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
+            "Accept-Encoding": "identity",  # the size cap counts the bytes we parse
+            "Connection": "close",
+        })
+        return conn.getresponse()
+
+    def _read_body(
+        self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, deadline: float,
+        cancel: Cancellation,
+    ) -> tuple[bytes, bool]:
+        body = bytearray()
+        limit = self.max_bytes + 1  # one byte more tells whether the body was cut
+        while len(body) < limit:
+            cancel.check()
+            conn.sock.settimeout(self._remaining(deadline))
+            chunk = response.read1(min(CHUNK, limit - len(body)))
+            if not chunk:
+                break
+            body += chunk
+        cancel.check()
+        truncated = len(body) > self.max_bytes
+        return bytes(body[: self.max_bytes]), truncated
+
+    def _remaining(self, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout(f"total timeout of {self.total_timeout:g} s exceeded")
+        return min(self.timeout, remaining)
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no address"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"timed out ({exc})" if str(exc) else "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

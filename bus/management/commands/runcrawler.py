@@ -1,0 +1,133 @@
+"""`manage.py runcrawler`: the reference crawler (bus/crawler.py) in the foreground.
+
+SIGTERM or SIGINT says bye on every session and exits 0; a second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from bus.crawler import Crawler
+from bus.endpoints import EndpointError, parse_endpoints
+from bus.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, Fetcher
+from jobsite.logging import kv
+
+log = logging.getLogger("bus.crawler")
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _delay_range_ms(text: str) -> tuple[float, float]:
+    """`MIN-MAX` or `N` milliseconds, returned as seconds."""
+    low_text, _, high_text = text.partition("-")
+    try:
+        low = float(low_text)
+        high = float(high_text) if high_text else low
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MIN-MAX milliseconds, e.g. 5-50") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 <= MIN <= MAX")
+    return low / 1000, high / 1000
+
+
+class Command(BaseCommand):
+    help = "Run the reference crawler: listen for bus sessions and fetch the URLs they assign."
+    # The crawler does not use the bus settings the checks are about (a
+    # tcp:// BUS_ENDPOINTS without token must not stop a crawler on a unix socket).
+    requires_system_checks: list[str] = []
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--listen", action="append", required=True, metavar="ENDPOINT",
+                            help="unix path, unix:/path or tcp://host:port; repeat to listen on several")
+        parser.add_argument("--slots", type=_count, required=True, help="jobs accepted at once per session")
+        parser.add_argument("--name", default=None, help="crawler name in welcome (default: host-pid)")
+        parser.add_argument("--token", default=None, help="shared secret (default: BUS_TOKEN); required for tcp://")
+        parser.add_argument("--noop", action="store_true", help="answer every job done at once, fetch nothing")
+        parser.add_argument("--noop-delay-ms", type=_delay_range_ms, default=None, metavar="MIN-MAX",
+                            help="with --noop, answer after a random delay in this range")
+        parser.add_argument("--allow-private", action="store_true",
+                            help="allow loopback, private, link-local and other non-public addresses")
+        parser.add_argument("--heartbeat", type=_seconds, default=None,
+                            help="ignored: the bus sets the interval in hello")
+        parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
+                            help="connect and read timeout in seconds (default %(default)s)")
+        parser.add_argument("--total-timeout", type=_seconds, default=None,
+                            help="whole-fetch deadline in seconds (default 3 x --timeout)")
+        parser.add_argument("--max-bytes", type=_count, default=DEFAULT_MAX_BYTES,
+                            help="body bytes read at most; the rest is cut (default %(default)s)")
+        parser.add_argument("--max-redirects", type=_count, default=DEFAULT_MAX_REDIRECTS,
+                            help="redirects followed at most (default %(default)s)")
+        parser.add_argument("--resume-grace", type=float, default=0.0, metavar="SECONDS",
+                            help="keep a lost session's jobs running this long for the next session to "
+                                 "resume (reported in ready.running); default 0 stops them at once")
+
+    def handle(self, *args, **options) -> None:
+        try:
+            endpoints = parse_endpoints(options["listen"])
+        except EndpointError as exc:
+            raise CommandError(f"--listen: {exc}") from None
+        token = options["token"] if options["token"] is not None else settings.BUS_TOKEN
+        if options["heartbeat"] is not None:
+            log.info(kv("crawler.heartbeat_ignored", reason="the bus sets the interval in hello"))
+        fetcher = None if options["noop"] else Fetcher(
+            allow_private=options["allow_private"],
+            timeout=options["timeout"],
+            total_timeout=options["total_timeout"],
+            max_bytes=options["max_bytes"],
+            max_redirects=options["max_redirects"],
+        )
+        try:
+            crawler = Crawler(
+                endpoints=endpoints,
+                slots=options["slots"],
+                name=options["name"],
+                token=token,
+                max_frame=settings.BUS_MAX_FRAME,
+                fetcher=fetcher,
+                noop=options["noop"],
+                noop_delay=options["noop_delay_ms"],
+                resume_grace=max(0.0, options["resume_grace"]),
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+
+        interrupted = []
+
+        def on_signal(signum: int, frame) -> None:
+            if signum == signal.SIGINT and interrupted:
+                os._exit(130)  # a second Ctrl-C: do not wait for the sessions
+            interrupted.append(signum)
+            crawler.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        try:
+            crawler.serve_forever()
+        except OSError as exc:  # e.g. the address is in use
+            raise CommandError(f"cannot listen: {exc}") from None
+        except EndpointError as exc:
+            raise CommandError(str(exc)) from None
