@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
@@ -53,6 +55,24 @@ class JobChangeList(ChangeList):
         return super().get_queryset(request, exclude_parameters).only(*CHANGELIST_FIELDS)
 
 
+class JobForm(forms.ModelForm):
+    """Holds an edited job to the rules enqueue applies (http/https URL, payload a JSON object...)."""
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        try:
+            services.validate_job_spec(
+                url=cleaned.get("url", self.instance.url),
+                payload=cleaned.get("payload", self.instance.payload),
+                priority=cleaned.get("priority", self.instance.priority),
+            )
+        except ValidationError as exc:
+            for name, problems in exc.message_dict.items():
+                if name not in self.errors:  # the field's own check said it already
+                    self.add_error(name if name in self.fields else None, problems)
+        return cleaned
+
+
 class JobEventInline(admin.TabularInline):
     """A job's audit trail: written by the services only, so never editable here."""
 
@@ -87,6 +107,7 @@ class JobAdmin(admin.ModelAdmin):
     )
     list_display_links = ("id", "short_url")
     list_filter = ("status",)
+    form = JobForm
     search_fields = ("url",)
     search_help_text = "A job id, or part of a URL."
     actions = ("requeue_running", "retry", "cancel")
@@ -194,6 +215,11 @@ class JobAdmin(admin.ModelAdmin):
         # Deleting would take a running job from under the bus and erase its
         # history; cancel it instead.
         return False
+
+    def formfield_for_dbfield(self, db_field, request: HttpRequest, **kwargs):
+        if db_field.name == "url":
+            kwargs["assume_scheme"] = "https"
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Job | None = None) -> list[str]:
         shown = [name for _, options in self.fieldsets for name in options["fields"]]
