@@ -252,3 +252,23 @@ def test_database_rejects_two_recorded_outcomes_for_one_attempt():
     JobEvent.objects.create(**fields)
     with pytest.raises(IntegrityError), transaction.atomic():
         JobEvent.objects.create(**fields)
+
+
+# --- started / progress from the crawler ------------------------------------------------
+
+
+def test_started_and_progress_are_recorded_only_for_the_lease_holder_and_attempt(session_a, session_b):
+    job = enqueue(1)[0]
+    services.claim_jobs(session=session_a, limit=1, lease_seconds=60)
+    at = timezone.now()
+
+    assert services.mark_started(session=session_a, job_id=job.id, attempt=1, at=at) is True
+    assert services.mark_started(session=session_b, job_id=job.id, attempt=1) is False
+    assert services.mark_started(session=session_a, job_id=job.id, attempt=2) is False
+    assert services.record_progress(session=session_a, job_id=job.id, attempt=1, progress={"done": 4}) is True
+    assert services.record_progress(session=session_b, job_id=job.id, attempt=1, progress={"done": 9}) is False
+
+    job.refresh_from_db()
+    assert (job.started_at, job.progress) == (at, {"done": 4})
+    services.reset_running_jobs(session=session_a, reason="lost", actor="bus")
+    assert services.record_progress(session=session_a, job_id=job.id, attempt=1, progress={"done": 5}) is False
