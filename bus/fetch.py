@@ -90,7 +90,8 @@ def address_refusal(address: str) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for reason in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    # Most specific first: is_private also covers loopback and link-local ranges.
+    for reason in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{reason}"):
             return reason.replace("_", "-")
     if not ip.is_global:  # e.g. 100.64.0.0/10, shared address space
@@ -227,16 +228,22 @@ class Fetcher:
                 scheme, host, port, target = self._split(url)
                 addresses = self._resolve(host, port)
                 conn = self._connect(scheme, host, port, addresses, deadline, cancel)
+                # getresponse() hands the socket over to the response (Connection:
+                # close), so keep our own reference for timeouts and cleanup.
+                sock = conn.sock
+                response = None
                 try:
-                    response = self._request(conn, target, deadline, cancel)
+                    response = self._request(conn, sock, target, deadline, cancel)
                     location = response.getheader("Location")
                     if response.status not in REDIRECT_STATUSES or not location:
-                        body, truncated = self._read_body(conn, response, deadline, cancel)
+                        body, truncated = self._read_body(sock, response, deadline, cancel)
                         break
                 finally:
-                    if conn.sock is not None:
-                        cancel.unwatch(conn.sock)
+                    cancel.unwatch(sock)
+                    if response is not None:
+                        response.close()
                     conn.close()
+                    sock.close()
             except (OSError, http.client.HTTPException) as exc:
                 cancel.check()  # a cancel shuts the socket down: that error is the cancel
                 raise FetchError(f"{url}: {_describe(exc)}", retryable=True) from None
@@ -324,10 +331,11 @@ class Fetcher:
         raise FetchError(f"cannot connect to {host}:{port}: {_describe(error)}", retryable=True)
 
     def _request(
-        self, conn: http.client.HTTPConnection, target: str, deadline: float, cancel: Cancellation
+        self, conn: http.client.HTTPConnection, sock: socket.socket, target: str, deadline: float,
+        cancel: Cancellation,
     ) -> http.client.HTTPResponse:
         cancel.check()
-        conn.sock.settimeout(self._remaining(deadline))
+        sock.settimeout(self._remaining(deadline))
         conn.request("GET", target, headers={
             "User-Agent": self.user_agent,
             "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
@@ -337,14 +345,13 @@ class Fetcher:
         return conn.getresponse()
 
     def _read_body(
-        self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse, deadline: float,
-        cancel: Cancellation,
+        self, sock: socket.socket, response: http.client.HTTPResponse, deadline: float, cancel: Cancellation,
     ) -> tuple[bytes, bool]:
         body = bytearray()
         limit = self.max_bytes + 1  # one byte more tells whether the body was cut
         while len(body) < limit:
             cancel.check()
-            conn.sock.settimeout(self._remaining(deadline))
+            sock.settimeout(self._remaining(deadline))
             chunk = response.read1(min(CHUNK, limit - len(body)))
             if not chunk:
                 break
