@@ -124,31 +124,61 @@ class CrawlerPeer:
 
 
 def main() -> None:
-    """Hold assignments without answering; print one JSON line per assign (for the test to read)."""
+    """Hold assignments without answering; report each assign and ack as a JSON line on stdout.
+
+    Lines on stdin command it: `done JOB ATTEMPT` queues an outcome, sent now
+    if connected, else right after the next handshake, and kept until acked.
+    """
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", required=True)
     parser.add_argument("--slots", type=int, default=10)
+    parser.add_argument("--reconnect-slots", type=int, default=None, help="slots to offer in later sessions")
     parser.add_argument("--token")
     parser.add_argument("--heartbeat", action="store_true", help="send heartbeats listing held jobs")
     args = parser.parse_args()
     peer = CrawlerPeer(args.listen, token=args.token, name="held-peer")
+    unacked: dict[tuple[int, int], dict] = {}
+    commands = b""
+    sessions = 0
+    print(json.dumps({"listening": args.listen}), flush=True)
     while True:
-        peer.handshake(slots=args.slots, timeout=3600)
+        slots = args.slots if sessions == 0 or args.reconnect_slots is None else args.reconnect_slots
+        peer.handshake(slots=slots, timeout=3600)
+        sessions += 1
+        print(json.dumps({"session": peer.hello["session"], "n": sessions}), flush=True)
         held: list[list[int]] = []
         interval = float(peer.hello["heartbeat"])
         next_beat = time.monotonic() + interval
         try:
+            for frame in unacked.values():
+                peer.send(frame)
             while True:
                 if args.heartbeat and time.monotonic() >= next_beat:
                     peer.send({"type": "heartbeat", "ts": time.time(), "running": held})
                     next_beat = time.monotonic() + interval
-                if not peer._fill(0.05):
+                readable, _, _ = select.select([peer.conn, sys.stdin], [], [], 0.05)
+                if sys.stdin in readable:
+                    # os.read, not readline: select() cannot see lines already in Python's buffer.
+                    commands += os.read(sys.stdin.fileno(), 65536)
+                    while b"\n" in commands:
+                        line, commands = commands.split(b"\n", 1)
+                        words = line.decode().split()
+                        if words and words[0] == "done":
+                            job_id, attempt = int(words[1]), int(words[2])
+                            frame = {"type": "done", "job_id": job_id, "attempt": attempt, "result": {"late": True}}
+                            unacked[(job_id, attempt)] = frame
+                            peer.send(frame)
+                if peer.conn in readable and not peer._fill(0):
                     break
                 for frame in list(peer.frames):
                     peer.frames.remove(frame)
                     if frame["type"] == "assign":
                         held.append([frame["job_id"], frame["attempt"]])
                         print(json.dumps({"assign": frame["job_id"], "attempt": frame["attempt"]}), flush=True)
+                    elif frame["type"] == "ack":
+                        unacked.pop((frame["job_id"], frame["attempt"]), None)
+                        print(json.dumps({"ack": frame["job_id"], "attempt": frame["attempt"],
+                                          "status": frame["status"]}), flush=True)
         except OSError:
             pass
         peer.close()
