@@ -428,6 +428,12 @@ def test_proofs_are_hmac_sha256_of_protocol_md_message_strings(token):
     assert ready_proof(token, HELLO_NONCE, SESSION) == hmac_sha256_by_hand(token.encode(), ready_message)
 
 
+def test_the_worked_example_in_docs_protocol_md_holds():
+    assert hello_proof("s3cret", WELCOME_NONCE, SESSION) == (
+        "46f54d87c4e44c103f80314cbcc6923e12edfe9e4947ca0169c0f35417c27f0f"
+    )
+
+
 def test_a_proof_is_lowercase_hex_and_binds_label_nonce_session_and_token():
     proof = hello_proof("s3cret", WELCOME_NONCE, SESSION)
     assert len(proof) == 64 and proof == proof.lower() and int(proof, 16) >= 0
