@@ -83,6 +83,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 else:
     DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # Per process, so that test runs side by side do not drop each other's database.
+    DATABASES["default"]["TEST"] = {
+        "NAME": env.string("TEST_DATABASE_NAME") or f"test_{DATABASES['default']['NAME']}_{os.getpid()}",
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
