@@ -112,3 +112,28 @@ def describe_machine() -> str:
     """One line: cores and load, for the record (the machine is shared)."""
     load = ", ".join(f"{value:.2f}" for value in os.getloadavg())
     return f"{os.cpu_count()} cores, load average {load}"
+
+
+def cpu_seconds() -> float:
+    """CPU time used so far by this process plus, on a local PostgreSQL, its database backend.
+
+    On a shared machine wall-clock time depends on what else runs; CPU time
+    measures what the code itself costs. None-safe: a backend whose process
+    cannot be read (remote server) counts as 0, so compare like with like.
+    """
+    import time
+
+    from django.db import connection
+
+    total = time.process_time()
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total

@@ -30,7 +30,7 @@ from uuid import uuid4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._django import BACKENDS, DEFAULT_POSTGRES_URL, describe_machine, throwaway_database  # noqa: E402
+from bench._django import BACKENDS, DEFAULT_POSTGRES_URL, cpu_seconds, describe_machine, throwaway_database  # noqa: E402
 
 # Targets of issue 2, by Django vendor name.
 RESET_TARGET_S = {"postgresql": 1.0, "sqlite": 2.0}
@@ -131,14 +131,17 @@ def insert_jobs(count: int, *, running: bool) -> None:
 # --- The measurements ----------------------------------------------------------------
 
 
-def reset_once(count: int) -> float:
+def reset_once(count: int) -> tuple[float, float]:
+    """Return (wall-clock seconds, CPU seconds of this process and its database backend)."""
     from jobs.models import EventKind, Job, JobEvent
     from jobs.services import reset_running_jobs
 
     insert_jobs(count, running=True)
+    cpu = cpu_seconds()
     started = time.perf_counter()
     counts = reset_running_jobs(reason="bench", actor="bench")
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu
     check(counts.requeued == count and counts.failed == 0, f"reset returned {counts}, expected {count} requeued")
     check(Job.objects.queued().count() == count, "not every job is queued after the reset")
     check(Job.objects.running().count() == 0, "running jobs are left after the reset")
@@ -147,15 +150,17 @@ def reset_once(count: int) -> float:
     interrupts = JobEvent.objects.filter(kind=EventKind.INTERRUPT, actor="bench", reason="bench")
     check(interrupts.count() == count, f"{interrupts.count()} interrupt events, expected {count}")
     check(interrupts.values("job_id").distinct().count() == count, "an interrupt event is missing or doubled")
-    return elapsed
+    return elapsed, cpu
 
 
-def claim_once(count: int) -> float:
+def claim_once(count: int) -> tuple[float, float]:
+    """Return (wall-clock seconds, CPU seconds of this process and its database backend)."""
     from jobs.models import EventKind, Job, JobEvent
     from jobs.services import claim_jobs
 
     insert_jobs(count, running=False)
     claimed: list[int] = []
+    cpu = cpu_seconds()
     started = time.perf_counter()
     while True:
         batch = claim_jobs(session=uuid4(), limit=CLAIM_BATCH, lease_seconds=120)
@@ -163,6 +168,7 @@ def claim_once(count: int) -> float:
             break
         claimed.extend(job.id for job in batch)
     elapsed = time.perf_counter() - started
+    cpu = cpu_seconds() - cpu
     check(len(claimed) == count, f"claimed {len(claimed)} jobs, expected {count}")
     check(len(set(claimed)) == count, "a job was claimed twice")
     check(Job.objects.queued().count() == 0, "queued jobs are left")
@@ -170,7 +176,7 @@ def claim_once(count: int) -> float:
     claims = JobEvent.objects.filter(kind=EventKind.CLAIM)
     check(claims.count() == count and claims.values("job_id").distinct().count() == count,
           "not exactly one claim event per job")
-    return elapsed
+    return elapsed, cpu
 
 
 def _runs(values: list[float], fmt: str) -> str:
@@ -187,20 +193,26 @@ def run_backend(args: argparse.Namespace) -> int:
             version = cursor.fetchone()[0].split(" on ")[0]
         print(f"# {vendor}: {version}; {describe_machine()}", flush=True)
         try:
-            times = [reset_once(args.jobs) for _ in range(args.runs)]
+            runs = [reset_once(args.jobs) for _ in range(args.runs)]
+            times = [wall for wall, _ in runs]
             median = statistics.median(times)
             target = RESET_TARGET_S[vendor]
             verdict = "OK" if median <= target else "MISSED"
+            cpu = statistics.median(cpu for _, cpu in runs)
             print(f"reset {args.jobs} running jobs ({vendor}): {median:.2f} s  target <= {target} s  {verdict}"
-                  f"  ({_runs(times, '{:.2f} s')})", flush=True)
+                  f"  ({_runs(times, '{:.2f} s')}; CPU median {cpu:.2f} s)", flush=True)
 
-            rates = [args.claim_jobs / elapsed for elapsed in (claim_once(args.claim_jobs) for _ in range(args.runs))]
+            runs = [claim_once(args.claim_jobs) for _ in range(args.runs)]
+            rates = [args.claim_jobs / wall for wall, _ in runs]
             median = statistics.median(rates)
             target = CLAIM_TARGET_JOBS_S.get(vendor)
             verdict = ("OK" if median >= target else "MISSED") if target else "(no target)"
             target_text = f"target >= {target:,.0f} jobs/s  " if target else ""
+            cpu_rate = statistics.median(args.claim_jobs / cpu for _, cpu in runs if cpu > 0) if any(
+                cpu > 0 for _, cpu in runs) else 0.0
             print(f"claim {args.claim_jobs} jobs in batches of {CLAIM_BATCH} ({vendor}): {median:,.0f} jobs/s  "
-                  f"{target_text}{verdict}  ({_runs(rates, '{:,.0f}')} jobs/s)", flush=True)
+                  f"{target_text}{verdict}  ({_runs(rates, '{:,.0f}')} jobs/s; "
+                  f"per CPU second {cpu_rate:,.0f} jobs)", flush=True)
         except CheckFailed as exc:
             print(f"CHECK FAILED ({vendor}): {exc}", flush=True)
             return 1
