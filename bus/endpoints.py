@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from dataclasses import dataclass
 
 
@@ -51,7 +52,9 @@ class Endpoint:
     def listen(self, backlog: int = 64) -> socket.socket:
         """Bind and listen; a stale Unix socket file left by a dead process is replaced."""
         if self.kind == "unix":
-            if os.path.exists(self.path):
+            if os.path.lexists(self.path):
+                if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    raise EndpointError(f"{self}: {self.path} exists and is not a socket; refusing to replace it")
                 probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     probe.connect(self.path)
@@ -85,10 +88,9 @@ def parse_endpoint(text: str) -> Endpoint:
             host, sep, port_text = rest.rpartition(":")
         if not sep or not host:
             raise EndpointError(f"{text!r}: expected tcp://host:port")
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise EndpointError(f"{text!r}: port {port_text!r} is not a number") from None
+        if not (port_text.isascii() and port_text.isdigit()):
+            raise EndpointError(f"{text!r}: port {port_text!r} is not a number")
+        port = int(port_text)
         if not 0 < port < 65536:
             raise EndpointError(f"{text!r}: port must be between 1 and 65535")
         return Endpoint(kind="tcp", host=host, port=port)

@@ -211,10 +211,15 @@ def test_listen_takes_over_after_the_listener_was_killed(short_socket_path):
             exchange(listener, client)
 
 
-@pytest.mark.xfail(strict=True, reason="bus/endpoints.py unlinks any path a connect is refused on, not only sockets")
 def test_listen_does_not_delete_a_regular_file_at_the_socket_path(short_socket_path):
     with open(short_socket_path, "w") as config:
         config.write("not a socket")
     with pytest.raises((EndpointError, OSError)):
         parse_endpoint(short_socket_path).listen()
     assert os.path.exists(short_socket_path)
+
+
+@pytest.mark.parametrize("text", ["tcp://h:8_0", "tcp://h: 80", "tcp://h:+80", "tcp://h:٨٠"])
+def test_tcp_port_must_be_plain_ascii_digits(text):
+    with pytest.raises(EndpointError, match="not a number"):
+        parse_endpoint(text)
