@@ -286,7 +286,7 @@ class Crawler:
             if self._running.get(job.key) is not job or job.cancellation.is_set():
                 return False  # cancelled or stopped: its outcome no longer matters
             del self._running[job.key]
-            owner = job.session if job.session is not None and job.session.live else None
+            owner = job.session if job.session is not None and job.session.live else self._live_session()
             self._unacked[job.key] = _Outcome(data, owner)
             if owner is not None:
                 # Queued under the lock so that a session ending right now
@@ -378,13 +378,23 @@ class Crawler:
                         stopped.append(job)
             for job in stopped:
                 del self._running[job.key]
+            # Another live session takes the outcomes over at once: waiting for
+            # the next ready could wait forever when the bus already reconnected
+            # before this (half-dead) session was noticed as gone.
+            heir = self._live_session()
             for outcome in self._unacked.values():
                 if outcome.owner is session:
-                    outcome.owner = None
+                    outcome.owner = heir
+                    if heir is not None:
+                        heir.queue(outcome.data)
         for job in stopped:
             job.cancellation.cancel()
         if stopped:
             log.info(kv("crawler.session.jobs_stopped", session=session.bus_session, jobs=len(stopped)))
+
+    def _live_session(self) -> _Session | None:
+        """Any session past its handshake (caller holds the lock); all serve the same jobsite."""
+        return next((session for session in self._sessions if session.live), None)
 
     def _running_of(self, session: _Session) -> list[list[int]]:
         with self._lock:

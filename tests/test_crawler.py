@@ -333,6 +333,7 @@ def test_unacked_outcomes_are_resent_after_reconnect_until_acked(crawlers, clien
     for job_id in (1, 2, 3):
         first.expect("done", job_id=job_id)
     first.close()  # no ack: the connection broke
+    wait_until(lambda: crawler.session_count() == 0, message="the first session to end")
 
     second = clients(address)
     second.handshake(heartbeat=0.2)
@@ -341,6 +342,7 @@ def test_unacked_outcomes_are_resent_after_reconnect_until_acked(crawlers, clien
     ack(second, 2)
     wait_until(lambda: crawler.unacked_outcomes() == [(3, 1)], message="acks to drop outcomes 1 and 2")
     second.close()
+    wait_until(lambda: crawler.session_count() == 0, message="the second session to end")
 
     third = clients(address)
     third.handshake(heartbeat=0.2)
@@ -350,11 +352,30 @@ def test_unacked_outcomes_are_resent_after_reconnect_until_acked(crawlers, clien
     ack(third, 3)
     wait_until(lambda: crawler.unacked_outcomes() == [], message="the ack of outcome 3")
     third.close()
+    wait_until(lambda: crawler.session_count() == 0, message="the third session to end")
 
     fourth = clients(address)
     fourth.handshake(heartbeat=0.2)
     fourth.expect("heartbeat")
     assert fourth.take("done") == []
+
+
+def test_outcomes_of_an_ended_session_move_to_a_live_session_at_once(crawlers, clients):
+    # The bus may reconnect before the crawler notices the old connection is
+    # gone; the outcomes must not wait for yet another ready.
+    crawler = crawlers()
+    address = address_of(crawler)
+    old, new = clients(address), clients(address)
+    old.handshake()
+    new.handshake()
+    assign(old, 51)
+    old.expect("done", job_id=51)
+
+    old.close()
+
+    assert new.expect("done", job_id=51)["attempt"] == 1
+    ack(new, 51)
+    wait_until(lambda: crawler.unacked_outcomes() == [], message="the ack on the new session")
 
 
 def test_stale_ack_drops_the_outcome_like_a_recorded_one(crawlers, clients):
@@ -581,13 +602,20 @@ def test_stop_says_bye_on_every_session(crawlers, clients):
 # --- manage.py runcrawler -------------------------------------------------------------------------
 
 
+def connected(path: str) -> BusClient | None:
+    """A client connected to the crawler, or None while it is not listening yet (bound is not enough)."""
+    try:
+        return BusClient(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+
+
 def test_runcrawler_answers_assigns_and_exits_0_on_sigterm(processes, short_socket_path):
     proc = processes.manage("runcrawler", "--listen", short_socket_path, "--slots", "4", "--noop",
                             env=processes.env(BUS_TOKEN=""))
-    wait_until(lambda: os.path.exists(short_socket_path) or proc.poll() is not None, timeout=30,
-               message="the crawler socket")
+    client = wait_until(lambda: connected(short_socket_path) or proc.poll() is not None, timeout=30,
+                        message="the crawler to accept connections")
     assert proc.poll() is None, processes.output(proc)
-    client = BusClient(short_socket_path)
     try:
         assert client.handshake()["slots"] == 4
         client.sock.sendall(b"".join(
