@@ -59,7 +59,7 @@ def test_parse_endpoint_reads_every_form(text, expected, canonical):
         ("tcp://[::1]:", "is not a number"),
         ("tcp://crawler:0", "between 1 and 65535"),
         ("tcp://crawler:65536", "between 1 and 65535"),
-        ("tcp://crawler:-1", "between 1 and 65535"),
+        ("tcp://crawler:-1", "not a number"),
     ],
 )
 def test_parse_endpoint_rejects_malformed_text_with_a_message(text, message):
