@@ -37,7 +37,8 @@ def backoff_delay(attempt: int, *, base: float, cap: float) -> float:
 
 
 def default_node() -> str:
-    return socket.gethostname()
+    """host:pid — unique per live bus; start-up recovery and the sweeper use it to tell dead buses' sessions."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Bus:
@@ -53,6 +54,7 @@ class Bus:
         backoff_cap: float = 30.0,
         poll_interval: float = 2.0,
         sweep_interval: float = 2.0,
+        stall_timeout: float = 0.0,
         node: str | None = None,
         supervised: bool = False,
     ):
@@ -64,9 +66,10 @@ class Bus:
                     "(the shared secret of the HMAC handshake)"
                 )
         self.store = store
+        self.explicit_node = bool(node)
         self.node = node or default_node()
         self.config = SessionConfig(heartbeat_timeout=heartbeat_timeout, token=token, max_frame=max_frame,
-                                    node=self.node, poll_interval=poll_interval)
+                                    node=self.node, poll_interval=poll_interval, stall_timeout=stall_timeout)
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.sweep_interval = sweep_interval
         self.supervised = supervised
@@ -95,6 +98,7 @@ class Bus:
             backoff_cap=settings.BUS_BACKOFF_CAP,
             poll_interval=settings.BUS_POLL_INTERVAL,
             sweep_interval=settings.BUS_SWEEP_INTERVAL,
+            stall_timeout=settings.BUS_STALL_TIMEOUT,
             node=settings.BUS_NODE,
             supervised=settings.SUPERVISED if supervised is None else supervised,
         )
@@ -212,12 +216,18 @@ class Bus:
             self._workers = [w for w in self._workers if not w.finished.is_set()] + [worker]
 
     def _sweep_loop(self) -> None:
-        while not self.stop_event.wait(self.sweep_interval):
+        """Start-up recovery at once, then every sweep_interval: expired leases and dead buses' sessions."""
+        wait = 0.0
+        while not self.stop_event.wait(wait):
             try:
+                self.store.recover_dead_sessions(node=self.node, explicit_node=self.explicit_node,
+                                                 heartbeat_timeout=self.config.heartbeat_timeout)
                 self.store.sweep_expired_leases()
+                wait = self.sweep_interval
             except Exception as exc:
                 log.warning(kv("bus.sweep_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
                 self.store.close_connection()
+                wait = min(self.sweep_interval, 1.0)
 
     def _watch_parent(self) -> None:
         """SUPERVISED: the parent is the crawler supervisor; when it goes away, give the jobs back and stop."""

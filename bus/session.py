@@ -31,6 +31,7 @@ from .protocol import FieldError, FrameError
 log = logging.getLogger("bus.session")
 
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
+MAX_INBOX_MESSAGES = 20_000  # past this the IO thread stops reading until the worker catches up
 MAX_CLAIM_BATCH = 500
 PROGRESS_WRITE_INTERVAL = 1.0
 MAX_PROGRESS_MESSAGE = 1000
@@ -45,6 +46,7 @@ class SessionConfig:
     node: str = "bus"
     poll_interval: float = 2.0
     handshake_timeout: float = protocol.HANDSHAKE_TIMEOUT
+    stall_timeout: float = 0.0  # BUS_STALL_TIMEOUT: 0 = off
 
     @property
     def heartbeat_interval(self) -> float:
@@ -259,7 +261,7 @@ class SessionIO:
         selector = selectors.DefaultSelector()
         selector.register(self.sock, selectors.EVENT_READ, "sock")
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        want_write = False
+        registered = selectors.EVENT_READ
         try:
             while True:
                 if self._pending:
@@ -282,12 +284,25 @@ class SessionIO:
                 self._flush()
                 if len(self._outbox) > MAX_OUTBOX_BYTES:
                     raise _Ended("the crawler does not read its frames (outbox over 64 MiB)")
-                if bool(self._outbox) != want_write:
-                    want_write = bool(self._outbox)
-                    selector.modify(self.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0),
-                                    "sock")
                 timeout = min(1.0, config.heartbeat_interval - (now - self.last_tx),
                               config.silence_limit - silence)
+                # Backpressure: a crawler that floods frames faster than the
+                # database takes them is not read until the worker catches up
+                # (and is not timed out for the silence that causes).
+                paused = self.worker is not None and self.worker.inbox.qsize() > MAX_INBOX_MESSAGES
+                if paused:
+                    self.last_rx = now
+                wanted = (0 if paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if self._outbox else 0)
+                if wanted != registered:
+                    if registered and wanted:
+                        selector.modify(self.sock, wanted, "sock")
+                    elif wanted:
+                        selector.register(self.sock, wanted, "sock")
+                    else:
+                        selector.unregister(self.sock)
+                    registered = wanted
+                if paused:
+                    timeout = min(timeout, 0.05)
                 for key, events in selector.select(max(0.0, timeout)):
                     if key.data == "wake":
                         try:
@@ -372,6 +387,10 @@ class _Assignment:
     attempt: int
     assigned_at: float
     misses: int = 0
+    active_at: float = 0.0  # last started/progress report (assignment time until then)
+
+    def __post_init__(self):
+        self.active_at = self.active_at or self.assigned_at
 
 
 @dataclass
@@ -381,11 +400,13 @@ class _WorkerState:
     outcomes: list = field(default_factory=list)
     reported_running: list | None = None
     lost: list[int] = field(default_factory=list)
+    stalled: list[tuple[int, int]] = field(default_factory=list)
     started: list[tuple[int, int]] = field(default_factory=list)
     progress: dict[int, tuple[int, dict]] = field(default_factory=dict)
     progress_written: dict[int, float] = field(default_factory=dict)
     want_dispatch: bool = True
     seen_due: bool = True
+    seen_at: float = 0.0
 
 
 class SessionWorker(threading.Thread):
@@ -478,10 +499,11 @@ class SessionWorker(threading.Thread):
     def _receive(self) -> None:
         """Wait for messages (at most until the next poll or progress write) and apply them to the state."""
         state = self.state
-        timeout = self.config.poll_interval
+        timeout = min(self.config.poll_interval,
+                      max(0.0, state.seen_at + self.config.heartbeat_interval - time.monotonic()))
         if state.progress:
             timeout = min(timeout, PROGRESS_WRITE_INTERVAL)
-        if state.outcomes or state.lost or state.started or state.reported_running is not None:
+        if state.outcomes or state.lost or state.stalled or state.started or state.reported_running is not None:
             timeout = 0
         try:
             message = self.inbox.get(timeout=timeout)
@@ -503,6 +525,8 @@ class SessionWorker(threading.Thread):
     def _apply(self, message: tuple) -> None:
         state = self.state
         kind = message[0]
+        if kind != "wake" and time.monotonic() - state.seen_at >= self.config.heartbeat_interval / 2:
+            state.seen_due = True  # any frame shows the session alive, not only heartbeats
         if kind == "outcome":
             outcome = message[1]
             assignment = state.outstanding.get(outcome.job_id)
@@ -512,7 +536,6 @@ class SessionWorker(threading.Thread):
             state.progress.pop(outcome.job_id, None)
             state.outcomes.append(outcome)
         elif kind == "heartbeat":
-            state.seen_due = True
             if message[1] is not None:
                 state.reported_running = message[1]
                 self._reconcile(message[1])
@@ -534,6 +557,7 @@ class SessionWorker(threading.Thread):
     def _holds(self, job_id: int, attempt: int) -> bool:
         assignment = self.state.outstanding.get(job_id)
         if assignment and assignment.attempt == attempt:
+            assignment.active_at = time.monotonic()
             return True
         self.io.send(protocol.error_frame(protocol.STALE, "job is not leased to this session with that attempt",
                                           job_id=job_id, attempt=attempt))
@@ -542,10 +566,17 @@ class SessionWorker(threading.Thread):
     def _reconcile(self, running: list[tuple[int, int]]) -> None:
         """Count heartbeats that leave out an assigned job; two in a row make it a lost assignment."""
         listed = set(running)
-        older_than = time.monotonic() - self.config.heartbeat_interval
+        now = time.monotonic()
+        older_than = now - self.config.heartbeat_interval
+        stall = self.config.stall_timeout
         for job_id, assignment in list(self.state.outstanding.items()):
             if (job_id, assignment.attempt) in listed:
                 assignment.misses = 0
+                if stall and now - assignment.active_at > stall:
+                    # Liveness of the crawler is not liveness of the job.
+                    del self.state.outstanding[job_id]
+                    self.state.stalled.append((job_id, assignment.attempt))
+                    self.state.want_dispatch = True
             elif assignment.assigned_at < older_than:
                 assignment.misses += 1
                 if assignment.misses >= 2:
@@ -568,6 +599,14 @@ class SessionWorker(threading.Thread):
             counts = store.requeue_lost_assignments(session=session, job_ids=state.lost)
             log.info(kv("bus.lost_assignments", session=session, jobs=len(state.lost), counts=counts))
             state.lost = []
+        if state.stalled:
+            reason = f"stalled: no progress reported for {self.config.stall_timeout:g} s"
+            counts = store.requeue_stalled(session=session, job_ids=[job_id for job_id, _ in state.stalled],
+                                           reason=reason)
+            self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt}
+                           for job_id, attempt in state.stalled))
+            log.info(kv("bus.stalled_jobs", session=session, jobs=len(state.stalled), counts=counts))
+            state.stalled = []
         if state.reported_running is not None:
             reported = state.reported_running
             renewed = store.renew(session=session, running=reported)
@@ -580,9 +619,9 @@ class SessionWorker(threading.Thread):
             if cancel:
                 self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in cancel))
             state.reported_running = None
-        if state.seen_due:
+        if state.seen_due or time.monotonic() - state.seen_at >= self.config.heartbeat_interval:
             store.session_seen(session=session, slots=state.slots)
-            state.seen_due = False
+            state.seen_due, state.seen_at = False, time.monotonic()
         for job_id, attempt in state.started:
             store.started(session=session, job_id=job_id, attempt=attempt)
         state.started = []

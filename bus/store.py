@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import select
 import threading
+from datetime import timedelta
 from typing import Any, Callable, Protocol, Sequence
 from uuid import UUID
 
@@ -34,6 +35,7 @@ class Store(Protocol):
     def progress(self, *, session: UUID, job_id: int, attempt: int, progress: dict) -> bool: ...
     def session_seen(self, *, session: UUID, slots: int) -> None: ...
     def requeue_lost_assignments(self, *, session: UUID, job_ids: Sequence[int]) -> Any: ...
+    def requeue_stalled(self, *, session: UUID, job_ids: Sequence[int], reason: str) -> Any: ...
     def end_session(self, *, session: UUID, reason: str, cause: str) -> Any: ...
     def close_connection(self) -> None: ...
 
@@ -45,6 +47,7 @@ class DjangoStore:
         self.heartbeat_timeout = heartbeat_timeout
         self.lease_seconds = 2 * heartbeat_timeout
         self.sender = sender
+        self.live_sessions: set[UUID] = set()  # sessions of this process, never "dead"
         from jobs.services import Outcome
 
         self.outcome_type = Outcome
@@ -57,6 +60,7 @@ class DjangoStore:
         from .models import BusSession
 
         at = timezone.now()
+        self.live_sessions.add(session)
         BusSession.objects.update_or_create(
             session=session,
             defaults=dict(node=node, endpoint=endpoint, crawler=crawler[:200], slots=slots,
@@ -94,11 +98,17 @@ class DjangoStore:
         return services.record_progress(session=session, job_id=job_id, attempt=attempt, progress=progress)
 
     def session_seen(self, *, session, slots):
+        """The session is alive: record it and extend its leases."""
+        from django.db import transaction
         from django.utils import timezone
+
+        from jobs import services
 
         from .models import BusSession
 
-        BusSession.objects.filter(session=session).update(last_heartbeat_at=timezone.now(), slots=slots)
+        with transaction.atomic():
+            BusSession.objects.filter(session=session).update(last_heartbeat_at=timezone.now(), slots=slots)
+            services.extend_leases(session=session, lease_seconds=self.lease_seconds)
 
     def requeue_lost_assignments(self, *, session, job_ids):
         from jobs import services
@@ -107,6 +117,11 @@ class DjangoStore:
             session=session, job_ids=job_ids, actor="bus",
             reason="lost assignment: the crawler left it out of two heartbeats",
         )
+
+    def requeue_stalled(self, *, session, job_ids, reason):
+        from jobs import services
+
+        return services.reset_running_jobs(session=session, job_ids=job_ids, actor="bus", reason=reason)
 
     def end_session(self, *, session, reason, cause):
         """Send the signal for the session's end (its receiver requeues the jobs), then close the row.
@@ -120,6 +135,7 @@ class DjangoStore:
         from .models import BusSession
 
         signal = getattr(signals, SIGNAL_FOR_CAUSE.get(cause, "session_lost"))
+        self.live_sessions.discard(session)
         with transaction.atomic():
             responses = signal.send(sender=self.sender, session=session, reason=reason)
             BusSession.objects.filter(session=session).update(
@@ -149,27 +165,48 @@ class DjangoStore:
             state="lost", closed_at=timezone.now(), close_reason=reason,
         )
 
-    def recover_node(self, *, node: str, endpoint: str, keep: Sequence[UUID] = ()) -> Any:
-        """Requeue jobs leased to earlier sessions of this node and endpoint (a previous, dead incarnation)."""
+    def recover_dead_sessions(self, *, node: str, explicit_node: bool, heartbeat_timeout: float) -> int:
+        """Requeue the jobs of sessions whose bus process is gone; return how many sessions.
+
+        Start-up recovery and the sweeper both call this. A session is dead
+        when its node is ours (BUS_NODE set: an earlier incarnation of this
+        very bus), when it is a `host:pid` node of this host whose pid no
+        longer runs, or when no heartbeat was recorded for 3 x the timeout.
+        Each session is reset with reset_running_jobs, so a concurrent sweep
+        by another bus cannot count an interruption twice.
+        """
+        import os
+        import socket as socketlib
+
         from django.utils import timezone
 
         from jobs import services
 
         from .models import BusSession
 
-        stale = list(
-            BusSession.objects.open().filter(node=node, endpoint=endpoint).exclude(session__in=list(keep))
-            .values_list("session", flat=True)
-        )
-        total = None
-        for session in stale:
-            total = services.reset_running_jobs(
-                session=session, actor="bus", reason="bus restarted: recovering jobs of its earlier session",
+        own_pid = os.getpid()
+        host_prefix = f"{socketlib.gethostname()}:"
+        cutoff = timezone.now() - timedelta(seconds=3 * heartbeat_timeout)
+        dead: dict[UUID, str] = {}
+        for session, session_node, last_seen in BusSession.objects.open().values_list(
+                "session", "node", "last_heartbeat_at"):
+            if explicit_node and session_node == node and session not in self.live_sessions:
+                dead[session] = "bus restarted: recovering the jobs of its earlier session"
+            elif session_node.startswith(host_prefix) and session_node[len(host_prefix):].isdigit():
+                pid = int(session_node[len(host_prefix):])
+                if pid != own_pid and not _pid_alive(pid):
+                    dead[session] = f"bus process {pid} on this host is gone"
+            if session not in dead and last_seen is not None and last_seen < cutoff \
+                    and session not in self.live_sessions:
+                dead[session] = "no heartbeat recorded for 3 x HEARTBEAT_TIMEOUT: its bus is gone"
+        for session, reason in dead.items():
+            counts = services.reset_running_jobs(session=session, actor="sweeper", reason=reason)
+            BusSession.objects.filter(session=session, state="connected").update(
+                state="lost", closed_at=timezone.now(), close_reason=reason,
             )
-            BusSession.objects.filter(session=session).update(
-                state="lost", closed_at=timezone.now(), close_reason="bus restarted",
-            )
-        return total
+            log.info(kv("bus.recovered_session", session=session, reason=reason, requeued=counts.requeued,
+                        failed=counts.failed))
+        return len(dead)
 
     def connect_job_signal(self, callback: Callable[[], None]) -> None:
         from jobs.services import jobs_available
@@ -220,3 +257,15 @@ class DjangoStore:
                     wrapper.close()
                 except Exception:
                     pass
+
+
+def _pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

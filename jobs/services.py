@@ -535,6 +535,16 @@ def renew_leases(
     return renewed
 
 
+def extend_leases(*, session: UUID, lease_seconds: float, at: datetime | None = None) -> int:
+    """Extend every lease held by a live session (its bus calls this while the session lasts).
+
+    Leases protect against a bus that dies silently; while the session is
+    alive its jobs are accounted for, whether or not the crawler lists them.
+    """
+    at = at or now()
+    return Job.objects.leased_to(session).update(lease_expires_at=at + timedelta(seconds=lease_seconds))
+
+
 def re_lease_jobs(
     *, session: UUID, running: Sequence[tuple[int, int]], lease_seconds: float,
     at: datetime | None = None, actor: str = "bus",
