@@ -67,4 +67,26 @@ class BusConfig(AppConfig):
             # each worker instead.
             os.register_at_fork(after_in_child=start_background_bus)
             return
-        start_background_bus()
+        if start_background_bus() is not None and kind == "runserver":
+            _exit_cleanly_on_sigterm()
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """runserver dies on SIGTERM without running atexit; make it exit so the bus says bye and requeues.
+
+    Only in the main thread, and only where nobody installed a handler of
+    their own (gunicorn and uvicorn handle SIGTERM themselves, and exit
+    normally, so their atexit hooks run).
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def exit_now(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, exit_now)

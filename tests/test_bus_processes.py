@@ -305,3 +305,21 @@ def test_pytest_itself_starts_no_bus_thread():
 
     assert background_bus() is None
     assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("bus")]
+
+
+def test_runserver_sigterm_says_bye_and_requeues_its_sessions_jobs(processes, short_socket_path):
+    ids = enqueue(3)
+    peer = CrawlerPeer(short_socket_path)
+    try:
+        server = processes.manage("runserver", "--noreload", f"127.0.0.1:{free_port()}",
+                                  env=processes.env(BUS_ENDPOINTS=short_socket_path))
+        peer.handshake(slots=3, timeout=30)
+        peer.recv_many("assign", 3)
+        wait_until(lambda: running_count() == 3, timeout=10, message="3 running")
+        server.send_signal(signal.SIGTERM)
+        assert peer.recv("bye", timeout=10)["reason"] == "bus shutdown"
+        server.wait(timeout=10)
+        wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 3, timeout=5,
+                   message="the server's jobs requeued")
+    finally:
+        peer.shutdown()
