@@ -252,6 +252,7 @@ class SessionIO:
         except FieldError as exc:
             self._fail(protocol.BAD_FRAME, f"ready: {exc}")
         crawler = welcome.get("crawler") if isinstance(welcome.get("crawler"), str) else ""
+        crawler = crawler.replace("\x00", "")  # PostgreSQL text cannot hold NUL: the row would never be written
         log.info(kv("bus.session_ready", session=session, endpoint=self.endpoint, crawler=crawler[:100],
                     slots=slots, resumed=len(running)))
         return {"crawler": crawler, "slots": slots, "running": running}
@@ -339,7 +340,8 @@ class SessionIO:
                 elif kind == "bye":
                     if batch:
                         self.worker.post(*batch)
-                    raise _Ended(f"crawler said bye: {str(frame.get('reason'))[:200]}", "closed")
+                    reason = str(frame.get("reason"))[:200].replace("\x00", "")  # it goes to the database
+                    raise _Ended(f"crawler said bye: {reason}", "closed")
                 elif kind in ("welcome", "ready", "hello", "assign", "ack", "cancel"):
                     self.send(protocol.error_frame(protocol.INVALID, f"unexpected {kind} frame after the handshake"))
                 else:
@@ -357,7 +359,7 @@ class SessionIO:
             result = frame.get("result")
             if not isinstance(result, dict):
                 raise FieldError("done.result must be a JSON object")
-            return self.make_outcome(job_id=job_id, attempt=attempt, succeeded=True, result=result)
+            return self.make_outcome(job_id=job_id, attempt=attempt, succeeded=True, result=_without_nul(result))
         error = frame.get("error", "")
         retryable = frame.get("retryable", False)
         if not isinstance(error, str):
@@ -380,6 +382,21 @@ class SessionIO:
                 raise FieldError("progress.message must be a string")
             progress["message"] = message[:MAX_PROGRESS_MESSAGE].replace("\x00", "")
         return progress
+
+
+def _without_nul(value: Any) -> Any:
+    """`value` with NUL removed from every string and key.
+
+    PostgreSQL's jsonb refuses \\u0000, and an outcome the database refuses
+    would be retried forever, stalling every later frame of the session.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    return value
 
 
 @dataclass
