@@ -188,13 +188,23 @@ def test_bad_ready_proof_is_refused_nothing_assigned_and_the_bus_retries(process
         print(processes.output(bus))
 
 
-def test_unsupported_protocol_is_refused_and_the_bus_retries(processes, short_socket_path):
+BAD_WELCOMES = {
+    "protocol-2": (b'{"type":"welcome","protocol":2,"crawler":"future","nonce":"' + b"ab" * 16 + b'"}\n',
+                   "unsupported_protocol"),
+    "short-nonce": (b'{"type":"welcome","protocol":1,"crawler":"c","nonce":"abcdef"}\n', "bad_frame"),
+    "not-json": (b'welcome please\n', "bad_frame"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_WELCOMES))
+def test_bad_welcome_is_refused_with_an_error_and_the_bus_retries(processes, short_socket_path, name):
+    data, code = BAD_WELCOMES[name]
     enqueue(1)
     with bus_and_peer(processes, short_socket_path) as (peer, bus):
         peer.accept()
-        peer.send({"type": "welcome", "protocol": 2, "crawler": "future", "nonce": "ab" * 16})
+        peer.send_raw(data)
         error = peer.recv("error")
-        assert error["code"] == "unsupported_protocol"
+        assert error["code"] == code
         assert pending(peer, "hello") == []
         assert peer.wait_closed(5)
         assert Job.objects.get().status == Status.QUEUED
@@ -240,6 +250,8 @@ FRAMING_ERRORS = {
     "json-array": (b'[{"type":"heartbeat"}]\n', "not an object"),
     "missing-type": (b'{"job_id":1,"attempt":1}\n', "no string field 'type'"),
     "non-string-type": (b'{"type":5}\n', "no string field 'type'"),
+    "lone-surrogate": (b'{"type":"heartbeat","x":"\\ud800"}\n', "lone surrogate"),
+    "nan": (b'{"type":"heartbeat","ts":NaN}\n', "not JSON"),
 }
 
 
@@ -281,6 +293,19 @@ def test_frame_over_max_frame_is_a_framing_error_before_its_newline(processes, s
     assert sent[0] < total, "the bus read the whole 10 MB line instead of failing at BUS_MAX_FRAME"
 
 
+def test_a_frame_of_exactly_max_frame_bytes_is_read(processes, short_socket_path):
+    with bus_and_peer(processes, short_socket_path, BUS_MAX_FRAME="4096") as (peer, bus):
+        peer.handshake(slots=1)
+        head = b'{"type":"frobnicate","pad":"'
+        peer.send_raw(head + b"x" * (4096 - len(head) - 3) + b'"}\n')  # 4096 bytes, newline included
+        assert peer.recv("error")["code"] == "unknown_type"  # parsed, not a framing error
+        probe(peer)
+        head = b'{"type":"frobnicate","pad":"'
+        peer.send_raw(head + b"x" * (4097 - len(head) - 3) + b'"}\n')
+        assert peer.recv("error")["code"] == "bad_frame"
+        assert peer.wait_closed(5)
+
+
 def test_unknown_type_gets_unknown_type_and_the_session_stays(processes, short_socket_path):
     [job_id] = enqueue(1)
     with bus_and_peer(processes, short_socket_path) as (peer, bus):
@@ -305,6 +330,13 @@ def test_wrong_field_types_get_invalid_and_change_nothing(processes, short_socke
         {"type": "done", "job_id": job_id, "attempt": True, "result": {}},
         {"type": "done", "job_id": job_id, "attempt": 1, "result": ["not", "an", "object"]},
         {"type": "failed", "job_id": job_id, "attempt": 1, "error": "boom", "retryable": "yes"},
+        {"type": "failed", "job_id": job_id, "attempt": 1, "error": ["boom"], "retryable": False},
+        {"type": "started", "job_id": 1.5, "attempt": 1},
+        {"type": "progress", "job_id": job_id, "attempt": 1, "done": "half"},
+        {"type": "capacity", "slots": -1},
+        {"type": "capacity", "slots": "many"},
+        {"type": "heartbeat", "ts": 1.0, "running": [[job_id]]},
+        {"type": "heartbeat", "ts": 1.0, "running": "all"},
     ]
     with bus_and_peer(processes, short_socket_path) as (peer, bus):
         peer.handshake(slots=1)
@@ -372,7 +404,8 @@ def test_done_is_acked_only_after_commit_and_a_resend_is_recorded_once(processes
     with bus_and_peer(processes, short_socket_path) as (peer, bus):
         peer.handshake(slots=1)
         peer.recv("assign")
-        done = {"type": "done", "job_id": job_id, "attempt": 1, "result": {"status": 200, "title": "t"}}
+        done = {"type": "done", "job_id": job_id, "attempt": 1, "result": {"status": 200, "title": "t"},
+                "unknown_field": [1, 2]}  # unknown fields are ignored
         peer.send(done)
         ack = peer.recv("ack")
         # Read at once, no waiting: the ack promises the outcome is committed.
@@ -552,22 +585,44 @@ def _hand_back(peer: CrawlerPeer, job_ids) -> None:
 
 
 def test_ready_running_re_leases_a_job_still_queued_at_that_attempt(processes, short_socket_path):
+    job_id, waiting_id = enqueue(2)
+    with bus_and_peer(processes, short_socket_path) as (peer, bus):
+        peer.handshake(slots=1)
+        assign = peer.recv("assign")
+        assert (assign["job_id"], assign["attempt"]) == (job_id, 1)
+        _hand_back(peer, [job_id])
+        hello = peer.handshake(slots=1, running=[(job_id, 1)])
+        wait_until(lambda: Job.objects.get(id=job_id).status == Status.RUNNING, timeout=5, message="re-leased")
+        probe(peer)
+        # No new assign: neither for the re-leased job nor for the other, as the re-leased one fills the slot.
+        assert pending(peer, "assign") == [] and pending(peer, "cancel") == []
+        job = Job.objects.get(id=job_id)
+        assert (job.attempt, str(job.lease_session)) == (1, hello["session"])
+        assert JobEvent.objects.filter(job_id=job_id, kind=EventKind.RELEASE, attempt=1).count() == 1
+        assert Job.objects.get(id=waiting_id).status == Status.QUEUED
+        # It is this session's job now: its outcome is recorded, and its slot goes to the other job.
+        peer.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"resumed": True}})
+        assert peer.recv("ack")["status"] == "recorded"
+        assert Job.objects.get(id=job_id).status == Status.SUCCEEDED
+        assert peer.recv("assign")["job_id"] == waiting_id
+
+
+def test_late_outcome_for_a_requeued_job_nobody_took_is_recorded(processes, short_socket_path):
     [job_id] = enqueue(1)
     with bus_and_peer(processes, short_socket_path) as (peer, bus):
         peer.handshake(slots=1)
-        assert peer.recv("assign")["attempt"] == 1
+        peer.recv("assign")
         _hand_back(peer, [job_id])
-        hello = peer.handshake(slots=1, running=[(job_id, 1)])
-        wait_until(lambda: Job.objects.get().status == Status.RUNNING, timeout=5, message="re-leased")
-        probe(peer)
-        assert pending(peer, "assign") == [] and pending(peer, "cancel") == []
+        hello = peer.handshake(slots=0)  # no room, so the queued job is not assigned again
+        peer.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"late": True}})
+        ack = peer.recv("ack")
+        assert (ack["job_id"], ack["attempt"], ack["status"]) == (job_id, 1, "recorded")
         job = Job.objects.get()
-        assert (job.attempt, str(job.lease_session)) == (1, hello["session"])
-        assert JobEvent.objects.filter(job_id=job_id, kind=EventKind.RELEASE, attempt=1).count() == 1
-        # It is this session's job now: its outcome is recorded.
-        peer.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"resumed": True}})
-        assert peer.recv("ack")["status"] == "recorded"
-        assert Job.objects.get().status == Status.SUCCEEDED
+        assert (job.status, job.result, job.attempt, job.outcome_attempt) == (Status.SUCCEEDED, {"late": True}, 1, 1)
+        [event] = JobEvent.objects.filter(job_id=job_id, kind=EventKind.OUTCOME)
+        assert (event.from_status, str(event.session)) == (Status.QUEUED, hello["session"])
+        probe(peer)
+        assert pending(peer, "assign") == []
 
 
 def test_ready_running_for_a_job_taken_elsewhere_or_finished_gets_cancel(processes, short_socket_path):
@@ -635,3 +690,47 @@ def test_closing_one_session_requeues_only_its_jobs(processes, short_socket_path
         first.shutdown()
         second.shutdown()
         print(processes.output(bus))
+
+
+# --- text the database cannot store as is (PostgreSQL refuses NUL characters) -------------
+
+
+def test_nul_in_the_crawler_name_does_not_stall_the_session(processes, short_socket_path):
+    [job_id] = enqueue(1)
+    peer = CrawlerPeer(short_socket_path, name="crawler\x00one")
+    bus = start_bus(processes, short_socket_path)
+    try:
+        hello = peer.handshake(slots=1)
+        assert peer.recv("assign", timeout=5)["job_id"] == job_id
+        assert BusSession.objects.get(session=hello["session"]).crawler.startswith("crawler")
+    finally:
+        peer.shutdown()
+        print(processes.output(bus))
+
+
+def test_nul_in_a_result_is_answered_and_does_not_stall_later_outcomes(processes, short_socket_path):
+    first_id, second_id = enqueue(2)
+    with bus_and_peer(processes, short_socket_path) as (peer, bus):
+        peer.handshake(slots=2)
+        peer.recv_many("assign", 2)
+        peer.send({"type": "done", "job_id": first_id, "attempt": 1, "result": {"title": "a\x00b", "k\x00": 1}})
+        ack = peer.recv("ack", timeout=5, where=lambda f: f["job_id"] == first_id)
+        assert ack["status"] == "recorded"  # recorded with the NULs taken out, not refused for ever
+        job = Job.objects.get(id=first_id)
+        assert (job.status, job.result) == (Status.SUCCEEDED, {"title": "ab", "k": 1})
+        peer.send({"type": "done", "job_id": second_id, "attempt": 1, "result": {"ok": True}})
+        ack = peer.recv("ack", timeout=5, where=lambda f: f["job_id"] == second_id)
+        assert ack["status"] == "recorded"
+
+
+def test_nul_in_the_bye_reason_still_requeues_at_once(processes, short_socket_path):
+    job_ids = enqueue(2)
+    with bus_and_peer(processes, short_socket_path) as (peer, bus):
+        hello = peer.handshake(slots=2)
+        peer.recv_many("assign", 2)
+        peer.send({"type": "bye", "reason": "going\x00away"})
+        assert peer.wait_closed(5)
+        wait_until(lambda: all_queued(job_ids), timeout=5, message="requeue after a bye with a NUL in its reason")
+        row = wait_until(lambda: BusSession.objects.filter(session=hello["session"], state="closed").first(),
+                         timeout=5, message="session row closed")
+        assert "going" in row.close_reason
