@@ -43,7 +43,11 @@ def server_process_kind(argv: list[str], environ: os._Environ | dict) -> str | N
 
 def _in_gunicorn_master() -> bool:
     """True while gunicorn --preload loads the app in the arbiter, before forking workers."""
-    return any("gunicorn/arbiter.py" in frame.filename for frame in traceback.extract_stack())
+    files = [frame.filename for frame in traceback.extract_stack()]
+    # A worker forked by the arbiter still has the arbiter's frames below its own.
+    return any("gunicorn/arbiter.py" in name for name in files) and not any(
+        "gunicorn/workers/" in name for name in files
+    )
 
 
 class BusConfig(AppConfig):

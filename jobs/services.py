@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import connection, transaction
-from django.db.models import Case, DateTimeField, F, Q, TextField, Value, When
+from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, TextField, Value, When
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -618,7 +618,10 @@ def cancel_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "cancelled 
 def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by a person") -> ChangeResult:
     """Put failed or cancelled jobs back in the queue with fresh failure and interruption budgets.
 
-    The attempt counter is kept: it is the fencing token and only grows.
+    The attempt counter is the fencing token and only grows. A job whose
+    latest attempt never reported an outcome (cancelled or failed as poison
+    while running) moves on to a new attempt number, so a late result of the
+    abandoned attempt is stale instead of being recorded under rule 3.
     """
     job_ids = sorted(set(job_ids))
     at = now()
@@ -627,13 +630,17 @@ def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by 
             Job.objects.select_for_update().filter(id__in=job_ids, status__in=[Status.FAILED, Status.CANCELLED])
             .order_by("id").values_list("id", "status", "attempt")
         )
+        abandoned = Q(attempt__gt=0) & (Q(outcome_attempt__isnull=True) | ~Q(outcome_attempt=F("attempt")))
         Job.objects.filter(id__in=[row[0] for row in rows]).update(
             status=Status.QUEUED, failures=0, interruptions=0, error="", finished_at=None,
             run_after=None, updated_at=at,
+            attempt=Case(When(abandoned, then=F("attempt") + 1), default=F("attempt"),
+                         output_field=PositiveIntegerField()),
         )
+        attempts = dict(Job.objects.filter(id__in=[row[0] for row in rows]).values_list("id", "attempt"))
         _events(
             dict(job_id=job_id, at=at, kind=EventKind.RETRY, from_status=status, to_status=Status.QUEUED,
-                 attempt=attempt, actor=actor, reason=reason)
+                 attempt=attempts[job_id], actor=actor, reason=reason)
             for job_id, status, attempt in rows
         )
         if rows:

@@ -323,3 +323,31 @@ def test_runserver_sigterm_says_bye_and_requeues_its_sessions_jobs(processes, sh
                    message="the server's jobs requeued")
     finally:
         peer.shutdown()
+
+
+@pytest.mark.parametrize("preload", [False, True], ids=["workers-load-app", "preload"])
+def test_gunicorn_workers_each_run_a_bus_and_the_master_none(processes, short_socket_path, preload):
+    crawler = processes.manage("runcrawler", "--listen", short_socket_path, "--slots", "4", "--noop")
+    wait_until(lambda: os.path.exists(short_socket_path), timeout=20, message="crawler listening")
+    ids = enqueue(6)
+    args = [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{free_port()}", "jobsite.wsgi"]
+    if preload:
+        args.insert(3, "--preload")
+    log = open(processes.tmp_path / "gunicorn.log", "wb")
+    master = subprocess.Popen(args, cwd=ROOT, env=processes.env(BUS_ENDPOINTS=short_socket_path),
+                              stdout=log, stderr=subprocess.STDOUT)
+    processes.started.append(master)
+    try:
+        wait_until(lambda: BusSession.objects.open().count() == 2, timeout=30,
+                   message="one bus session per gunicorn worker")
+        pids = {int(node.rsplit(":", 1)[1]) for node in BusSession.objects.open().values_list("node", flat=True)}
+        assert master.pid not in pids and len(pids) == 2
+        wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.SUCCEEDED).count() == 6, timeout=20,
+                   message="the workers' buses run the jobs")
+    finally:
+        master.send_signal(signal.SIGTERM)
+        master.wait(timeout=20)
+    assert crawler.poll() is None
+    # Workers exit through atexit: each bus says bye and closes its session.
+    wait_until(lambda: not BusSession.objects.open().exists(), timeout=10, message="sessions closed")
+    assert set(BusSession.objects.values_list("state", flat=True)) == {"closed"}

@@ -381,7 +381,7 @@ def test_cancelling_twice_skips_the_second_time(job):
     assert len(events(job.id, EventKind.CANCEL)) == 1
 
 
-def test_retry_requeues_failed_and_cancelled_jobs_keeping_the_attempt(session_a):
+def test_retry_requeues_failed_and_cancelled_jobs_moving_abandoned_attempts_on(session_a):
     poisoned, cancelled, running, queued = services.enqueue_many(
         urls=[f"https://example.com/{i}" for i in range(4)], actor="test"
     )
@@ -397,19 +397,38 @@ def test_retry_requeues_failed_and_cancelled_jobs_keeping_the_attempt(session_a)
     for job_id in (poisoned.id, cancelled.id):
         row = snapshot(job_id)
         assert row["status"] == Status.QUEUED
-        assert row["attempt"] == 1  # the fencing token is kept, never reset
+        # Attempt 1 was abandoned without an outcome: the retry fences it off.
+        assert row["attempt"] == 2
         assert row["failures"] == 0 and row["interruptions"] == 0
         assert row["error"] == "" and row["finished_at"] is None and row["run_after"] is None
     assert snapshot(running.id)["status"] == Status.RUNNING
     retry_events = list(JobEvent.objects.filter(kind=EventKind.RETRY).order_by("job_id"))
     assert [(e.job_id, e.from_status, e.to_status, e.attempt, e.actor) for e in retry_events] == [
-        (poisoned.id, Status.FAILED, Status.QUEUED, 1, "admin:bob"),
-        (cancelled.id, Status.CANCELLED, Status.QUEUED, 1, "admin:bob"),
+        (poisoned.id, Status.FAILED, Status.QUEUED, 2, "admin:bob"),
+        (cancelled.id, Status.CANCELLED, Status.QUEUED, 2, "admin:bob"),
     ]
 
     # The next claim continues the sequence: attempts only grow.
     reclaimed = services.claim_jobs(session=session_a, limit=5, lease_seconds=60)
-    assert {(c.id, c.attempt) for c in reclaimed} == {(poisoned.id, 2), (cancelled.id, 2), (queued.id, 1)}
+    assert {(c.id, c.attempt) for c in reclaimed} == {(poisoned.id, 3), (cancelled.id, 3), (queued.id, 1)}
+
+
+def test_late_outcome_of_a_cancelled_attempt_stays_stale_after_a_retry(job, session_a):
+    attempt = claim(session_a, job.id)
+    services.cancel_jobs(job_ids=[job.id], actor="test")
+    services.retry_jobs(job_ids=[job.id], actor="test")
+
+    assert services.record_outcome(session=session_a, outcome=done(job.id, attempt)) == STALE
+    assert snapshot(job.id)["status"] == Status.QUEUED
+
+
+def test_retry_of_a_job_with_a_recorded_failure_keeps_its_attempt(job, session_a):
+    attempt = claim(session_a, job.id)
+    services.record_outcome(session=session_a, outcome=failed(job.id, attempt, error="boom"))
+    services.retry_jobs(job_ids=[job.id], actor="test")
+
+    assert snapshot(job.id)["attempt"] == attempt
+    assert services.record_outcome(session=session_a, outcome=failed(job.id, attempt, error="boom")) == RECORDED
 
 
 def test_outcome_of_the_attempt_before_a_retry_is_stale_after_the_re_claim(job, session_a, session_b):
