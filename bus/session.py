@@ -227,7 +227,8 @@ class SessionIO:
     def _handshake(self) -> dict:
         config = self.config
         welcome = self._next_handshake_frame("welcome", time.monotonic() + config.handshake_timeout)
-        if welcome.get("protocol") != protocol.PROTOCOL_VERSION:
+        version = welcome.get("protocol")
+        if isinstance(version, bool) or version != protocol.PROTOCOL_VERSION:  # true == 1 in Python, not on the wire
             self._fail(protocol.UNSUPPORTED_PROTOCOL,
                        f"this bus speaks protocol {protocol.PROTOCOL_VERSION}, not {str(welcome.get('protocol'))[:20]}")
         if not protocol.nonce_ok(welcome.get("nonce")):
