@@ -20,6 +20,7 @@ import uuid
 import pytest
 from django.utils import timezone
 
+from bus import protocol
 from bus.models import BusSession
 from jobs import services
 from jobs.models import EventKind, Job, JobEvent, Status
@@ -191,6 +192,9 @@ def test_bad_ready_proof_is_refused_nothing_assigned_and_the_bus_retries(process
 BAD_WELCOMES = {
     "protocol-2": (b'{"type":"welcome","protocol":2,"crawler":"future","nonce":"' + b"ab" * 16 + b'"}\n',
                    "unsupported_protocol"),
+    "protocol-true": (b'{"type":"welcome","protocol":true,"crawler":"c","nonce":"' + b"ab" * 16 + b'"}\n',
+                      "unsupported_protocol"),
+    "protocol-missing": (b'{"type":"welcome","crawler":"c","nonce":"' + b"ab" * 16 + b'"}\n', "unsupported_protocol"),
     "short-nonce": (b'{"type":"welcome","protocol":1,"crawler":"c","nonce":"abcdef"}\n', "bad_frame"),
     "not-json": (b'welcome please\n', "bad_frame"),
 }
@@ -316,6 +320,7 @@ def test_unknown_type_gets_unknown_type_and_the_session_stays(processes, short_s
         peer.send({"type": "frobnicate", "job_id": job_id, "attempt": 1})
         error = peer.recv("error")
         assert error["code"] == "unknown_type"
+        peer.send({"type": "error", "code": "whatever", "message": "a crawler's error is logged, nothing more"})
         send_heartbeat(peer, [(job_id, 1)])  # still read and applied: the lease is renewed
         wait_until(lambda: Job.objects.get().lease_expires_at > expires, timeout=5, message="lease renewed")
         probe(peer)
@@ -613,8 +618,11 @@ def test_late_outcome_for_a_requeued_job_nobody_took_is_recorded(processes, shor
         peer.handshake(slots=1)
         peer.recv("assign")
         _hand_back(peer, [job_id])
-        hello = peer.handshake(slots=0)  # no room, so the queued job is not assigned again
-        peer.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"late": True}})
+        # The crawler resends its unacked outcome right after ready, here in the same write.
+        hello = peer.handshake(send_ready=False)
+        ready = {"type": "ready", "slots": 0, "running": [], "supervisor": "ignored"}  # slots 0: no new assign
+        done = {"type": "done", "job_id": job_id, "attempt": 1, "result": {"late": True}}
+        peer.send_raw(protocol.encode_frame(ready) + protocol.encode_frame(done))
         ack = peer.recv("ack")
         assert (ack["job_id"], ack["attempt"], ack["status"]) == (job_id, 1, "recorded")
         job = Job.objects.get()
@@ -650,13 +658,16 @@ def test_ready_running_for_a_job_taken_elsewhere_or_finished_gets_cancel(process
 
 
 def test_bye_ends_the_session_requeues_and_records_the_reason(processes, short_socket_path):
-    job_ids = enqueue(2)
+    done_id, *job_ids = enqueue(3)
     with bus_and_peer(processes, short_socket_path) as (peer, bus):
-        hello = peer.handshake(slots=2)
-        peer.recv_many("assign", 2)
-        peer.send({"type": "bye", "reason": "maintenance window"})
+        hello = peer.handshake(slots=3)
+        peer.recv_many("assign", 3)
+        # An outcome sent just before bye, in the same write, is still recorded (its ack cannot follow).
+        peer.send_raw(protocol.encode_frame({"type": "done", "job_id": done_id, "attempt": 1, "result": {}})
+                      + protocol.encode_frame({"type": "bye", "reason": "maintenance window"}))
         assert peer.wait_closed(5), "the bus kept the session open after bye"
         wait_until(lambda: all_queued(job_ids), timeout=5, message="requeue after bye")
+        assert Job.objects.get(id=done_id).status == Status.SUCCEEDED
         row = wait_until(lambda: BusSession.objects.filter(session=hello["session"], state="closed").first(),
                          timeout=5, message="session row closed")
         assert "maintenance window" in row.close_reason and row.closed_at is not None
