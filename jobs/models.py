@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.urls import reverse
 
 
 class Status(models.TextChoices):
@@ -118,6 +119,9 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"Job {self.pk} {self.status} {self.url}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs:detail", args=[self.pk])
 
     @property
     def is_terminal(self) -> bool:

@@ -100,7 +100,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
 
 # --- Bus and crawler --------------------------------------------------------
 HEARTBEAT_TIMEOUT = env.positive_float("HEARTBEAT_TIMEOUT", 60.0)

@@ -1,0 +1,120 @@
+"""A read-only JSON API over jobs for scripts: the list (filters, keyset pages) and one job with its events.
+
+Signed-in users only (the session cookie of the pages); anonymous callers get
+a JSON 401 rather than the login page.
+"""
+
+from __future__ import annotations
+
+from functools import wraps
+
+from django.http import HttpRequest, JsonResponse
+from django.urls import reverse
+from django.utils.http import urlencode
+from django.views.decorators.http import require_GET
+
+from . import selectors
+from .models import Job, JobEvent, Status
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+
+
+def api_login_required(view):
+    @wraps(view)
+    def wrapper(request: HttpRequest, *args, **kwargs):
+        if not request.user.is_authenticated:
+            return JsonResponse({"error": "authentication required: sign in at /accounts/login/"}, status=401)
+        if not request.user.is_active:
+            return JsonResponse({"error": "this account is inactive"}, status=403)
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def _bad_request(message: str) -> JsonResponse:
+    return JsonResponse({"error": message}, status=400)
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value else None
+
+
+def job_summary(job: Job) -> dict:
+    return {
+        "id": job.pk,
+        "url": job.url,
+        "status": job.status,
+        "priority": job.priority,
+        "attempt": job.attempt,
+        "failures": job.failures,
+        "interruptions": job.interruptions,
+        "session": str(job.lease_session) if job.lease_session else None,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "href": reverse("jobs:api_detail", args=[job.pk]),
+    }
+
+
+def event_record(event: JobEvent) -> dict:
+    return {
+        "id": event.pk,
+        "at": _iso(event.at),
+        "kind": event.kind,
+        "from_status": event.from_status,
+        "to_status": event.to_status,
+        "attempt": event.attempt,
+        "session": str(event.session) if event.session else None,
+        "actor": event.actor,
+        "reason": event.reason,
+    }
+
+
+@require_GET
+@api_login_required
+def job_list(request: HttpRequest) -> JsonResponse:
+    """GET /api/jobs/?status=&url=&before=&limit= — newest first; `next` holds the following page's URL."""
+    status = request.GET.get("status") or None
+    if status is not None and status not in Status.values:
+        return _bad_request(f"status must be one of {', '.join(Status.values)}")
+    try:
+        limit = int(request.GET.get("limit", DEFAULT_LIMIT))
+        before = int(request.GET["before"]) if request.GET.get("before") else None
+    except ValueError:
+        return _bad_request("limit and before must be whole numbers")
+    if not 1 <= limit <= MAX_LIMIT:
+        return _bad_request(f"limit must be between 1 and {MAX_LIMIT}")
+    if before is not None and not 0 <= before < 2**63:
+        return _bad_request("before is out of range")
+    url = request.GET.get("url", "")[:500]
+    page = selectors.job_page(status=status, url=url, before=before, limit=limit)
+    next_url = None
+    if page.next_cursor is not None:
+        params = {k: v for k, v in (("status", status), ("url", url)) if v}
+        next_url = request.path + "?" + urlencode({**params, "limit": limit, "before": page.next_cursor})
+    return JsonResponse({"jobs": [job_summary(job) for job in page.jobs], "next": next_url})
+
+
+@require_GET
+@api_login_required
+def job_detail(request: HttpRequest, job_id: int) -> JsonResponse:
+    try:
+        job, events, events_cut = selectors.job_with_events(job_id)
+    except Job.DoesNotExist:
+        return JsonResponse({"error": f"no job {job_id}"}, status=404)
+    return JsonResponse({
+        **job_summary(job),
+        "payload": job.payload,
+        "max_attempts": job.max_attempts,
+        "max_interruptions": job.max_interruptions,
+        "run_after": _iso(job.run_after),
+        "lease_expires_at": _iso(job.lease_expires_at),
+        "progress": job.progress,
+        "result": job.result,
+        "error": job.error,
+        "events": [event_record(event) for event in events],
+        "events_truncated": events_cut,
+        "page": job.get_absolute_url(),
+    })

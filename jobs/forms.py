@@ -1,0 +1,48 @@
+"""Forms of the web pages: they parse what a person typed; the services decide what is valid."""
+
+from __future__ import annotations
+
+from django import forms
+
+MAX_LINES = 10_000
+MAX_BULK = 1_000
+ACTIONS = {"requeue": "Requeue", "retry": "Retry", "cancel": "Cancel"}
+
+
+class EnqueueForm(forms.Form):
+    urls = forms.CharField(
+        label="URLs, one per line", widget=forms.Textarea(attrs={"rows": 10, "spellcheck": "false"}),
+        help_text="Blank lines are skipped. Every line must be valid, or nothing is queued.",
+    )
+    priority = forms.IntegerField(initial=0, min_value=-(2**31), max_value=2**31 - 1, help_text="Higher runs first.")
+
+    def numbered_lines(self) -> list[tuple[int, str]]:
+        """(line number in the textarea, text) of every non-blank line."""
+        lines = self.cleaned_data["urls"].splitlines()
+        return [(number, line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
+
+    def clean_urls(self) -> str:
+        text = self.cleaned_data["urls"]
+        if len(text.splitlines()) > MAX_LINES:
+            raise forms.ValidationError(f"at most {MAX_LINES} lines at once")
+        return text
+
+
+class BulkActionForm(forms.Form):
+    """An action and the ids of the jobs it applies to (`job`, repeated)."""
+
+    action = forms.ChoiceField(choices=list(ACTIONS.items()))
+    next = forms.CharField(required=False)
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        texts = self.data.getlist("job") if hasattr(self.data, "getlist") else []
+        if not texts:
+            raise forms.ValidationError("Select at least one job.")
+        if len(texts) > MAX_BULK:
+            raise forms.ValidationError(f"At most {MAX_BULK} jobs at once.")
+        if not all(text.isdigit() and int(text) < 2**63 for text in texts):
+            raise forms.ValidationError("Job ids are whole numbers.")
+        # Any id is accepted: the services skip jobs that are not in a state the action applies to.
+        cleaned["job_ids"] = sorted({int(text) for text in texts})
+        return cleaned

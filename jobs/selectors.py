@@ -1,0 +1,350 @@
+"""Read-side questions the web pages and the JSON API ask: dashboard figures, job pages, sessions.
+
+Every function here only reads, in a fixed and small number of queries, each
+backed by an index at a million jobs (see the comments): pages poll them every
+two seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from uuid import UUID
+
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet
+from django.db.models.functions import TruncMinute
+
+from bus.models import BusSession, SessionState
+
+from .models import TERMINAL, EventKind, Job, JobEvent, Status
+
+SESSION_WINDOW = timedelta(hours=1)  # closed and lost sessions stay on the dashboard this long
+MAX_SESSIONS = 200
+REQUEUE_WINDOW = timedelta(hours=24)
+RECENT_REQUEUES = 10
+THROUGHPUT_MINUTES = 60
+MAX_EVENTS = 1000  # a job's timeline on its page; the admin has the rest
+
+# The list reads only these columns: payload, progress and result can each be
+# tens of kilobytes of JSON that a list never shows.
+LIST_FIELDS = (
+    "id", "url", "status", "priority", "attempt", "interruptions", "failures", "lease_session",
+    "started_at", "finished_at", "updated_at", "created_at",
+)
+
+
+# --- Bus sessions ----------------------------------------------------------------
+
+
+@dataclass
+class SessionRow:
+    """A bus session as an operator reads it."""
+
+    session: UUID
+    node: str
+    endpoint: str
+    crawler: str
+    state: str  # the stored state: connected, lost, closed
+    display_state: str  # connected, lost, closed, or reconnecting (newest of its endpoint, none connected)
+    slots: int
+    slots_in_use: int
+    connected_at: datetime
+    last_heartbeat_at: datetime | None
+    closed_at: datetime | None
+    close_reason: str
+    heartbeat_age: float | None  # seconds since the last heartbeat (or the connection) while connected
+    heartbeat_level: str  # "ok", "late" (past HEARTBEAT_TIMEOUT), "overdue" (past 2x), "" when not connected
+
+    @property
+    def is_live(self) -> bool:
+        """Connected, and heard from within 2 x HEARTBEAT_TIMEOUT: a crawler that is really there."""
+        return self.state == SessionState.CONNECTED and self.heartbeat_level != "overdue"
+
+
+def heartbeat_level(age: float) -> str:
+    timeout = settings.HEARTBEAT_TIMEOUT
+    if age > 2 * timeout:
+        return "overdue"
+    if age > timeout:
+        return "late"
+    return "ok"
+
+
+def recent_sessions(*, at: datetime) -> list[SessionRow]:
+    """Connected sessions, and those that closed or were lost within the last hour (two queries)."""
+    since = at - SESSION_WINDOW
+    rows = list(
+        BusSession.objects.filter(
+            Q(state=SessionState.CONNECTED)
+            | Q(closed_at__gte=since)
+            | Q(closed_at__isnull=True, connected_at__gte=since)
+        ).order_by("endpoint", "-connected_at")[:MAX_SESSIONS]
+    )
+    in_use = slots_in_use([row.session for row in rows])
+    connected_endpoints = {row.endpoint for row in rows if row.state == SessionState.CONNECTED}
+    newest_seen: set[str] = set()
+    sessions = []
+    for row in rows:
+        display = row.state
+        if row.endpoint not in newest_seen:
+            newest_seen.add(row.endpoint)
+            if row.state != SessionState.CONNECTED and row.endpoint not in connected_endpoints:
+                # The bus keeps reconnecting to an endpoint whose session ended.
+                display = "reconnecting"
+        age = level = None
+        if row.state == SessionState.CONNECTED:
+            age = max(0.0, (at - (row.last_heartbeat_at or row.connected_at)).total_seconds())
+            level = heartbeat_level(age)
+        sessions.append(SessionRow(
+            session=row.session, node=row.node, endpoint=row.endpoint, crawler=row.crawler, state=row.state,
+            display_state=display, slots=row.slots, slots_in_use=in_use.get(row.session, 0),
+            connected_at=row.connected_at, last_heartbeat_at=row.last_heartbeat_at, closed_at=row.closed_at,
+            close_reason=row.close_reason, heartbeat_age=age, heartbeat_level=level or "",
+        ))
+    return sessions
+
+
+def slots_in_use(sessions: list[UUID]) -> dict[UUID, int]:
+    """Running jobs leased to each session: one GROUP BY on the job_running_session index."""
+    if not sessions:
+        return {}
+    return dict(
+        Job.objects.running().filter(lease_session__in=sessions).order_by()
+        .values_list("lease_session").annotate(n=Count("id"))
+    )
+
+
+def session_of(job: Job) -> BusSession | None:
+    if job.lease_session is None:
+        return None
+    return BusSession.objects.filter(session=job.lease_session).first()
+
+
+# --- Dashboard -------------------------------------------------------------------
+
+
+@dataclass
+class ThroughputBar:
+    minute: datetime
+    succeeded: int
+    failed: int  # failed or cancelled
+
+    @property
+    def total(self) -> int:
+        return self.succeeded + self.failed
+
+
+@dataclass
+class Dashboard:
+    at: datetime
+    status_counts: dict[str, int]
+    sessions: list[SessionRow]
+    finished_last_minute: int
+    finished_last_hour: int
+    throughput: list[ThroughputBar]
+    requeues: list[JobEvent]
+    oldest_running: Job | None
+    heartbeat_timeout: float = field(default_factory=lambda: settings.HEARTBEAT_TIMEOUT)
+
+    @property
+    def total_jobs(self) -> int:
+        return sum(self.status_counts.values())
+
+    @property
+    def oldest_running_age(self) -> float | None:
+        if self.oldest_running is None or self.oldest_running.started_at is None:
+            return None
+        return max(0.0, (self.at - self.oldest_running.started_at).total_seconds())
+
+    @property
+    def heartbeat_overdue_after(self) -> float:
+        return 2 * self.heartbeat_timeout
+
+    @property
+    def connected_sessions(self) -> int:
+        return sum(1 for row in self.sessions if row.state == SessionState.CONNECTED)
+
+
+def _finished_events(since: datetime) -> QuerySet:
+    # A job finishes when an event takes it to a terminal status (outcome,
+    # cancel, poison interrupt). Events have an index on `at`; jobs have none
+    # on finished_at, so counting jobs would scan the whole table.
+    return JobEvent.objects.filter(at__gte=since, to_status__in=TERMINAL).order_by()
+
+
+def throughput(*, at: datetime, minutes: int = THROUGHPUT_MINUTES) -> list[ThroughputBar]:
+    """Jobs finished per minute over the last `minutes` minutes, oldest first, empty minutes included.
+
+    One GROUP BY on TruncMinute, which Django implements for SQLite and PostgreSQL alike.
+    """
+    current = at.replace(second=0, microsecond=0)
+    start = current - timedelta(minutes=minutes - 1)
+    counts: dict[tuple[datetime, bool], int] = {}
+    rows = (
+        _finished_events(start).annotate(minute=TruncMinute("at")).values_list("minute", "to_status")
+        .annotate(n=Count("id"))
+    )
+    for minute, to_status, n in rows:
+        key = (minute, to_status == Status.SUCCEEDED)
+        counts[key] = counts.get(key, 0) + n
+    bars = []
+    for step in range(minutes):
+        minute = start + timedelta(minutes=step)
+        bars.append(ThroughputBar(minute=minute, succeeded=counts.get((minute, True), 0),
+                                  failed=counts.get((minute, False), 0)))
+    return bars
+
+
+def dashboard(*, at: datetime) -> Dashboard:
+    """Everything the dashboard shows, in seven queries whatever the number of jobs and sessions."""
+    finished = _finished_events(at - timedelta(hours=1)).aggregate(
+        hour=Count("id"), minute=Count("id", filter=Q(at__gte=at - timedelta(minutes=1)))
+    )
+    requeues = list(
+        JobEvent.objects.filter(kind=EventKind.INTERRUPT, at__gte=at - REQUEUE_WINDOW)
+        .select_related("job").only(
+            "id", "at", "reason", "actor", "session", "attempt", "to_status", "job__id", "job__url", "job__status",
+        ).order_by("-at", "-id")[:RECENT_REQUEUES]
+    )
+    oldest = (
+        Job.objects.running().filter(started_at__isnull=False).order_by("started_at")
+        .only("id", "url", "started_at", "lease_session").first()
+    )
+    return Dashboard(
+        at=at,
+        status_counts=Job.objects.status_counts(),  # one GROUP BY over the table: the page's one scan
+        sessions=recent_sessions(at=at),
+        finished_last_minute=finished["minute"],
+        finished_last_hour=finished["hour"],
+        throughput=throughput(at=at),
+        requeues=requeues,
+        oldest_running=oldest,
+    )
+
+
+def health(*, at: datetime) -> dict:
+    """What /health reports (without the database check, which the view does)."""
+    sessions = recent_sessions(at=at)
+    oldest = Job.objects.running().filter(started_at__isnull=False).order_by("started_at").values_list(
+        "started_at", flat=True).first()
+    return {
+        "sessions": [
+            {
+                "session": str(row.session),
+                "endpoint": row.endpoint,
+                "crawler": row.crawler,
+                "state": row.display_state,
+                "last_heartbeat_age": None if row.heartbeat_age is None else round(row.heartbeat_age, 3),
+            }
+            for row in sessions
+        ],
+        "live_sessions": sum(1 for row in sessions if row.is_live),
+        "oldest_running_age": None if oldest is None else round(max(0.0, (at - oldest).total_seconds()), 3),
+    }
+
+
+# --- The job list ----------------------------------------------------------------
+
+# Each order ends with id, so (values..., id) is a unique keyset cursor.
+# "id" is index-backed with or without a status filter (pk, job_status_id);
+# "priority" is the claim order, index-backed for queued jobs (job_claim_order);
+# "updated" sorts the (filtered) table, fine for small statuses, slower for all.
+SORTS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "id": (("id", True),),
+    "priority": (("priority", True), ("id", False)),
+    "updated": (("updated_at", True), ("id", True)),
+}
+DEFAULT_SORT = "id"
+
+
+def search_jobs(queryset: QuerySet, *, status: str | None = None, url: str | None = None) -> QuerySet:
+    """Filter by status and by URL.
+
+    The URL term matches anywhere (icontains): no index helps, but with the
+    keyset's LIMIT the database stops scanning once a page is full, so common
+    terms are fast and rare ones read further. "#123" or "123" also match the id.
+    """
+    if status:
+        queryset = queryset.filter(status=status)
+    term = (url or "").strip()
+    if term:
+        digits = term.removeprefix("#")
+        if digits.isdigit() and int(digits) < 2**63:
+            queryset = queryset.filter(Q(pk=int(digits)) | Q(url__icontains=term))
+        else:
+            queryset = queryset.filter(url__icontains=term)
+    return queryset
+
+
+def _order_by(order: tuple[tuple[str, bool], ...], *, reverse: bool = False) -> list[str]:
+    return [("-" if descending != reverse else "") + name for name, descending in order]
+
+
+def _past(order: tuple[tuple[str, bool], ...], values: dict, *, reverse: bool = False) -> Q:
+    """Rows that come after `values` in `order` (before them with reverse=True)."""
+    condition = Q()
+    equal = Q()
+    for name, descending in order:
+        lookup = "lt" if descending != reverse else "gt"
+        condition |= equal & Q(**{f"{name}__{lookup}": values[name]})
+        equal &= Q(**{name: values[name]})
+    return condition
+
+
+@dataclass
+class JobPage:
+    jobs: list[Job]
+    sort: str
+    next_cursor: int | None  # ?before=: the page after this one
+    previous_cursor: int | None  # ?after=: the page before this one
+
+
+def job_page(
+    *, status: str | None = None, url: str | None = None, sort: str = DEFAULT_SORT,
+    before: int | None = None, after: int | None = None, limit: int = 50,
+) -> JobPage:
+    """One page of jobs by keyset: `before=X` lists the rows after job X in this order, `after=X` those before it.
+
+    Newest first (the default), `before` means smaller ids, as in the API. No
+    COUNT(*): the page reads limit + 1 rows to know whether another follows.
+    """
+    order = SORTS.get(sort) or SORTS[DEFAULT_SORT]
+    sort = sort if sort in SORTS else DEFAULT_SORT
+    queryset = search_jobs(Job.objects.only(*LIST_FIELDS), status=status, url=url)
+    cursor_id = before if before is not None else after
+    backwards = before is None and after is not None
+    if cursor_id is not None:
+        names = [name for name, _ in order]
+        if names == ["id"]:
+            values = {"id": cursor_id}
+        else:
+            values = Job.objects.filter(pk=cursor_id).values(*names).first()
+        if values is not None:
+            queryset = queryset.filter(_past(order, values, reverse=backwards))
+        else:
+            cursor_id = None
+            backwards = False
+    rows = list(queryset.order_by(*_order_by(order, reverse=backwards))[: limit + 1])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if backwards and not rows:  # nothing precedes the cursor: show the first page
+        return job_page(status=status, url=url, sort=sort, limit=limit)
+    if backwards:
+        rows.reverse()
+        next_cursor = rows[-1].pk
+        previous_cursor = rows[0].pk if more else None
+    else:
+        next_cursor = rows[-1].pk if rows and more else None
+        previous_cursor = rows[0].pk if rows and cursor_id is not None else None
+    return JobPage(jobs=rows, sort=sort, next_cursor=next_cursor, previous_cursor=previous_cursor)
+
+
+def job_with_events(job_id: int) -> tuple[Job, list[JobEvent], bool]:
+    """A job and its timeline, oldest event first (at most MAX_EVENTS; the flag says if cut)."""
+    job = Job.objects.get(pk=job_id)
+    events = list(job.events.order_by("-id")[: MAX_EVENTS + 1])
+    cut = len(events) > MAX_EVENTS
+    events = events[:MAX_EVENTS]
+    events.reverse()
+    return job, events, cut

@@ -1,0 +1,278 @@
+"""The web pages: dashboard, job list, job detail, enqueue, and /health.
+
+Each view parses input, asks jobs/selectors.py or calls one service from
+jobs/services.py, and renders. Pages with live data also render their live
+part alone (`?fragment=1`), which jobs/static/jobs/live.js fetches every 2 s.
+"""
+
+from __future__ import annotations
+
+import re
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import DatabaseError, connection
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.shortcuts import render
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.http import url_has_allowed_host_and_scheme, urlencode
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from . import selectors, services
+from .forms import ACTIONS, BulkActionForm, EnqueueForm
+from .models import Job, Status
+
+PAGE_SIZE = 50
+LIVE_INTERVAL_MS = 2000
+LINKED_NEW_JOBS = 10
+
+
+def can_change_jobs(user) -> bool:
+    """Staff who may change jobs in the admin may act on them here: the same rule in both places."""
+    return user.is_active and user.is_staff and user.has_perm("jobs.change_job")
+
+
+def _require_change(request: HttpRequest) -> None:
+    if not can_change_jobs(request.user):
+        raise PermissionDenied("Changing jobs needs a staff account with permission to change jobs.")
+
+
+def _is_fragment(request: HttpRequest) -> bool:
+    return request.GET.get("fragment") == "1"
+
+
+def _int_param(request: HttpRequest, name: str) -> int | None:
+    text = request.GET.get(name, "").strip()
+    if text.isdigit() and int(text) < 2**63:
+        return int(text)
+    return None
+
+
+def _page(request: HttpRequest, template: str, fragment_template: str, context: dict) -> HttpResponse:
+    """The whole page, or only its live part when live.js asks for it."""
+    context.setdefault("now", services.now())
+    context.setdefault("live_interval", LIVE_INTERVAL_MS)
+    context.setdefault("can_change", can_change_jobs(request.user))
+    query = request.GET.copy()
+    query["fragment"] = "1"
+    context.setdefault("live_url", f"{request.path}?{query.urlencode()}")
+    response = render(request, fragment_template if _is_fragment(request) else template, context)
+    if _is_fragment(request):
+        response["Cache-Control"] = "no-store"
+    return response
+
+
+# --- Dashboard ----------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def dashboard(request: HttpRequest) -> HttpResponse:
+    board = selectors.dashboard(at=services.now())
+    return _page(request, "jobs/dashboard.html", "jobs/_dashboard_live.html", {
+        "board": board, "now": board.at, "chart": _chart(board.throughput),
+    })
+
+
+CHART_WIDTH, CHART_HEIGHT, CHART_TOP = 600, 120, 4
+
+
+def _chart(bars: list[selectors.ThroughputBar]) -> dict:
+    """Bar geometry of the throughput SVG, computed here so the template only prints numbers."""
+    peak = max((bar.total for bar in bars), default=0)
+    step = CHART_WIDTH / max(1, len(bars))
+    usable = CHART_HEIGHT - CHART_TOP
+    shapes = []
+    for index, bar in enumerate(bars):
+        total_h = usable * bar.total / peak if peak else 0
+        ok_h = usable * bar.succeeded / peak if peak else 0
+        shapes.append({
+            "bar": bar, "x": round(index * step + 1, 2), "width": round(max(1.0, step - 2), 2),
+            "y": round(CHART_HEIGHT - total_h, 2), "height": round(total_h, 2),
+            "ok_y": round(CHART_HEIGHT - ok_h, 2), "ok_height": round(ok_h, 2),
+        })
+    return {"bars": shapes, "peak": peak, "total": sum(bar.total for bar in bars),
+            "width": CHART_WIDTH, "height": CHART_HEIGHT}
+
+
+# --- Jobs ---------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+def job_list(request: HttpRequest) -> HttpResponse:
+    status = request.GET.get("status", "")
+    status = status if status in Status.values else ""
+    query = request.GET.get("q", "").strip()[:500]
+    sort = request.GET.get("sort", selectors.DEFAULT_SORT)
+    page = selectors.job_page(
+        status=status or None, url=query, sort=sort, before=_int_param(request, "before"),
+        after=_int_param(request, "after"), limit=PAGE_SIZE,
+    )
+    filters = {key: value for key, value in (("status", status), ("q", query), ("sort", page.sort))
+               if value and not (key == "sort" and value == selectors.DEFAULT_SORT)}
+
+    def link(**cursor) -> str:
+        return "?" + urlencode({**filters, **cursor}) if (filters or cursor) else "?"
+
+    return _page(request, "jobs/job_list.html", "jobs/_job_list_live.html", {
+        "page": page, "status": status, "query": query, "sort": page.sort,
+        "statuses": Status.choices, "sorts": [("id", "Newest"), ("priority", "Claim order"), ("updated", "Updated")],
+        "next_link": link(before=page.next_cursor) if page.next_cursor else "",
+        "previous_link": link(after=page.previous_cursor) if page.previous_cursor else "",
+        "first_link": link(),
+        "actions": ACTIONS,
+        "return_to": request.get_full_path(),
+    })
+
+
+@login_required
+@require_GET
+def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
+    try:
+        job, events, events_cut = selectors.job_with_events(job_id)
+    except Job.DoesNotExist:
+        raise Http404(f"No job {job_id}.") from None
+    result = job.result if isinstance(job.result, dict) else None
+    return _page(request, "jobs/job_detail.html", "jobs/_job_detail_live.html", {
+        "job": job, "events": events, "events_cut": events_cut, "bus_session": selectors.session_of(job),
+        # A finished or queued job has no lease; its timeline still says which session ran it last.
+        "last_session": next((event.session for event in reversed(events) if event.session), None),
+        "result": result, "result_fields": _result_fields(result),
+        "actions": ACTIONS, "return_to": reverse("jobs:detail", args=[job.pk]),
+    })
+
+
+# The reference crawler's result fields, in reading order (docs/protocol.md).
+RESULT_FIELDS = (
+    ("status", "HTTP status"), ("final_url", "Final URL"), ("content_type", "Content type"), ("bytes", "Bytes"),
+    ("title", "Title"), ("links", "Links"), ("elapsed_ms", "Elapsed (ms)"),
+)
+
+
+def _result_fields(result: dict | None) -> list[tuple[str, str, object]]:
+    if not result:
+        return []
+    return [(key, label, result[key]) for key, label in RESULT_FIELDS if key in result]
+
+
+@login_required
+@require_POST
+def job_actions(request: HttpRequest) -> HttpResponse:
+    """Requeue, retry or cancel the posted job ids through the services; report the counts."""
+    _require_change(request)
+    form = BulkActionForm(request.POST)
+    back = request.POST.get("next", "")
+    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()},
+                                           require_https=request.is_secure()):
+        back = reverse("jobs:list")
+    if not form.is_valid():
+        for problem in form.errors.get("__all__", []) + form.errors.get("action", []):
+            messages.error(request, problem)
+        return HttpResponseRedirect(back)
+    action, job_ids = form.cleaned_data["action"], form.cleaned_data["job_ids"]
+    username = request.user.get_username()
+    actor = f"web:{username}"
+    if action == "requeue":
+        counts = services.reset_running_jobs(
+            job_ids=job_ids, reason=f"requeued by {username} from the jobs page", actor=actor,
+        )
+        skipped = len(job_ids) - counts.total
+        text = (f"Requeued {counts.requeued}, failed {counts.failed} (interrupted too many times), "
+                f"skipped {skipped} not running.")
+        changed = counts.total
+    elif action == "retry":
+        result = services.retry_jobs(job_ids=job_ids, reason=f"retried by {username} from the jobs page", actor=actor)
+        text = f"Retried {result.changed}, skipped {result.skipped} not failed or cancelled."
+        changed = result.changed
+    else:
+        result = services.cancel_jobs(
+            job_ids=job_ids, reason=f"cancelled by {username} from the jobs page", actor=actor,
+        )
+        text = (f"Cancelled {result.changed} ({len(result.running)} of them running; their crawlers are told "
+                f"to stop), skipped {result.skipped} already finished.")
+        changed = result.changed
+    (messages.success if changed else messages.warning)(request, text)
+    return HttpResponseRedirect(back)
+
+
+LINE_MESSAGE = re.compile(r"^line (\d+): (.*)$", re.DOTALL)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def enqueue(request: HttpRequest) -> HttpResponse:
+    """Queue one URL per line, all or nothing (services.enqueue_many)."""
+    _require_change(request)
+    form = EnqueueForm(request.POST or None)
+    problems: list[dict] = []
+    if request.method == "POST" and form.is_valid():
+        lines = form.numbered_lines()
+        try:
+            jobs = services.enqueue_many(
+                urls=[text for _, text in lines], priority=form.cleaned_data["priority"],
+                actor=f"web:{request.user.get_username()}",
+            )
+        except ValidationError as exc:
+            problems = _line_problems(exc, lines)
+            form.add_error("urls", f"Nothing was queued: {len(problems)} line(s) need fixing." if lines
+                           else "Enter at least one URL.")
+        else:
+            messages.success(request, _enqueued_message(jobs))
+            return HttpResponseRedirect(reverse("jobs:new"))
+    return render(request, "jobs/enqueue.html", {
+        "form": form, "problems": problems, "can_change": True, "now": services.now(),
+    })
+
+
+def _line_problems(exc: ValidationError, lines: list[tuple[int, str]]) -> list[dict]:
+    """enqueue_many's "line N: reason" (N counts the URLs sent) as textarea line numbers and texts."""
+    problems = []
+    for message in exc.messages:
+        match = LINE_MESSAGE.match(message)
+        if match and 1 <= int(match.group(1)) <= len(lines):
+            number, text = lines[int(match.group(1)) - 1]
+            problems.append({"line": number, "text": text, "reason": match.group(2)})
+        else:
+            problems.append({"line": None, "text": "", "reason": message})
+    return problems
+
+
+def _enqueued_message(jobs: list[Job]) -> str:
+    ids = [job.pk for job in jobs]
+    shown = format_html_join(", ", '<a href="{}">#{}</a>', ((job.get_absolute_url(), job.pk)
+                                                          for job in jobs[:LINKED_NEW_JOBS]))
+    more = "…" if len(jobs) > LINKED_NEW_JOBS else ""
+    listing = reverse("jobs:list") + "?" + urlencode({"before": max(ids) + 1})
+    return format_html(
+        'Queued {} job{}: {}{} — <a href="{}" id="new-jobs-link">see them in the list</a>.',
+        len(jobs), "" if len(jobs) == 1 else "s", shown, more, listing,
+    )
+
+
+# --- Health -------------------------------------------------------------------------
+
+
+@never_cache
+@require_GET
+def health(request: HttpRequest) -> JsonResponse:
+    """For load balancers: 200 when the database answers and a crawler session is live, else 503.
+
+    A session counts when it is connected and its heartbeat is within
+    2 x HEARTBEAT_TIMEOUT: a row left "connected" by a bus that died is no crawler.
+    """
+    at = services.now()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        report = {"database": "ok", **selectors.health(at=at)}
+    except DatabaseError:
+        return JsonResponse(
+            {"database": "error", "sessions": [], "live_sessions": 0, "oldest_running_age": None}, status=503,
+        )
+    report["heartbeat_timeout"] = settings.HEARTBEAT_TIMEOUT
+    return JsonResponse(report, status=200 if report["live_sessions"] else 503)
