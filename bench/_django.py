@@ -68,9 +68,19 @@ def _django_setup(database_url: str) -> None:
     call_command("migrate", verbosity=0, interactive=False)
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (timeout, kill) into SystemExit, so the database is still removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextmanager
 def throwaway_database(backend: str, *, postgres_url: str = DEFAULT_POSTGRES_URL) -> Iterator[str]:
     """Set Django up on a fresh database of `backend`; yield its URL; remove it afterwards."""
+    exit_on_sigterm()
     if backend == "sqlite":
         folder = tempfile.mkdtemp(prefix="jobsite-bench-")
         url = f"sqlite:///{folder}/bench.sqlite3"

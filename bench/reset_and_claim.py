@@ -30,7 +30,9 @@ from uuid import uuid4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._django import BACKENDS, DEFAULT_POSTGRES_URL, cpu_seconds, describe_machine, throwaway_database  # noqa: E402
+from bench._django import (  # noqa: E402
+    BACKENDS, DEFAULT_POSTGRES_URL, cpu_seconds, describe_machine, exit_on_sigterm, throwaway_database,
+)
 
 # Targets of issue 2, by Django vendor name.
 RESET_TARGET_S = {"postgresql": 1.0, "sqlite": 2.0}
@@ -234,11 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.db != "both":
         return run_backend(args)
     # Settings are read once per process: one child process per backend.
+    exit_on_sigterm()  # so that a SIGTERM reaches the child, which then drops its database
     status = 0
     for backend in BACKENDS:
         child = [sys.executable, __file__, "--db", backend, "--jobs", str(args.jobs),
                  "--claim-jobs", str(args.claim_jobs), "--runs", str(args.runs), "--postgres", args.postgres]
-        status = max(status, subprocess.call(child))
+        process = subprocess.Popen(child)
+        try:
+            status = max(status, process.wait())
+        except BaseException:
+            process.terminate()  # SIGTERM: the child still drops its database
+            process.wait()
+            raise
     return status
 
 
