@@ -645,9 +645,10 @@ def test_ready_running_for_a_job_taken_elsewhere_or_finished_gets_cancel(process
         [claimed] = services.claim_jobs(session=other, limit=1, lease_seconds=60)
         assert (claimed.id, claimed.attempt) == (taken_id, 2)
         jobs, events = job_state(), event_state()
-        peer.handshake(slots=2, running=[(finished_id, 1), (taken_id, 1)])
-        cancels = sorted((c["job_id"], c["attempt"]) for c in peer.recv_many("cancel", 2))
-        assert cancels == [(finished_id, 1), (taken_id, 1)]
+        unknown_id = taken_id + 1000
+        peer.handshake(slots=2, running=[(finished_id, 1), (taken_id, 1), (unknown_id, 1)])
+        cancels = sorted((c["job_id"], c["attempt"]) for c in peer.recv_many("cancel", 3))
+        assert cancels == [(finished_id, 1), (taken_id, 1), (unknown_id, 1)]
         probe(peer)
         assert pending(peer, "assign") == []
         assert (job_state(), event_state()) == (jobs, events)
@@ -745,3 +746,28 @@ def test_nul_in_the_bye_reason_still_requeues_at_once(processes, short_socket_pa
         row = wait_until(lambda: BusSession.objects.filter(session=hello["session"], state="closed").first(),
                          timeout=5, message="session row closed")
         assert "going" in row.close_reason
+
+
+def test_outcome_from_another_session_for_a_running_job_is_recorded(processes, short_socket_path):
+    """Fencing rule 1: running with that attempt, on any session. Its holder is then told to stop it."""
+    other_path = short_socket_path.replace("crawler.sock", "other.sock")
+    [job_id] = enqueue(1)
+    holder, other = CrawlerPeer(short_socket_path, name="holder"), CrawlerPeer(other_path, name="other")
+    bus = start_bus(processes, short_socket_path, other_path)
+    try:
+        holder.handshake(slots=1)
+        assert holder.recv("assign")["job_id"] == job_id
+        other_hello = other.handshake(slots=1)
+        other.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"by": "other"}})
+        ack = other.recv("ack")
+        assert (ack["job_id"], ack["attempt"], ack["status"]) == (job_id, 1, "recorded")
+        job = Job.objects.get()
+        assert (job.status, job.result, job.lease_session) == (Status.SUCCEEDED, {"by": "other"}, None)
+        assert str(JobEvent.objects.get(job_id=job_id, kind=EventKind.OUTCOME).session) == other_hello["session"]
+        send_heartbeat(holder, [(job_id, 1)])
+        cancel = holder.recv("cancel")
+        assert (cancel["job_id"], cancel["attempt"]) == (job_id, 1)
+    finally:
+        holder.shutdown()
+        other.shutdown()
+        print(processes.output(bus))
