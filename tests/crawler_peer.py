@@ -143,7 +143,13 @@ def main() -> None:
     print(json.dumps({"listening": args.listen}), flush=True)
     while True:
         slots = args.slots if sessions == 0 or args.reconnect_slots is None else args.reconnect_slots
-        peer.handshake(slots=slots, timeout=3600)
+        try:
+            peer.handshake(slots=slots, timeout=3600)
+        except (AssertionError, OSError, protocol.FrameError):
+            # The bus gave up on this connection (e.g. its handshake timed out
+            # while we were stopped): wait for the next one.
+            peer.close()
+            continue
         sessions += 1
         print(json.dumps({"session": peer.hello["session"], "n": sessions}), flush=True)
         held: list[list[int]] = []
@@ -160,6 +166,7 @@ def main() -> None:
                 if sys.stdin in readable:
                     # os.read, not readline: select() cannot see lines already in Python's buffer.
                     commands += os.read(sys.stdin.fileno(), 65536)
+                    fresh = []
                     while b"\n" in commands:
                         line, commands = commands.split(b"\n", 1)
                         words = line.decode().split()
@@ -167,7 +174,9 @@ def main() -> None:
                             job_id, attempt = int(words[1]), int(words[2])
                             frame = {"type": "done", "job_id": job_id, "attempt": attempt, "result": {"late": True}}
                             unacked[(job_id, attempt)] = frame
-                            peer.send(frame)
+                            fresh.append(frame)
+                    for frame in fresh:  # kept in unacked first: a dead socket here means a resend later
+                        peer.send(frame)
                 if peer.conn in readable and not peer._fill(0):
                     break
                 for frame in list(peer.frames):
