@@ -1,0 +1,498 @@
+"""Helpers of the chaos suite: a throwaway database, real processes, a cuttable socket, the invariant.
+
+Everything here talks to the database with plain DB-API (sqlite3 / psycopg2):
+the suite's own Django connection points at the pytest-django test database,
+not at the one the chaos processes use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+MANAGE = str(ROOT / "manage.py")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def log(message: str) -> None:
+    print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- databases ------------------------------------------------------------------------------
+
+
+class ChaosDatabase:
+    """A database for the chaos processes, read by the test with raw SQL."""
+
+    url: str
+    kind: str
+
+    def query(self, sql: str) -> list[tuple]:
+        """Run a read-only query; reconnects (until a deadline) when the database was restarted."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = self._connection()
+                cursor = conn.cursor()
+                cursor.execute(sql)
+                rows = cursor.fetchall()
+                cursor.close()
+                return rows
+            except Exception:
+                self._drop()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def status_counts(self) -> dict[str, int]:
+        return dict(self.query("SELECT status, count(*) FROM jobs_job GROUP BY status"))
+
+    def unfinished(self) -> int:
+        return self.query("SELECT count(*) FROM jobs_job WHERE status IN ('queued', 'running')")[0][0]
+
+    def running(self) -> int:
+        return self.query("SELECT count(*) FROM jobs_job WHERE status = 'running'")[0][0]
+
+    def restart(self) -> float:
+        raise NotImplementedError
+
+    def _connection(self):
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._drop()
+
+
+class SqliteChaosDatabase(ChaosDatabase):
+    kind = "sqlite"
+
+    def __init__(self, folder: Path):
+        self.path = str(folder / "chaos.sqlite3")
+        self.url = f"sqlite:///{self.path}"
+        self._conn = None
+
+    def _connection(self):
+        if self._conn is None:
+            # Autocommit: each SELECT is its own short read, never holding a lock.
+            self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+
+class PostgresChaosDatabase(ChaosDatabase):
+    kind = "postgresql"
+
+    def __init__(self, server, name: str = "jobsite_chaos"):
+        self.server = server  # tests.pg_instance.PrivatePostgres, started
+        self.name = name
+        server.create_database(name)
+        self.url = server.database_url(name)
+        self._conn = None
+
+    def _connection(self):
+        import psycopg2
+
+        if self._conn is None:
+            self._conn = psycopg2.connect(host="127.0.0.1", port=self.server.port, user="postgres",
+                                          dbname=self.name, connect_timeout=5)
+            self._conn.autocommit = True
+        return self._conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
+
+    def restart(self) -> float:
+        """Restart the private server (fast shutdown: every connection is cut); return seconds it took."""
+        self._drop()
+        started = time.monotonic()
+        self.server.restart()
+        return time.monotonic() - started
+
+
+# --- a Unix socket proxy whose connections can be cut from outside ---------------------------
+
+
+class UnixProxy:
+    """Listens on `listen_path` and relays each connection to `upstream_path`.
+
+    `cut()` closes both sides of every relayed connection: a real connection
+    loss for both peers, while both processes stay alive.
+    """
+
+    def __init__(self, listen_path: str, upstream_path: str):
+        self.listen_path, self.upstream_path = listen_path, upstream_path
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._stop = threading.Event()
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(listen_path)
+        self._server.listen(16)
+        self._server.settimeout(0.2)
+        self.connections = 0
+        self._thread = threading.Thread(target=self._accept_loop, name="chaos-proxy", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.settimeout(2.0)
+                upstream.connect(self.upstream_path)
+                upstream.settimeout(None)
+            except OSError:  # the crawler is down: the bus sees the connection close and retries
+                _close(client, upstream)
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+                self.connections += 1
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink, client, upstream), daemon=True,
+                                 name="chaos-proxy-pump").start()
+
+    def _pump(self, source, sink, client, upstream) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        self._forget(client, upstream)
+
+    def _forget(self, client, upstream) -> None:
+        with self._lock:
+            if (client, upstream) in self._pairs:
+                self._pairs.remove((client, upstream))
+        _close(client, upstream)
+
+    def live(self) -> int:
+        with self._lock:
+            return len(self._pairs)
+
+    def cut(self) -> int:
+        """Close both sides of every relayed connection; return how many were cut."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, upstream in pairs:
+            _close(client, upstream)
+        return len(pairs)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._server.close()
+        except OSError:
+            pass
+        self.cut()
+        self._thread.join(2)
+        try:
+            os.unlink(self.listen_path)
+        except OSError:
+            pass
+
+
+def _close(*socks: socket.socket) -> None:
+    for sock in socks:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+class Processes:
+    """Every process of one chaos run: started here, logged to files, ended here by pid."""
+
+    def __init__(self, folder: Path, database_url: str, extra_env: dict[str, str]):
+        self.folder = folder
+        self.started: list[subprocess.Popen] = []
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+        for name in ("BUS_ENDPOINTS", "SUPERVISOR_SOCKET_PATH", "SOCKET_PATH", "BUS_NODE", "BUS_TOKEN"):
+            env.pop(name, None)
+        env.update(DEBUG="true", SECRET_KEY="jobsite-chaos-tests-only", DATABASE_URL=database_url,
+                   BUS_AUTOSTART="false", PYTHONUNBUFFERED="1")
+        env.update(extra_env)
+        self.env = env
+
+    def manage(self, *args: str, name: str) -> subprocess.Popen:
+        path = self.folder / f"{name}-{len(self.started):03d}.log"
+        with open(path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, MANAGE, *args], cwd=ROOT, env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc.log_path = str(path)  # type: ignore[attr-defined]
+        proc.name = name  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
+    def run(self, *args: str, name: str, timeout: float) -> str:
+        """Run a manage.py command to completion; raise with its output if it fails."""
+        proc = self.manage(*args, name=name)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise AssertionError(f"manage.py {' '.join(args)} took over {timeout} s:\n{tail(proc.log_path)}")
+        if code != 0:
+            raise AssertionError(f"manage.py {' '.join(args)} exited {code}:\n{tail(proc.log_path)}")
+        return Path(proc.log_path).read_text(errors="replace")
+
+    @staticmethod
+    def kill(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout)
+
+    @staticmethod
+    def terminate(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
+        """SIGCONT + SIGTERM, wait; SIGKILL after the deadline. Returns the exit status (None if it had to be killed)."""
+        if proc.poll() is not None:
+            return proc.returncode
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            return proc.wait(timeout)
+        except ProcessLookupError:
+            return proc.poll()
+        except subprocess.TimeoutExpired:
+            Processes.kill(proc)
+            return None
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGCONT)
+                    proc.send_signal(signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for proc in self.started:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def tail(path: str, lines: int = 40) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for_log(proc: subprocess.Popen, needle: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if needle in Path(proc.log_path).read_text(errors="replace"):  # type: ignore[attr-defined]
+                return True
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def short_folder() -> Path:
+    """A temp folder with a short path: AF_UNIX socket paths must stay under 108 bytes."""
+    return Path(tempfile.mkdtemp(prefix="jchaos-", dir="/tmp"))
+
+
+def remove_folder(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- the invariant ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    jobs: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    events: Counter = field(default_factory=Counter)
+    interruptions: int = 0
+    poison: int = 0
+    problems: list[str] = field(default_factory=list)
+    offenders: dict[int, list[str]] = field(default_factory=dict)  # job id -> its trail, for the report
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# Allowed transitions by event kind: kind -> {from_status: {to_status, ...}}
+TRANSITIONS = {
+    "enqueue": {"": {"queued"}},
+    "claim": {"queued": {"running"}},
+    "re_lease": {"queued": {"running"}},
+    "outcome": {"running": {"succeeded", "failed", "queued"}, "queued": {"succeeded", "failed", "queued"}},
+    "interrupt": {"running": {"queued", "failed"}},
+    "cancel": {"queued": {"cancelled"}, "running": {"cancelled"}},
+    "retry": {"failed": {"queued"}, "cancelled": {"queued"}},
+}
+
+
+def check_invariant(db: ChaosDatabase, max_problems: int = 50) -> Verdict:
+    """Every job terminal exactly once, its trail a valid walk of the state machine, no lease left."""
+    verdict = Verdict()
+    jobs = db.query(
+        "SELECT id, status, attempt, interruptions, outcome_attempt, lease_session, lease_expires_at "
+        "FROM jobs_job ORDER BY id"
+    )
+    events = db.query(
+        "SELECT job_id, id, kind, from_status, to_status, attempt, actor, reason FROM jobs_jobevent ORDER BY job_id, id"
+    )
+    trails: dict[int, list[tuple]] = defaultdict(list)
+    for row in events:
+        trails[row[0]].append(row)
+        verdict.events[row[2]] += 1
+    verdict.jobs = len(jobs)
+    verdict.by_status = dict(Counter(row[1] for row in jobs))
+
+    def problem(job_id: int, text: str) -> None:
+        if len(verdict.problems) < max_problems:
+            verdict.problems.append(f"job {job_id}: {text}")
+        if len(verdict.offenders) < 5 and job_id not in verdict.offenders:
+            verdict.offenders[job_id] = [
+                f"  #{ev[1]} {ev[2]} {ev[3] or '-'}->{ev[4] or '-'} attempt={ev[5]} actor={ev[6]} {ev[7][:120]}"
+                for ev in trails.get(job_id, [])
+            ]
+
+    known = {row[0] for row in jobs}
+    for job_id in set(trails) - known:
+        problem(job_id, "events for a job that does not exist")
+
+    for job_id, status, attempt, interruptions, outcome_attempt, lease_session, lease_expires in jobs:
+        verdict.interruptions += interruptions
+        trail = trails.get(job_id, [])
+        state, current, outcomes, interrupts, last = "", 0, [], 0, None
+        for _, event_id, kind, from_status, to_status, ev_attempt, _actor, _reason in trail:
+            if kind == "stale":  # an audit entry: no transition
+                if from_status or to_status:
+                    problem(job_id, f"stale event #{event_id} claims a transition {from_status}->{to_status}")
+                continue
+            allowed = TRANSITIONS.get(kind)
+            if allowed is None:
+                problem(job_id, f"event #{event_id} of unknown kind {kind!r}")
+                continue
+            if from_status != state:
+                problem(job_id, f"event #{event_id} {kind} starts from {from_status or '(new)'!r} "
+                                f"but the job was {state or '(new)'!r}")
+            if to_status not in allowed.get(from_status, ()):
+                problem(job_id, f"event #{event_id} {kind} {from_status or '(new)'}->{to_status} is not a legal move")
+            if kind == "claim":
+                if ev_attempt <= current:
+                    problem(job_id, f"claim #{event_id} at attempt {ev_attempt} does not increase {current}")
+                current = ev_attempt
+            elif kind in ("re_lease", "outcome", "interrupt") and ev_attempt != current:
+                problem(job_id, f"{kind} #{event_id} at attempt {ev_attempt}, but the latest claim is {current}")
+            if kind == "outcome":
+                outcomes.append(ev_attempt)
+            if kind == "interrupt":
+                interrupts += 1
+            state, last = to_status, (kind, to_status)
+
+        if status not in TERMINAL:
+            problem(job_id, f"not terminal: {status}")
+        if status != state:
+            problem(job_id, f"status {status} but its last event leads to {state or '(nothing)'}")
+        if attempt != current:
+            problem(job_id, f"attempt {attempt} but its last claim was attempt {current}")
+        if lease_session is not None or lease_expires is not None:
+            problem(job_id, f"{status} job still has a lease ({lease_session}, {lease_expires})")
+        if interruptions != interrupts:
+            problem(job_id, f"interruptions={interruptions} but {interrupts} interrupt events")
+        if len(outcomes) != len(set(outcomes)):
+            problem(job_id, f"an attempt's outcome recorded twice: {outcomes}")
+        if status == "succeeded":
+            if len(outcomes) != 1:
+                problem(job_id, f"succeeded with {len(outcomes)} recorded outcomes")
+            elif last != ("outcome", "succeeded"):
+                problem(job_id, f"succeeded but its last event is {last}")
+            elif outcome_attempt != outcomes[0]:
+                problem(job_id, f"outcome_attempt={outcome_attempt} but the outcome event is for {outcomes[0]}")
+        elif status == "failed":
+            if last == ("interrupt", "failed") and not outcomes:
+                verdict.poison += 1
+            elif last == ("outcome", "failed") and len(outcomes) == 1:
+                pass
+            else:
+                problem(job_id, f"failed with last event {last} and {len(outcomes)} outcomes")
+        elif status == "cancelled":
+            problem(job_id, "cancelled, but nobody cancels jobs in this scenario")
+    return verdict
+
+
+def format_verdict(verdict: Verdict) -> str:
+    lines = [f"jobs={verdict.jobs} by_status={verdict.by_status} events={dict(verdict.events)}"]
+    if verdict.problems:
+        lines.append(f"{len(verdict.problems)} problem(s) (first {min(len(verdict.problems), 50)}):")
+        lines.extend(f"  {text}" for text in verdict.problems)
+        for job_id, trail in verdict.offenders.items():
+            lines.append(f"trail of job {job_id}:")
+            lines.extend(trail)
+    return "\n".join(lines)
+
+
+def count_in_logs(paths: list[str], needles: list[str]) -> dict[str, int]:
+    counts = dict.fromkeys(needles, 0)
+    for path in paths:
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        for needle in needles:
+            counts[needle] += text.count(needle)
+    return counts
+
+
+def describe(proc: subprocess.Popen) -> dict[str, Any]:
+    return {"pid": proc.pid, "name": getattr(proc, "name", "?"), "returncode": proc.poll(),
+            "log": getattr(proc, "log_path", None)}

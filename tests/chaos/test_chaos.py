@@ -1,0 +1,376 @@
+"""The chaos suite (issue 4): 5,000 jobs through runbus and two reference crawlers while
+everything that can fail does, then the invariant checked from the database alone.
+
+Faults, on a seeded random schedule (CHAOS_SEED=N replays one):
+- a random crawler SIGKILLed every 1-3 s and restarted on the same socket;
+- one crawler SIGSTOPped for longer than 2 x HEARTBEAT_TIMEOUT, then SIGCONTed;
+- one connection cut from outside (crawler b sits behind an in-test Unix proxy);
+- runbus SIGKILLed twice and restarted (start-up recovery + lease sweeper);
+- PostgreSQL restarted once (PostgreSQL variant only: a private server).
+
+The invariant: every job terminal; each succeeded job has exactly one recorded
+outcome; failed jobs are poison (a final interrupt) or have one failed outcome;
+every trail replays through the state machine; no lease left.
+
+Each variant runs on its own throwaway database (a temp SQLite file; a private
+PostgreSQL in a temp folder), not on pytest-django's test database, and only on
+the suite run of the same database, so `./bin/test` runs each exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import pg_instance
+from tests.chaos.harness import (
+    PostgresChaosDatabase,
+    Processes,
+    SqliteChaosDatabase,
+    UnixProxy,
+    check_invariant,
+    count_in_logs,
+    format_verdict,
+    log,
+    remove_folder,
+    short_folder,
+    tail,
+    wait_for_log,
+)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+# Jobs arrive in waves (one `manage.py enqueue --file` each, back to back) so that the faults
+# keep finding work in flight: the bus finishes 1,000 jobs in a few seconds here.
+WAVES = 20
+WAVE = 250
+WAVE_EVERY = 1.5  # seconds between waves (later when an enqueue takes longer)
+# After which wave lands each one-off fault is injected (the PostgreSQL restart only on PostgreSQL).
+IN_FLIGHT = 30  # a one-off fault waits (up to 3 s) for at least this many running jobs
+ONE_OFFS = {1: "sigstop", 5: "cut", 9: "bus_kill", 13: "pg_restart", 17: "bus_kill"}
+JOBS = WAVES * WAVE
+SLOTS = 50
+HEARTBEAT_TIMEOUT = 1.0
+HARD_DEADLINE = 240.0  # seconds for the whole scenario, set-up to verdict
+FAULT_PHASE = 30.0  # crawler kills go on at least this long, and until every wave and one-off fault is done
+FAULT_WINDOW = 75.0  # the most the fault phase may last
+DRAIN_TIMEOUT = 90.0
+STOP_FOR = 2 * 2 * HEARTBEAT_TIMEOUT  # SIGSTOP: twice the silence that loses a session
+# The crawlers keep a lost session's jobs this long for the next session (ready.running): a cut
+# connection, a killed bus or a SIGCONTed crawler then exercises re-lease, late results (rule 3)
+# and stale outcomes, not only requeue-and-run-again.
+RESUME_GRACE = 2.0
+
+BUS_ENV = {
+    "HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+    "BUS_BACKOFF_CAP": "0.5",
+    "BUS_SWEEP_INTERVAL": "1",
+    "LOG_LEVEL": "INFO",
+}
+
+
+def suite_database() -> str:
+    from django.conf import settings
+
+    engine = settings.DATABASES["default"]["ENGINE"]
+    return "postgresql" if "postgresql" in engine else "sqlite"
+
+
+def test_chaos_sqlite():
+    if suite_database() != "sqlite":
+        pytest.skip("the SQLite chaos run belongs to the SQLite suite run")
+    ChaosRun("sqlite").run()
+
+
+def test_chaos_postgresql():
+    if suite_database() != "postgresql":
+        pytest.skip("the PostgreSQL chaos run belongs to the PostgreSQL suite run")
+    if not pg_instance.available():
+        pytest.skip("PostgreSQL server binaries (initdb) are not installed")
+    ChaosRun("postgresql").run()
+
+
+class ChaosRun:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(1, 10**6))
+        self.rng = random.Random(self.seed)
+        self.started = time.monotonic()
+        self.deadline = self.started + HARD_DEADLINE
+        self.folder = short_folder()
+        self.server = None
+        self.db = None
+        self.procs: Processes | None = None
+        self.proxy: UnixProxy | None = None
+        self.crawlers: dict = {}
+        self.bus = None
+        self.sockets = {"a": str(self.folder / "a.sock"), "b": str(self.folder / "b-real.sock")}
+        self.endpoints = [self.sockets["a"], str(self.folder / "b.sock")]  # b through the proxy
+        self.counts = {"crawler_kills": 0, "bus_kills": 0, "sigstops": 0, "cuts": 0, "pg_restarts": 0,
+                       "idle_one_offs": 0}
+        self.timeline: list[str] = []
+
+    # --- helpers --------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def note(self, text: str) -> None:
+        line = f"t={self.elapsed():6.1f}s {text}"
+        self.timeline.append(line)
+        log(line)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def start_crawler(self, name: str):
+        proc = self.procs.manage("runcrawler", "--listen", self.sockets[name], "--slots", str(SLOTS), "--noop",
+                                 "--noop-delay-ms", "0-50", "--resume-grace", str(RESUME_GRACE),
+                                 "--name", f"chaos-{name}", name=f"crawler-{name}")
+        self.crawlers[name] = proc
+        return proc
+
+    def start_bus(self):
+        args = ["runbus"]
+        for endpoint in self.endpoints:
+            args += ["--endpoint", endpoint]
+        self.bus = self.procs.manage(*args, name="runbus")
+        return self.bus
+
+    # --- the scenario ------------------------------------------------------------------------
+    def run(self) -> None:
+        log(f"{self.kind}: seed {self.seed} (CHAOS_SEED={self.seed} replays the fault schedule), folder {self.folder}")
+        ok = False
+        try:
+            self.set_up()
+            fault_started = time.monotonic()
+            self.inject_faults()
+            fault_seconds = time.monotonic() - fault_started
+            drained, drain_seconds = self.drain()
+            self.stop_everything()
+            verdict = check_invariant(self.db)
+            self.report(verdict, fault_seconds, drain_seconds)
+            assert drained, f"jobs still unfinished {DRAIN_TIMEOUT:.0f} s after the faults stopped: " \
+                            f"{verdict.by_status}\n{self.diagnostics(verdict)}"
+            assert verdict.ok, f"the invariant is broken:\n{self.diagnostics(verdict)}"
+            assert verdict.jobs == JOBS, f"expected {JOBS} jobs, found {verdict.jobs}"
+            ok = True
+        finally:
+            self.tear_down(keep=not ok and os.environ.get("CHAOS_KEEP") == "1")
+
+    def set_up(self) -> None:
+        if self.kind == "postgresql":
+            self.server = pg_instance.PrivatePostgres()
+            self.server.start()
+            self.db = PostgresChaosDatabase(self.server)
+        else:
+            self.db = SqliteChaosDatabase(self.folder)
+        self.procs = Processes(self.folder, self.db.url, BUS_ENV)
+        self.procs.run("migrate", "--noinput", name="migrate", timeout=150)
+        wave = self.enqueue_wave(0)
+        assert wave.wait(120) == 0, f"enqueue exited {wave.returncode}:\n{tail(wave.log_path)}"
+        counts = self.db.status_counts()
+        assert counts == {"queued": WAVE}, f"after enqueue: {counts}"
+        self.note(f"set-up done: database {self.db.url}, wave 0: {WAVE} jobs queued")
+
+        for name in self.sockets:
+            self.start_crawler(name)
+        for name, proc in self.crawlers.items():
+            assert wait_for_log(proc, "crawler.listening", timeout=60), \
+                f"crawler {name} did not start listening:\n{tail(proc.log_path)}"
+        self.proxy = UnixProxy(self.endpoints[1], self.sockets["b"])
+        self.start_bus()
+        assert wait_for_log(self.bus, "bus.session_ready", timeout=60), \
+            f"runbus made no session:\n{tail(self.bus.log_path)}"
+        self.note("crawlers a (direct) and b (behind the proxy) and runbus are up")
+
+    def enqueue_wave(self, number: int):
+        """`manage.py enqueue --file` of one wave, in the background; returns the process."""
+        urls = self.folder / f"urls-{number}.txt"
+        first = number * WAVE
+        urls.write_text("".join(f"https://example.com/chaos/{i}\n" for i in range(first, first + WAVE)))
+        return self.procs.manage("enqueue", "--file", str(urls), name=f"enqueue-{number}")
+
+    def inject_faults(self) -> None:
+        """Crawler kills every 1-3 s; a wave of jobs every WAVE_EVERY s; after each wave lands, one one-off fault.
+
+        The one-offs follow the waves so each hits a system with a wave's worth
+        of work in flight, however fast this machine happens to be today.
+        """
+        rng = self.rng
+        t0 = time.monotonic()
+        one_offs = [what for _, what in sorted(ONE_OFFS.items())
+                    if what != "pg_restart" or self.kind == "postgresql"]
+        waves = [(number, number * WAVE_EVERY) for number in range(1, WAVES)]  # wave 0 was set-up's
+        enqueuing = None  # (number, proc)
+        landed = 1  # waves whose jobs are in the database
+        one_off_due = None
+        next_kill = rng.uniform(1, 3)
+        stopped = None  # (name, proc, until)
+        last_sample = -10.0
+        unfinished = JOBS
+
+        while True:
+            t = time.monotonic() - t0
+            if t >= FAULT_WINDOW or self.remaining() < DRAIN_TIMEOUT + 30:
+                break
+            if t >= FAULT_PHASE and not one_offs and stopped is None and not waves and enqueuing is None:
+                break
+            if t - last_sample >= 0.25:
+                last_sample = t
+                unfinished = self.db.unfinished()
+            if waves and enqueuing is None and t >= waves[0][1]:
+                number, _ = waves.pop(0)
+                enqueuing = (number, self.enqueue_wave(number))
+            if enqueuing is not None and enqueuing[1].poll() is not None:
+                number, proc = enqueuing
+                assert proc.returncode == 0, f"enqueue of wave {number} exited {proc.returncode}:\n{tail(proc.log_path)}"
+                enqueuing, landed = None, landed + 1
+                if number in ONE_OFFS and (ONE_OFFS[number] != "pg_restart" or self.kind == "postgresql"):
+                    one_off_due = t  # armed: goes off once the wave is being worked on
+                self.note(f"wave {number}: {WAVE} more jobs queued [{unfinished} unfinished]")
+            if stopped is not None and t >= stopped[2]:
+                name, proc, _ = stopped
+                proc.send_signal(signal.SIGCONT)
+                stopped = None
+                self.note(f"SIGCONT crawler {name} (pid {proc.pid})")
+            if one_offs and stopped is None and one_off_due is not None and t >= one_off_due:
+                # Wait (a little) until the bus holds leases, so the fault hits work in flight.
+                running = self.db.running()
+                if running < IN_FLIGHT and t < one_off_due + 3.0:
+                    time.sleep(0.02)
+                    continue
+                what = one_offs[0]
+                unfinished = self.db.unfinished()
+                state = f"[{running} running, {unfinished} unfinished]"
+                if what == "sigstop":
+                    name = rng.choice(sorted(self.crawlers))
+                    proc = self.crawlers[name]
+                    proc.send_signal(signal.SIGSTOP)
+                    stopped = (name, proc, t + STOP_FOR)
+                    self.counts["sigstops"] += 1
+                    self.note(f"SIGSTOP crawler {name} (pid {proc.pid}) for {STOP_FOR:.1f} s {state}")
+                elif what == "cut":
+                    cut = self.proxy.cut()
+                    if not cut:  # crawler b is between incarnations: try again shortly
+                        time.sleep(0.05)
+                        continue
+                    self.counts["cuts"] += cut
+                    self.note(f"cut {cut} proxied connection(s) to crawler b from outside {state}")
+                elif what == "bus_kill":
+                    old = self.bus
+                    Processes.kill(old)
+                    self.counts["bus_kills"] += 1
+                    self.start_bus()
+                    self.note(f"SIGKILL runbus (pid {old.pid}); restarted as pid {self.bus.pid} {state}")
+                elif what == "pg_restart":
+                    took = self.db.restart()
+                    self.counts["pg_restarts"] += 1
+                    self.note(f"restarted PostgreSQL (down and up in {took:.1f} s) {state}")
+                if running == 0:
+                    self.counts["idle_one_offs"] += 1
+                one_offs.pop(0)
+                one_off_due = None  # the next one waits for the next wave
+                if not waves and enqueuing is None and one_offs:  # more one-offs than waves: space them out
+                    one_off_due = time.monotonic() - t0 + 2.0
+                continue
+            if t >= next_kill:
+                names = sorted(name for name in self.crawlers if stopped is None or name != stopped[0])
+                name = rng.choice(names)
+                old = self.crawlers[name]
+                Processes.kill(old)
+                self.counts["crawler_kills"] += 1
+                new = self.start_crawler(name)
+                self.note(f"SIGKILL crawler {name} (pid {old.pid}); restarted as pid {new.pid} "
+                          f"[{unfinished} unfinished]")
+                next_kill = t + rng.uniform(1, 3)
+            time.sleep(0.05)
+        if stopped is not None:  # never leave a process stopped
+            stopped[1].send_signal(signal.SIGCONT)
+        missing = one_offs + [f"wave {number}" for number, _ in waves]
+        if enqueuing is not None:
+            missing.append(f"wave {enqueuing[0]} (still enqueuing)")
+        assert not missing, f"not done within the fault window: {missing}; timeline:\n" + "\n".join(self.timeline)
+        self.note(f"faults stopped: {self.counts}")
+
+    def drain(self) -> tuple[bool, float]:
+        started = time.monotonic()
+        deadline = started + min(DRAIN_TIMEOUT, self.remaining() - 20)
+        last_note = started
+        while True:
+            unfinished = self.db.unfinished()
+            if unfinished == 0:
+                took = time.monotonic() - started
+                self.note(f"drained in {took:.1f} s")
+                return True, took
+            now = time.monotonic()
+            if now >= deadline:
+                self.note(f"NOT drained after {now - started:.1f} s: {self.db.status_counts()}")
+                return False, now - started
+            if now - last_note >= 5:
+                last_note = now
+                self.note(f"draining: {self.db.status_counts()}")
+            for name, proc in self.crawlers.items():  # a crawler that died by itself is a finding
+                if proc.poll() is not None:
+                    self.note(f"crawler {name} exited by itself ({proc.returncode}):\n{tail(proc.log_path, 20)}")
+                    self.start_crawler(name)
+            if self.bus.poll() is not None:
+                self.note(f"runbus exited by itself ({self.bus.returncode}):\n{tail(self.bus.log_path, 20)}")
+                self.start_bus()
+            time.sleep(0.2)
+
+    def stop_everything(self) -> None:
+        code = Processes.terminate(self.bus, timeout=10)
+        self.bus_exit = code
+        crawler_codes = {name: Processes.terminate(proc, timeout=10) for name, proc in self.crawlers.items()}
+        self.note(f"stopped: runbus exit {code}, crawlers {crawler_codes}")
+
+    def report(self, verdict, fault_seconds: float, drain_seconds: float) -> None:
+        bus_logs = [p.log_path for p in self.procs.started if p.name == "runbus"]
+        found = count_in_logs(bus_logs, ["level=error", "exc=", "bus.db_error", "bus.heartbeat_timeout",
+                                         "bus.recovered_session", "bus.re_leased"])
+        lines = [
+            f"CHAOS {self.kind}: seed={self.seed} duration={self.elapsed():.1f}s "
+            f"(faults {fault_seconds:.1f}s, drain {drain_seconds:.1f}s)",
+            f"  jobs={verdict.jobs} succeeded={verdict.by_status.get('succeeded', 0)} "
+            f"failed={verdict.by_status.get('failed', 0)} (poison={verdict.poison}) "
+            f"other={ {k: v for k, v in verdict.by_status.items() if k not in ('succeeded', 'failed')} }",
+            f"  interruptions={verdict.interruptions} stale_acks={verdict.events.get('stale', 0)} "
+            f"re_leases={verdict.events.get('re_lease', 0)} claims={verdict.events.get('claim', 0)} "
+            f"outcomes={verdict.events.get('outcome', 0)}",
+            f"  crawler_kills={self.counts['crawler_kills']} bus_kills={self.counts['bus_kills']} "
+            f"sigstops={self.counts['sigstops']} cuts={self.counts['cuts']} pg_restarts={self.counts['pg_restarts']} "
+            f"idle_one_offs={self.counts['idle_one_offs']} runbus_exit={self.bus_exit}",
+            f"  bus logs: {found}",
+            f"  verdict: {'OK' if verdict.ok else 'BROKEN'}",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def diagnostics(self, verdict) -> str:
+        parts = [format_verdict(verdict), "timeline:", *self.timeline]
+        bus_logs = [p for p in self.procs.started if p.name == "runbus"]
+        for proc in bus_logs[-3:]:
+            parts.append(f"--- tail of {proc.log_path} (pid {proc.pid}, exit {proc.returncode}) ---")
+            parts.append(tail(proc.log_path, 30))
+        return "\n".join(parts)
+
+    def tear_down(self, keep: bool) -> None:
+        errors = []
+        for step in (lambda: self.proxy and self.proxy.stop(),
+                     lambda: self.procs and self.procs.stop_all(),
+                     lambda: self.db and self.db.close(),
+                     lambda: self.server and self.server.destroy()):
+            try:
+                step()
+            except Exception as exc:  # keep tearing down; report at the end
+                errors.append(repr(exc))
+        if keep:
+            log(f"kept {self.folder} (CHAOS_KEEP=1)")
+        else:
+            remove_folder(self.folder)
+        if errors:
+            log(f"tear-down problems: {errors}")
