@@ -78,9 +78,35 @@ class DjangoStore:
         return services.claim_jobs(session=session, limit=limit, lease_seconds=self.lease_seconds)
 
     def record_outcomes(self, *, session, outcomes):
+        """Record a batch; an outcome the database refuses for good fails its job instead of stalling the session.
+
+        Connection errors propagate (the worker retries them). A DataError or
+        IntegrityError is not transient: retrying would stall the session
+        forever, so the batch is recorded one by one and the refused outcome
+        is recorded as a non-retryable failure saying why.
+        """
+        from django.db import DataError, IntegrityError
+
         from jobs import services
 
-        return services.record_outcomes(session=session, outcomes=outcomes)
+        try:
+            return services.record_outcomes(session=session, outcomes=outcomes)
+        except (DataError, IntegrityError):
+            pass
+        acks = []
+        for outcome in outcomes:
+            try:
+                acks.append(services.record_outcome(session=session, outcome=outcome))
+            except (DataError, IntegrityError) as exc:
+                log.warning(kv("bus.outcome_refused", session=session, job=outcome.job_id, attempt=outcome.attempt,
+                               error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
+                refused = services.Outcome(
+                    job_id=outcome.job_id, attempt=outcome.attempt, succeeded=False, retryable=False,
+                    error=f"the crawler's outcome could not be stored ({exc.__class__.__name__}: "
+                          f"{str(exc).strip()[:300]})",
+                )
+                acks.append(services.record_outcome(session=session, outcome=refused))
+        return acks
 
     def renew(self, *, session, running):
         from jobs import services
