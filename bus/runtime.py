@@ -249,12 +249,17 @@ class Bus:
 # --- the background bus of server processes --------------------------------------------
 
 _background: Bus | None = None
+_background_pid = 0
 _background_lock = threading.Lock()
 
 
 def start_background_bus() -> Bus | None:
-    """Start the bus in a daemon thread, once per process (BusConfig.ready calls this)."""
-    global _background
+    """Start the bus in a daemon thread, once per process (BusConfig.ready calls this).
+
+    The pid check makes a forked child (gunicorn --preload) start its own bus
+    instead of trusting the parent's, whose threads did not survive the fork.
+    """
+    global _background, _background_pid
     with _background_lock:
         if _background is not None and _background_pid == os.getpid():
             return _background
@@ -263,19 +268,10 @@ def start_background_bus() -> Bus | None:
         except BusConfigError as exc:
             log.error(kv("bus.not_started", reason=str(exc)))
             return None
-        _set_background(bus)
-        thread = threading.Thread(target=bus.run, name="bus", daemon=True)
-        thread.start()
+        _background, _background_pid = bus, os.getpid()
+        threading.Thread(target=bus.run, name="bus", daemon=True).start()
         atexit.register(bus.shutdown, 3.0)
         return bus
-
-
-_background_pid = 0
-
-
-def _set_background(bus: Bus) -> None:
-    global _background, _background_pid
-    _background, _background_pid = bus, os.getpid()
 
 
 def background_bus() -> Bus | None:

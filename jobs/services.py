@@ -367,6 +367,16 @@ def reset_running_jobs(
     return result
 
 
+def preview_reset(
+    *, session: UUID | None = None, job_ids: Iterable[int] | None = None,
+    lease_expired_before: datetime | None = None,
+) -> ResetCounts:
+    """What reset_running_jobs would do with the same filters, changing nothing (dry runs)."""
+    jobs = _running_filter(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
+    failing = jobs.filter(interruptions__gte=F("max_interruptions") - 1).count()
+    return ResetCounts(requeued=jobs.count() - failing, failed=failing)
+
+
 def expire_leases(*, at: datetime | None = None, actor: str = "sweeper") -> ResetCounts:
     """Requeue running jobs whose lease ran out (their bus died without telling)."""
     at = at or now()

@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
-from django.db.models import F
 
 from jobs import services
 from jobs.models import Job
@@ -133,17 +132,8 @@ class Command(BaseCommand):
         return " ".join(parts)
 
     def _dry_run(self, session, job_ids, lease_expired_before) -> None:
-        # The same selection as reset_running_jobs, through the read-side queryset methods.
-        jobs = Job.objects.running()
-        if session is not None:
-            jobs = jobs.leased_to(session)
-        if job_ids is not None:
-            jobs = jobs.filter(id__in=job_ids)
-        if lease_expired_before is not None:
-            jobs = jobs.lease_expired(lease_expired_before)
-        moving = jobs.count()
-        failing = jobs.filter(interruptions__gte=F("max_interruptions") - 1).count()
+        counts = services.preview_reset(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
         self.stdout.write(
-            f"Dry run: would move {moving} running jobs (requeue {moving - failing}, fail {failing} "
+            f"Dry run: would move {counts.total} running jobs (requeue {counts.requeued}, fail {counts.failed} "
             "at their last allowed interruption); nothing was changed."
         )
