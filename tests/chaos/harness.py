@@ -66,7 +66,7 @@ class ChaosDatabase:
     def running(self) -> int:
         return self.query("SELECT count(*) FROM jobs_job WHERE status = 'running'")[0][0]
 
-    def restart(self) -> float:
+    def restart(self, down_for: float = 0.0) -> float:
         raise NotImplementedError
 
     def _connection(self):
@@ -129,11 +129,16 @@ class PostgresChaosDatabase(ChaosDatabase):
                 pass
             self._conn = None
 
-    def restart(self) -> float:
-        """Restart the private server (fast shutdown: every connection is cut); return seconds it took."""
+    def restart(self, down_for: float = 0.0) -> float:
+        """Stop the private server (fast: every connection is cut), keep it down `down_for` s, start it.
+
+        Returns the seconds it was unavailable.
+        """
         self._drop()
         started = time.monotonic()
-        self.server.restart()
+        self.server.stop("fast")
+        time.sleep(down_for)
+        self.server.start()
         return time.monotonic() - started
 
 

@@ -43,7 +43,6 @@ from tests.chaos.harness import (
     wait_for_log,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 # Jobs arrive in waves (one `manage.py enqueue --file` each, back to back) so that the faults
 # keep finding work in flight: the bus finishes 1,000 jobs in a few seconds here.
@@ -65,6 +64,7 @@ STOP_FOR = 2 * 2 * HEARTBEAT_TIMEOUT  # SIGSTOP: twice the silence that loses a 
 # connection, a killed bus or a SIGCONTed crawler then exercises re-lease, late results (rule 3)
 # and stale outcomes, not only requeue-and-run-again.
 RESUME_GRACE = 2.0
+PG_DOWN = 2.0  # seconds PostgreSQL stays down in its restart
 
 BUS_ENV = {
     "HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
@@ -81,12 +81,16 @@ def suite_database() -> str:
     return "postgresql" if "postgresql" in engine else "sqlite"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_chaos_sqlite():
     if suite_database() != "sqlite":
         pytest.skip("the SQLite chaos run belongs to the SQLite suite run")
     ChaosRun("sqlite").run()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_chaos_postgresql():
     if suite_database() != "postgresql":
         pytest.skip("the PostgreSQL chaos run belongs to the PostgreSQL suite run")
@@ -268,9 +272,9 @@ class ChaosRun:
                     self.start_bus()
                     self.note(f"SIGKILL runbus (pid {old.pid}); restarted as pid {self.bus.pid} {state}")
                 elif what == "pg_restart":
-                    took = self.db.restart()
+                    took = self.db.restart(down_for=PG_DOWN)
                     self.counts["pg_restarts"] += 1
-                    self.note(f"restarted PostgreSQL (down and up in {took:.1f} s) {state}")
+                    self.note(f"restarted PostgreSQL (unavailable for {took:.1f} s) {state}")
                 if running == 0:
                     self.counts["idle_one_offs"] += 1
                 one_offs.pop(0)
@@ -374,3 +378,82 @@ class ChaosRun:
             remove_folder(self.folder)
         if errors:
             log(f"tear-down problems: {errors}")
+
+
+# --- the checker itself (fast): a verdict that cannot fail would prove nothing ------------------
+
+
+def _trail_db(tmp_path, jobs: dict[int, tuple], events: list[tuple]) -> SqliteChaosDatabase:
+    import sqlite3
+
+    db = SqliteChaosDatabase(tmp_path)
+    conn = sqlite3.connect(db.path)
+    conn.executescript(
+        "CREATE TABLE jobs_job (id INTEGER PRIMARY KEY, status TEXT, attempt INT, interruptions INT,"
+        " outcome_attempt INT, lease_session TEXT, lease_expires_at TEXT);"
+        "CREATE TABLE jobs_jobevent (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INT, kind TEXT,"
+        " from_status TEXT, to_status TEXT, attempt INT, actor TEXT, reason TEXT);"
+    )
+    conn.executemany("INSERT INTO jobs_job VALUES (?, ?, ?, ?, ?, ?, ?)",
+                     [(job_id, *row) for job_id, row in jobs.items()])
+    conn.executemany("INSERT INTO jobs_jobevent (job_id, kind, from_status, to_status, attempt, actor, reason)"
+                     " VALUES (?, ?, ?, ?, ?, 'test', '')", events)
+    conn.commit()
+    conn.close()
+    return db
+
+
+GOOD_TRAILS = [
+    # 1: claimed, interrupted, claimed again, done
+    (1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
+    (1, "interrupt", "running", "queued", 1), (1, "claim", "queued", "running", 2),
+    (1, "stale", "", "", 1), (1, "outcome", "running", "succeeded", 2),
+    # 2: interrupted, late result recorded while queued (rule 3)
+    (2, "enqueue", "", "queued", 0), (2, "claim", "queued", "running", 1),
+    (2, "interrupt", "running", "queued", 1), (2, "outcome", "queued", "succeeded", 1),
+    # 3: poison
+    (3, "enqueue", "", "queued", 0), (3, "claim", "queued", "running", 1),
+    (3, "interrupt", "running", "queued", 1), (3, "re_lease", "queued", "running", 1),
+    (3, "interrupt", "running", "failed", 1),
+]
+GOOD_JOBS = {1: ("succeeded", 2, 1, 2, None, None), 2: ("succeeded", 1, 1, 1, None, None),
+             3: ("failed", 1, 2, None, None, None)}
+
+
+def test_invariant_checker_accepts_good_trails(tmp_path):
+    verdict = check_invariant(_trail_db(tmp_path, GOOD_JOBS, GOOD_TRAILS))
+    assert verdict.ok, format_verdict(verdict)
+    assert verdict.poison == 1 and verdict.interruptions == 4 and verdict.events["stale"] == 1
+
+
+@pytest.mark.parametrize("jobs, events, expected", [
+    ({1: ("running", 1, 0, None, "s", "t")},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1)], "not terminal"),
+    ({1: ("succeeded", 1, 0, 1, "s", "t")},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
+      (1, "outcome", "running", "succeeded", 1)], "still has a lease"),
+    ({1: ("succeeded", 2, 1, 2, None, None)},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
+      (1, "outcome", "running", "succeeded", 1), (1, "claim", "succeeded", "running", 2),
+      (1, "outcome", "running", "succeeded", 2)], "not a legal move"),
+    ({1: ("succeeded", 1, 1, 1, None, None)},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
+      (1, "interrupt", "running", "queued", 1), (1, "claim", "queued", "running", 1),
+      (1, "outcome", "running", "succeeded", 1)], "does not increase"),
+    ({1: ("succeeded", 1, 0, 1, None, None)},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
+      (1, "outcome", "queued", "succeeded", 1)], "starts from 'queued' but the job was 'running'"),
+    ({1: ("queued", 1, 1, None, None, None)},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1)], "last event leads to running"),
+    ({1: ("failed", 1, 0, None, None, None)},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
+      (1, "interrupt", "running", "failed", 1)], "interruptions=0 but 1 interrupt events"),
+    ({1: ("succeeded", 2, 1, 2, None, None)},
+     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
+      (1, "interrupt", "running", "queued", 1), (1, "claim", "queued", "running", 2),
+      (1, "outcome", "running", "queued", 2), (1, "outcome", "queued", "succeeded", 1)], "latest claim is 2"),
+])
+def test_invariant_checker_flags_broken_trails(tmp_path, jobs, events, expected):
+    verdict = check_invariant(_trail_db(tmp_path, jobs, events))
+    assert not verdict.ok
+    assert any(expected in text for text in verdict.problems), format_verdict(verdict)
