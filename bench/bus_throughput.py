@@ -58,7 +58,8 @@ def one_run(url: str, args) -> tuple[float, float, str]:
         time.sleep(0.05)
         runbus = procs.manage("runbus", "--endpoint", sock, env=env,
                               python_args=(str(Path(__file__).with_name("_procs.py")), "--profile-threads",
-                                           str(procs.folder / "profile")) if args.profile else ())
+                                           str(procs.folder / "profile")) if args.profile
+                              else (args.wrap,) if args.wrap else ())
         deadline = time.monotonic() + args.timeout
         done_at = None
         while time.monotonic() < deadline:
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of runbus and runcrawler (default INFO)")
     parser.add_argument("--profile", action="store_true",
                         help="profile every thread of runbus with cProfile (keeps the .prof files)")
+    parser.add_argument("--wrap", metavar="SCRIPT", default=None,
+                        help="experiments: start runbus as `python SCRIPT manage.py runbus ...` (SCRIPT runs argv[1:])")
     args = parser.parse_args(argv)
     return per_backend(args, __file__, argv, run_backend)
 
