@@ -8,6 +8,7 @@ not at the one the chaos processes use.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -65,6 +66,21 @@ class ChaosDatabase:
 
     def running(self) -> int:
         return self.query("SELECT count(*) FROM jobs_job WHERE status = 'running'")[0][0]
+
+    def running_by_crawler(self) -> dict[str, int]:
+        """Running jobs per crawler name (welcome.crawler), counting only sessions the bus holds open."""
+        return dict(self.query(
+            "SELECT s.crawler, count(*) FROM jobs_job j JOIN bus_bussession s ON s.session = j.lease_session "
+            "WHERE j.status = 'running' AND s.state = 'connected' GROUP BY s.crawler"
+        ))
+
+    def interrupt_reasons(self) -> dict[str, int]:
+        """Interrupt events by the start of their reason (up to the first ':' or '(')."""
+        counts: Counter = Counter()
+        for reason, n in self.query("SELECT reason, count(*) FROM jobs_jobevent WHERE kind = 'interrupt' "
+                                    "GROUP BY reason"):
+            counts[re.sub(r"\d+", "N", reason.split(":")[0].split("(")[0].strip()[:60])] += n
+        return dict(counts)
 
     def restart(self, down_for: float = 0.0) -> float:
         raise NotImplementedError
