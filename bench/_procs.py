@@ -310,7 +310,7 @@ def _profile_threads(out_dir: str, argv: list[str]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) >= 4 and sys.argv[1] == "--profile-threads":
-        sys.path.insert(0, str(Path(sys.argv[3]).resolve().parent))
+        sys.path.insert(0, str(ROOT))
         _profile_threads(sys.argv[2], sys.argv[3:])
     else:
         sys.exit("usage: python bench/_procs.py --profile-threads OUT_DIR manage.py COMMAND ...")

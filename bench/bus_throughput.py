@@ -57,9 +57,9 @@ def one_run(url: str, args) -> tuple[float, float, str]:
         procs.manage("runcrawler", "--listen", sock, "--slots", str(args.slots), "--noop", env=env)
         time.sleep(0.05)
         runbus = procs.manage("runbus", "--endpoint", sock, env=env,
-                              python_args=(str(Path(__file__).with_name("_procs.py")), "--profile-threads",
-                                           str(procs.folder / "profile")) if args.profile
-                              else (args.wrap,) if args.wrap else ())
+                              python_args=((str(Path(__file__).with_name("_procs.py")), "--profile-threads",
+                                            str(procs.folder / "profile")) if args.profile else ())
+                              + ((args.wrap,) if args.wrap else ()))
         deadline = time.monotonic() + args.timeout
         done_at = None
         while time.monotonic() < deadline:
