@@ -20,6 +20,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import connection, transaction
+from django.db.models.expressions import RawSQL
 from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, TextField, Value, When
 from django.dispatch import Signal
 from django.utils import timezone
@@ -56,8 +57,55 @@ def _announce_queued() -> None:
     transaction.on_commit(lambda: jobs_available.send(sender=Job))
 
 
+def _id_in(ids: Iterable[int], field: str = "id") -> Q:
+    """`field IN ids` that also works past SQLite's limit of bound parameters (admin "select all")."""
+    ids = list(ids)
+    if connection.vendor == "sqlite" and len(ids) > 1000:
+        return Q(**{f"{field}__in": RawSQL("SELECT value FROM json_each(%s)", [json.dumps(ids)])})
+    return Q(**{f"{field}__in": ids})
+
+
+_EVENT_COLUMNS = ("job_id", "at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
+_EVENT_TYPES = ("bigint", "timestamptz", "text", "text", "text", "integer", "uuid", "text", "text")
+
+
 def _events(rows: Iterable[dict[str, Any]]) -> None:
-    JobEvent.objects.bulk_create([JobEvent(**row) for row in rows], batch_size=500)
+    """Write audit events in one statement whatever their number (bulk_create would
+    split them into batches of a few dozen rows on SQLite)."""
+    defaults = {"from_status": "", "to_status": "", "attempt": 0, "session": None, "reason": ""}
+    prepared = []
+    for row in rows:
+        row = {**defaults, **row}
+        prepared.append({
+            "job_id": row["job_id"],
+            "at": str(_event_db("at", row["at"])),
+            "kind": str(row["kind"]),
+            "from_status": str(row["from_status"]),
+            "to_status": str(row["to_status"]),
+            "attempt": row["attempt"],
+            "session": None if row["session"] is None else str(_event_db("session", row["session"])),
+            "actor": row["actor"],
+            "reason": row["reason"],
+        })
+    if not prepared:
+        return
+    table = connection.ops.quote_name(JobEvent._meta.db_table)
+    columns = ", ".join(_EVENT_COLUMNS)
+    with connection.cursor() as cursor:
+        if _is_postgres():
+            record = ", ".join(f"{name} {kind}" for name, kind in zip(_EVENT_COLUMNS, _EVENT_TYPES))
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS r({record})",
+                [json.dumps(prepared)],
+            )
+        else:
+            extracted = ", ".join(f"json_extract(value, '$.{name}')" for name in _EVENT_COLUMNS)
+            cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {extracted} FROM json_each(%s)",
+                           [json.dumps(prepared)])
+
+
+def _event_db(field_name: str, value: Any) -> Any:
+    return JobEvent._meta.get_field(field_name).get_db_prep_value(value, connection)
 
 
 # --- Enqueue -----------------------------------------------------------------
@@ -65,8 +113,7 @@ def _events(rows: Iterable[dict[str, Any]]) -> None:
 _url_validator = URLValidator(schemes=["http", "https"])
 
 
-def validate_job_spec(*, url: Any, payload: Any = None, priority: Any = 0) -> tuple[str, dict, int]:
-    """Check one job's fields; raise ValidationError naming the bad field."""
+def _validate_url(url: Any) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ValidationError({"url": "a URL is required"})
     url = url.strip()
@@ -76,6 +123,10 @@ def validate_job_spec(*, url: Any, payload: Any = None, priority: Any = 0) -> tu
         _url_validator(url)
     except ValidationError:
         raise ValidationError({"url": f"{url[:200]!r} is not a valid http:// or https:// URL"}) from None
+    return url
+
+
+def _validate_payload_and_priority(payload: Any, priority: Any) -> tuple[dict, int]:
     if payload is None:
         payload = {}
     if not isinstance(payload, dict):
@@ -90,6 +141,13 @@ def validate_job_spec(*, url: Any, payload: Any = None, priority: Any = 0) -> tu
         raise ValidationError({"priority": "priority must be a whole number"})
     if not -(2**31) <= priority < 2**31:
         raise ValidationError({"priority": "priority is out of range"})
+    return payload, priority
+
+
+def validate_job_spec(*, url: Any, payload: Any = None, priority: Any = 0) -> tuple[str, dict, int]:
+    """Check one job's fields; raise ValidationError naming the bad field."""
+    url = _validate_url(url)
+    payload, priority = _validate_payload_and_priority(payload, priority)
     return url, payload, priority
 
 
@@ -107,31 +165,73 @@ def enqueue_many(
     """Queue several jobs, all or none: any invalid URL raises before anything is written.
 
     The ValidationError lists every bad entry as "line N: reason" (1-based).
+    The jobs and their enqueue events are written by two set-based statements
+    whatever the count (no per-row INSERTs: a batch of 40,000 stays fast).
     """
+    payload, priority = _validate_payload_and_priority(payload, priority)
     problems: list[str] = []
-    specs = []
+    checked: list[str] = []
     for number, url in enumerate(urls, start=1):
         try:
-            specs.append(validate_job_spec(url=url, payload=payload, priority=priority))
+            checked.append(_validate_url(url))
         except ValidationError as exc:
             reasons = "; ".join(msg for msgs in exc.message_dict.values() for msg in msgs)
             problems.append(f"line {number}: {reasons}")
     if problems:
         raise ValidationError(problems)
-    if not specs:
+    if not checked:
         raise ValidationError("no URLs given")
     at = now()
+    fields = {name: Job._meta.get_field(name).default for name in
+              ("max_attempts", "max_interruptions")}
+    table = connection.ops.quote_name(Job._meta.db_table)
+    events = connection.ops.quote_name(JobEvent._meta.db_table)
+    at_db = _db("created_at", at)
+    payload_json = json.dumps(payload)
     with transaction.atomic():
-        jobs = Job.objects.bulk_create(
-            [Job(url=url, payload=data, priority=prio) for url, data, prio in specs], batch_size=500
-        )
-        if any(job.pk is None for job in jobs):  # backends without RETURNING ids
-            jobs = list(Job.objects.order_by("-id")[: len(jobs)])[::-1]
-        _events(
-            dict(job_id=job.pk, at=at, kind=EventKind.ENQUEUE, to_status=Status.QUEUED, actor=actor)
-            for job in jobs
-        )
+        with connection.cursor() as cursor:
+            if _is_postgres():
+                cursor.execute(
+                    f"""
+                    WITH added AS (
+                        INSERT INTO {table} (url, payload, priority, status, attempt, max_attempts, failures,
+                                             interruptions, max_interruptions, error, created_at, updated_at)
+                        SELECT u.url, %s::jsonb, %s, 'queued', 0, %s, 0, 0, %s, '', %s, %s
+                        FROM unnest(%s::text[]) WITH ORDINALITY AS u(url, n) ORDER BY u.n
+                        RETURNING id
+                    ),
+                    logged AS (
+                        INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, actor, reason)
+                        SELECT id, %s, 'enqueue', '', 'queued', 0, %s, '' FROM added
+                    )
+                    SELECT id FROM added ORDER BY id
+                    """,
+                    (payload_json, priority, fields["max_attempts"], fields["max_interruptions"], at_db, at_db,
+                     checked, at_db, actor),
+                )
+                ids = [row[0] for row in cursor.fetchall()]
+            else:
+                cursor.execute(
+                    f"""
+                    INSERT INTO {table} (url, payload, priority, status, attempt, max_attempts, failures,
+                                         interruptions, max_interruptions, error, created_at, updated_at)
+                    SELECT u.value, %s, %s, 'queued', 0, %s, 0, 0, %s, '', %s, %s
+                    FROM json_each(%s) AS u ORDER BY u.key
+                    RETURNING id
+                    """,
+                    (payload_json, priority, fields["max_attempts"], fields["max_interruptions"], at_db, at_db,
+                     json.dumps(checked)),
+                )
+                ids = sorted(row[0] for row in cursor.fetchall())
+                cursor.execute(
+                    f"""
+                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, actor, reason)
+                    SELECT value, %s, 'enqueue', '', 'queued', 0, %s, '' FROM json_each(%s)
+                    """,
+                    (at_db, actor, json.dumps(ids)),
+                )
         _announce_queued()
+    jobs = list(Job.objects.filter(_id_in(ids)).order_by("id"))
     log.info(kv("jobs.enqueued", count=len(jobs), actor=actor))
     return jobs
 
@@ -254,7 +354,7 @@ def _running_filter(
     if session is not None:
         jobs = jobs.filter(lease_session=session)
     if job_ids is not None:
-        jobs = jobs.filter(id__in=list(job_ids))
+        jobs = jobs.filter(_id_in(job_ids))
     if lease_expired_before is not None:
         jobs = jobs.filter(lease_expires_at__lt=lease_expired_before)
     return jobs
@@ -426,13 +526,13 @@ def record_outcomes(
         fields = ("id", "status", "attempt", "outcome_attempt", "failures", "max_attempts", "error")
         jobs = {
             row["id"]: row
-            for row in Job.objects.select_for_update().filter(id__in=ids).order_by("id").values(*fields)
+            for row in Job.objects.select_for_update().filter(_id_in(ids)).order_by("id").values(*fields)
         }
         older = [(o.job_id, o.attempt) for o in outcomes if o.job_id in jobs and o.attempt < jobs[o.job_id]["attempt"]]
         recorded_before = set()
         if older:
             recorded_before = set(
-                JobEvent.objects.filter(kind=EventKind.OUTCOME, job_id__in={pair[0] for pair in older})
+                JobEvent.objects.filter(_id_in({pair[0] for pair in older}, "job_id"), kind=EventKind.OUTCOME)
                 .values_list("job_id", "attempt")
             )
         changed: dict[int, Job] = {}
@@ -535,11 +635,11 @@ def renew_leases(
     at = at or now()
     listed = set(running)
     held = set(
-        Job.objects.leased_to(session).filter(id__in={job_id for job_id, _ in listed}).values_list("id", "attempt")
+        Job.objects.leased_to(session).filter(_id_in({job_id for job_id, _ in listed})).values_list("id", "attempt")
     )
     renewed = listed & held
     if renewed:
-        Job.objects.filter(id__in={job_id for job_id, _ in renewed}, lease_session=session).update(
+        Job.objects.filter(_id_in({job_id for job_id, _ in renewed}), lease_session=session).update(
             lease_expires_at=at + timedelta(seconds=lease_seconds)
         )
     return renewed
@@ -606,11 +706,11 @@ def cancel_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "cancelled 
     at = now()
     with transaction.atomic():
         rows = list(
-            Job.objects.select_for_update().filter(id__in=job_ids, status__in=[Status.QUEUED, Status.RUNNING])
+            Job.objects.select_for_update().filter(_id_in(job_ids), status__in=[Status.QUEUED, Status.RUNNING])
             .order_by("id").values_list("id", "status", "attempt", "lease_session")
         )
         ids = [row[0] for row in rows]
-        Job.objects.filter(id__in=ids).update(
+        Job.objects.filter(_id_in(ids)).update(
             status=Status.CANCELLED, lease_session=None, lease_expires_at=None, finished_at=at,
             updated_at=at, run_after=None,
         )
@@ -637,17 +737,17 @@ def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by 
     at = now()
     with transaction.atomic():
         rows = list(
-            Job.objects.select_for_update().filter(id__in=job_ids, status__in=[Status.FAILED, Status.CANCELLED])
+            Job.objects.select_for_update().filter(_id_in(job_ids), status__in=[Status.FAILED, Status.CANCELLED])
             .order_by("id").values_list("id", "status", "attempt")
         )
         abandoned = Q(attempt__gt=0) & (Q(outcome_attempt__isnull=True) | ~Q(outcome_attempt=F("attempt")))
-        Job.objects.filter(id__in=[row[0] for row in rows]).update(
+        Job.objects.filter(_id_in([row[0] for row in rows])).update(
             status=Status.QUEUED, failures=0, interruptions=0, error="", finished_at=None,
             run_after=None, updated_at=at,
             attempt=Case(When(abandoned, then=F("attempt") + 1), default=F("attempt"),
                          output_field=PositiveIntegerField()),
         )
-        attempts = dict(Job.objects.filter(id__in=[row[0] for row in rows]).values_list("id", "attempt"))
+        attempts = dict(Job.objects.filter(_id_in([row[0] for row in rows])).values_list("id", "attempt"))
         _events(
             dict(job_id=job_id, at=at, kind=EventKind.RETRY, from_status=status, to_status=Status.QUEUED,
                  attempt=attempts[job_id], actor=actor, reason=reason)

@@ -256,3 +256,17 @@ def _reset_queries(count: int, assert_max_queries) -> int:
 
 def test_reset_is_set_based_same_query_count_for_5_and_500_jobs(django_assert_max_num_queries):
     assert _reset_queries(5, django_assert_max_num_queries) == _reset_queries(500, django_assert_max_num_queries)
+
+
+@pytest.mark.django_db
+def test_reset_cancel_and_retry_take_more_ids_than_sqlite_binds_at_once():
+    jobs = services.enqueue_many(urls=[f"https://example.com/{i}" for i in range(40_000)], actor="test")
+    session = uuid.uuid4()
+    services.claim_jobs(session=session, limit=40_000, lease_seconds=60)
+    ids = [job.id for job in jobs] + list(range(10**9, 10**9 + 5_000))  # plus ids that do not exist
+
+    counts = services.reset_running_jobs(job_ids=ids, reason="bulk", actor="test")
+    assert counts.requeued == 40_000
+    assert services.cancel_jobs(job_ids=ids, actor="test").changed == 40_000
+    assert services.retry_jobs(job_ids=ids, actor="test").changed == 40_000
+    assert Job.objects.queued().count() == 40_000
