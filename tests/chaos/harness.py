@@ -339,12 +339,14 @@ class Processes:
                 pass
 
 
-def tail(path: str, lines: int = 40) -> str:
+def tail(path: str, lines: int = 40, skip: tuple[str, ...] = ()) -> str:
+    """The last `lines` lines of a log, leaving out lines that contain any of `skip`."""
     try:
         text = Path(path).read_text(errors="replace")
     except OSError as exc:
         return f"(cannot read {path}: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if not any(word in line for word in skip)]
+    return "\n".join(kept[-lines:])
 
 
 def wait_for_log(proc: subprocess.Popen, needle: str, timeout: float) -> bool:

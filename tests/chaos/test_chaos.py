@@ -369,8 +369,9 @@ class ChaosRun:
         parts = [format_verdict(verdict), "timeline:", *self.timeline]
         bus_logs = [p for p in self.procs.started if p.name == "runbus"]
         for proc in bus_logs[-3:]:
-            parts.append(f"--- tail of {proc.log_path} (pid {proc.pid}, exit {proc.returncode}) ---")
-            parts.append(tail(proc.log_path, 30))
+            parts.append(f"--- tail of {proc.log_path} (pid {proc.pid}, exit {proc.returncode}), "
+                         "per-job stale lines left out ---")
+            parts.append(tail(proc.log_path, 30, skip=("event=outcome.stale",)))
         return "\n".join(parts)
 
     def tear_down(self, keep: bool) -> None:
