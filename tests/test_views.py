@@ -629,3 +629,13 @@ def test_health_reports_a_database_error_as_503_json(client):
     assert response.status_code == 503
     assert response["Content-Type"] == "application/json"
     assert response.json()["database"] == "error"
+
+
+def test_static_files_are_served_without_debug(client, settings):
+    """gunicorn with DEBUG=false still serves the pages' CSS and live-update script (WhiteNoise)."""
+    settings.DEBUG = False
+    from django.templatetags.static import static
+
+    response = client.get(static("jobs/live.js"))
+    assert response.status_code == 200
+    assert b"visibilitychange" in b"".join(response.streaming_content)
