@@ -220,7 +220,11 @@ def number_of(frame: dict[str, Any], name: str) -> float | None:
     value = frame.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a double (JSON allows 4300 digits)
+        finite = False
+    if not finite:
         raise FieldError(f"{name} must be a finite number")
     return value
 

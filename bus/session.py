@@ -146,6 +146,9 @@ class SessionIO:
             return self._finish(SessionEnd(ended.reason, ended.cause, ready, ended.unauthorized))
         except OSError as exc:
             return self._finish(SessionEnd(f"socket error: {exc.__class__.__name__}: {exc}", "lost", ready))
+        except Exception as exc:  # a bug here must still end the session, or its jobs stay leased for ever
+            log.exception(kv("bus.session_crashed", session=self.session, endpoint=self.endpoint))
+            return self._finish(SessionEnd(f"session error: {exc.__class__.__name__}", "lost", ready))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _finish(self, end: SessionEnd) -> SessionEnd:
