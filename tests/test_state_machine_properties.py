@@ -1,0 +1,322 @@
+"""Property tests of the job state machine in jobs/services.py, without sockets.
+
+Hypothesis drives random interleavings of enqueue, claims by three sessions, outcomes
+(current, old and made-up attempts, resends), resets (by session, by id, by lease expiry),
+cancels, retries, re-leases and lease renewals. After every step the database alone must
+satisfy the invariants of issue 4: a lease exactly when running, attempts never going back,
+at most one outcome per (job, attempt), an event trail that replays to the job's status,
+no outcome acked "recorded" missing from the trail, and no job held by two sessions.
+Each example runs in a transaction that is rolled back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+
+from jobs import services
+from jobs.models import EventKind, Job, JobEvent, Status
+
+SESSIONS = ("A", "B", "C")
+MAX_JOBS = 4
+JOB_FIELDS = ("id", "status", "attempt", "lease_session", "lease_expires_at", "outcome_attempt", "failures",
+              "max_attempts", "interruptions", "max_interruptions", "run_after")
+
+pytestmark = pytest.mark.django_db
+
+
+class _Rollback(Exception):
+    pass
+
+
+def snapshot() -> dict[int, dict]:
+    return {row["id"]: row for row in Job.objects.order_by("id").values(*JOB_FIELDS)}
+
+
+def expected_ack(job: dict | None, attempt: int, outcome_pairs: set) -> str:
+    """PROTOCOL.md's fencing rules, as an oracle over the state before the outcome."""
+    if job is None:
+        return services.STALE  # unknown job
+    if (job["id"], attempt) in outcome_pairs:
+        return services.RECORDED  # rule 2: a resend
+    if attempt >= 1 and attempt == job["attempt"] and job["status"] in (Status.RUNNING, Status.QUEUED):
+        return services.RECORDED  # rules 1 and 3
+    return services.STALE
+
+
+class JobStateMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self._atomic = transaction.atomic()
+        self._atomic.__enter__()
+        self.clock = timezone.now()
+        self.sessions = {name: uuid.uuid4() for name in SESSIONS}
+        self.given: dict[uuid.UUID, set[tuple[int, int]]] = defaultdict(set)  # handed out by claim / re-lease
+        self.orphans: dict[str, set[tuple[int, int]]] = defaultdict(set)  # a reconnecting crawler's old jobs
+        self.recorded: set[tuple[int, int]] = set()  # every (job, attempt) acked "recorded"
+        self.attempts: dict[int, int] = {}
+        self.jobs = snapshot()
+
+    def teardown(self):
+        transaction.set_rollback(True)
+        self._atomic.__exit__(None, None, None)
+
+    # --- helpers -----------------------------------------------------------------------
+    def _pick(self, index: int) -> int:
+        ids = sorted(self.jobs)
+        return ids[index % len(ids)]
+
+    def _outcome_pairs(self) -> set[tuple[int, int]]:
+        return set(JobEvent.objects.filter(kind=EventKind.OUTCOME).values_list("job_id", "attempt"))
+
+    def _check_taken(self, session: uuid.UUID, taken, before: dict[int, dict], *, same_attempt: bool) -> None:
+        for job_id, attempt in taken:
+            old = before[job_id]
+            assert old["status"] == Status.QUEUED, f"job {job_id} taken while {old['status']}"
+            assert old["run_after"] is None or old["run_after"] <= self.clock or same_attempt, \
+                f"job {job_id} claimed before its run_after"
+            assert attempt == (old["attempt"] if same_attempt else old["attempt"] + 1)
+            self.given[session].add((job_id, attempt))
+
+    # --- rules -------------------------------------------------------------------------
+    @precondition(lambda self: len(self.jobs) < MAX_JOBS)
+    @rule(count=st.integers(1, 2), max_attempts=st.integers(1, 3), max_interruptions=st.integers(1, 3))
+    def enqueue(self, count, max_attempts, max_interruptions):
+        jobs = services.enqueue_many(urls=[f"https://example.com/p{i}" for i in range(count)], actor="prop")
+        Job.objects.filter(id__in=[job.id for job in jobs]).update(
+            max_attempts=max_attempts, max_interruptions=max_interruptions)
+
+    @rule(name=st.sampled_from(SESSIONS), limit=st.integers(1, 3), lease=st.sampled_from([1, 60]))
+    def claim(self, name, limit, lease):
+        session, before = self.sessions[name], self.jobs
+        claimed = services.claim_jobs(session=session, limit=limit, lease_seconds=lease, at=self.clock)
+        assert len(claimed) <= limit
+        self._check_taken(session, [(job.id, job.attempt) for job in claimed], before, same_attempt=False)
+        claimable = [j for j in before.values() if j["status"] == Status.QUEUED
+                     and (j["run_after"] is None or j["run_after"] <= self.clock)]
+        assert len(claimed) == min(limit, len(claimable)), "a claimable job was left behind"
+
+    @precondition(lambda self: self.jobs)
+    @rule(name=st.sampled_from(SESSIONS), index=st.integers(0, MAX_JOBS), which=st.sampled_from(
+        ["current", "current", "old", "random", "zero", "unknown"]), succeeded=st.booleans(),
+        retryable=st.booleans(), resend=st.booleans(), other=st.integers(1, 6))
+    def record(self, name, index, which, succeeded, retryable, resend, other):
+        job_id = self._pick(index)
+        current = self.jobs[job_id]["attempt"]
+        attempt = {"current": current, "old": max(1, current - other), "random": other, "zero": 0,
+                   "unknown": 1}[which]
+        if which == "unknown":
+            job_id = max(self.jobs) + 1000
+        outcome = services.Outcome(job_id=job_id, attempt=attempt, succeeded=succeeded,
+                                   result={"ok": True} if succeeded else None, error="" if succeeded else "boom",
+                                   retryable=retryable)
+        batch = [outcome, outcome] if resend else [outcome]
+        pairs = self._outcome_pairs()
+        expected = []
+        for _ in batch:
+            ack = expected_ack(self.jobs.get(job_id), attempt, pairs)
+            expected.append(ack)
+            if ack == services.RECORDED:
+                pairs.add((job_id, attempt))
+        acks = services.record_outcomes(session=self.sessions[name], outcomes=batch, at=self.clock)
+        assert acks == expected, (self.jobs.get(job_id), attempt, acks, expected)
+        self.recorded.update((job_id, attempt) for ack in acks if ack == services.RECORDED)
+
+    @rule(name=st.sampled_from(SESSIONS))
+    def end_session(self, name):
+        """The session is lost: its jobs are requeued and the crawler reconnects as a new session."""
+        old = self.sessions[name]
+        services.reset_running_jobs(session=old, reason="session lost", actor="prop", at=self.clock)
+        self.orphans[name] |= self.given[old]
+        self.sessions[name] = uuid.uuid4()
+
+    @precondition(lambda self: self.jobs)
+    @rule(indexes=st.lists(st.integers(0, MAX_JOBS), min_size=1, max_size=3))
+    def reset_ids(self, indexes):
+        services.reset_running_jobs(job_ids={self._pick(i) for i in indexes}, reason="by hand", actor="prop",
+                                    at=self.clock)
+
+    @rule(seconds=st.sampled_from([0.5, 2, 61]))
+    def expire(self, seconds):
+        self.clock += timedelta(seconds=seconds)
+        services.expire_leases(at=self.clock)
+
+    @rule(seconds=st.sampled_from([1, 3, 30, 700]))
+    def advance(self, seconds):
+        self.clock += timedelta(seconds=seconds)
+
+    @precondition(lambda self: self.jobs)
+    @rule(indexes=st.lists(st.integers(0, MAX_JOBS), min_size=1, max_size=2))
+    def cancel(self, indexes):
+        services.cancel_jobs(job_ids={self._pick(i) for i in indexes}, actor="prop")
+
+    @precondition(lambda self: self.jobs)
+    @rule(indexes=st.lists(st.integers(0, MAX_JOBS), min_size=1, max_size=2))
+    def retry(self, indexes):
+        ids = {self._pick(i) for i in indexes}
+        before = self.jobs
+        result = services.retry_jobs(job_ids=ids, actor="prop")
+        after = snapshot()
+        for job_id in ids:
+            if before[job_id]["status"] in (Status.FAILED, Status.CANCELLED):
+                assert after[job_id]["status"] == Status.QUEUED
+        assert result.changed == sum(before[i]["status"] in (Status.FAILED, Status.CANCELLED) for i in ids)
+
+    @precondition(lambda self: self.jobs)
+    @rule(name=st.sampled_from(SESSIONS), orphan=st.booleans(), index=st.integers(0, MAX_JOBS),
+          delta=st.integers(-1, 1))
+    def re_lease(self, name, orphan, index, delta):
+        session, before = self.sessions[name], self.jobs
+        if orphan and self.orphans[name]:
+            running = sorted(self.orphans[name])
+        else:
+            job_id = self._pick(index)
+            running = [(job_id, max(0, before[job_id]["attempt"] + delta))]
+        taken, refused = services.re_lease_jobs(session=session, running=running, lease_seconds=60, at=self.clock)
+        assert sorted(taken + refused) == sorted(running)
+        self._check_taken(session, taken, before, same_attempt=True)
+        pairs = self._outcome_pairs()
+        for job_id, attempt in taken:
+            assert (job_id, attempt) not in pairs, "re-leased an attempt whose outcome is recorded"
+        for job_id, attempt in refused:
+            old = before.get(job_id)
+            assert old is None or old["status"] != Status.QUEUED or old["attempt"] != attempt \
+                or old["outcome_attempt"] == attempt
+
+    @rule(name=st.sampled_from(SESSIONS), extra=st.lists(st.tuples(st.integers(0, MAX_JOBS), st.integers(0, 4)),
+                                                          max_size=2))
+    def renew(self, name, extra):
+        session = self.sessions[name]
+        listed = set(self.given[session])
+        if self.jobs:
+            listed |= {(self._pick(i), attempt) for i, attempt in extra}
+        renewed = services.renew_leases(session=session, running=sorted(listed), lease_seconds=60, at=self.clock)
+        held = {(j["id"], j["attempt"]) for j in self.jobs.values()
+                if j["status"] == Status.RUNNING and j["lease_session"] == session}
+        assert renewed == listed & held
+
+    # --- invariants, from the database alone --------------------------------------------
+    @invariant()
+    def database_invariants(self):
+        jobs = snapshot()
+        events = list(JobEvent.objects.order_by("id").values_list(
+            "job_id", "kind", "from_status", "to_status", "attempt", "session"))
+        trail: dict[int, list] = defaultdict(list)
+        for event in events:
+            trail[event[0]].append(event)
+        outcome_pairs = [(job_id, attempt) for job_id, kind, _, _, attempt, _ in events if kind == EventKind.OUTCOME]
+        assert len(outcome_pairs) == len(set(outcome_pairs)), "two outcomes for one attempt"
+        missing = self.recorded - set(outcome_pairs)
+        assert not missing, f"outcomes acked recorded but not in the trail: {missing}"
+        for job_id, job in jobs.items():
+            running = job["status"] == Status.RUNNING
+            assert running == (job["lease_session"] is not None) == (job["lease_expires_at"] is not None), job
+            assert job["attempt"] >= self.attempts.get(job_id, 0), "attempt went back"
+            self.attempts[job_id] = job["attempt"]
+            assert job["failures"] <= job["max_attempts"] and job["interruptions"] <= job["max_interruptions"], job
+            if job["status"] in (Status.SUCCEEDED,):
+                assert job["outcome_attempt"] is not None
+            if running:
+                # Held by exactly the session that was handed this attempt (claim or re-lease).
+                assert (job_id, job["attempt"]) in self.given[job["lease_session"]], job
+            # The trail replays to the status.
+            status, claims = "", 0
+            for _, kind, from_status, to_status, attempt, session in trail[job_id]:
+                if kind == EventKind.STALE:
+                    assert from_status == to_status == ""
+                    continue
+                assert from_status == status, (job_id, trail[job_id])
+                status = to_status
+                if kind == EventKind.CLAIM:
+                    assert attempt > claims, "a claim did not raise the attempt"
+                    claims = attempt
+                    assert session is not None
+            assert status == job["status"], (job, trail[job_id])
+        # No two sessions hold one job: each session's own view (what it was handed and still
+        # has in the database) is disjoint from every other's.
+        holders: dict[int, set] = defaultdict(set)
+        for session, pairs in self.given.items():
+            for job_id, attempt in pairs:
+                job = jobs.get(job_id)
+                if job and job["status"] == Status.RUNNING and job["lease_session"] == session \
+                        and job["attempt"] == attempt:
+                    holders[job_id].add(session)
+        assert all(len(sessions) == 1 for sessions in holders.values()), holders
+        assert set(holders) == {j for j, job in jobs.items() if job["status"] == Status.RUNNING}
+        self.jobs = jobs
+
+
+def test_random_interleavings_keep_the_job_invariants(db):
+    run_state_machine_as_test(JobStateMachine, settings=settings(
+        max_examples=2000, stateful_step_count=8, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+
+
+# --- two sessions never hold the same job ---------------------------------------------------
+
+OPERATIONS = st.lists(st.one_of(
+    st.tuples(st.just("claim"), st.sampled_from(SESSIONS), st.integers(1, 3)),
+    st.tuples(st.just("lose"), st.sampled_from(SESSIONS), st.just(0)),
+    st.tuples(st.just("expire"), st.just(""), st.sampled_from([1, 5, 61])),
+    st.tuples(st.just("re_lease"), st.sampled_from(SESSIONS), st.integers(0, 2)),
+    st.tuples(st.just("reset"), st.just(""), st.integers(0, 2)),
+    st.tuples(st.just("done"), st.sampled_from(SESSIONS), st.integers(0, 2)),
+), min_size=1, max_size=10)
+
+
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                     HealthCheck.too_slow])
+@given(operations=OPERATIONS)
+def test_no_two_sessions_ever_hold_the_same_job(db, operations):
+    """Every session renews what it was ever handed; no job is renewed for two sessions at once."""
+    try:
+        with transaction.atomic():
+            _play(operations)
+            raise _Rollback
+    except _Rollback:
+        pass
+
+
+def _play(operations) -> None:
+    at = timezone.now()
+    ids = [job.id for job in services.enqueue_many(urls=["https://example.com/a", "https://example.com/b",
+                                                         "https://example.com/c"], actor="prop")]
+    sessions = {name: uuid.uuid4() for name in SESSIONS}
+    handed: dict[uuid.UUID, set] = defaultdict(set)
+    for op, name, number in operations:
+        session = sessions.get(name)
+        if op == "claim":
+            for job in services.claim_jobs(session=session, limit=number, lease_seconds=5, at=at):
+                handed[session].add((job.id, job.attempt))
+        elif op == "lose":
+            services.reset_running_jobs(session=session, reason="lost", actor="prop", at=at)
+            sessions[name] = uuid.uuid4()  # the crawler comes back as a new session...
+            handed[sessions[name]] |= handed[session]  # ...still running the old session's jobs
+        elif op == "expire":
+            at += timedelta(seconds=number)
+            services.expire_leases(at=at)
+        elif op == "re_lease":
+            pairs = sorted(handed[session]) or [(ids[number], 1)]
+            taken, _ = services.re_lease_jobs(session=session, running=pairs, lease_seconds=5, at=at)
+            handed[session] |= set(taken)
+        elif op == "reset":
+            services.reset_running_jobs(job_ids=[ids[number]], reason="by hand", actor="prop", at=at)
+        elif op == "done":
+            job = Job.objects.get(id=ids[number])
+            services.record_outcomes(session=session, outcomes=[services.Outcome(
+                job_id=job.id, attempt=job.attempt, succeeded=True, result={})], at=at)
+        holders: dict[int, list] = defaultdict(list)
+        for holder, pairs in list(handed.items()):
+            for job_id, _ in services.renew_leases(session=holder, running=sorted(pairs), lease_seconds=5, at=at):
+                holders[job_id].append(holder)
+        assert all(len(who) == 1 for who in holders.values()), (op, name, holders)
+        running = dict(Job.objects.running().values_list("id", "lease_session"))
+        assert {job_id: who[0] for job_id, who in holders.items()} == running, (op, name, holders, running)
