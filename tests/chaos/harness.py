@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,12 +68,13 @@ class ChaosDatabase:
     def running(self) -> int:
         return self.query("SELECT count(*) FROM jobs_job WHERE status = 'running'")[0][0]
 
-    def running_by_crawler(self) -> dict[str, int]:
-        """Running jobs per crawler name (welcome.crawler), counting only sessions the bus holds open."""
-        return dict(self.query(
-            "SELECT s.crawler, count(*) FROM jobs_job j JOIN bus_bussession s ON s.session = j.lease_session "
-            "WHERE j.status = 'running' AND s.state = 'connected' GROUP BY s.crawler"
-        ))
+    def running_for_session(self, session: str) -> int:
+        """Running jobs leased to a bus session (its UUID as text)."""
+        value = uuid.UUID(session)
+        stored = value.hex if self.kind == "sqlite" else str(value)  # Django's UUIDField: char(32) / uuid
+        return self.query(
+            f"SELECT count(*) FROM jobs_job WHERE status = 'running' AND lease_session = '{stored}'"
+        )[0][0]
 
     def interrupt_reasons(self) -> dict[str, int]:
         """Interrupt events by the start of their reason (up to the first ':' or '(')."""
@@ -347,6 +349,24 @@ def tail(path: str, lines: int = 40, skip: tuple[str, ...] = ()) -> str:
         return f"(cannot read {path}: {exc})"
     kept = [line for line in text.splitlines() if not any(word in line for word in skip)]
     return "\n".join(kept[-lines:])
+
+
+_SESSION_RE = re.compile(r"event=crawler\.session\.(ready|closed) .*?\bsession=([0-9a-f-]{36})")
+
+
+def live_session(proc: subprocess.Popen) -> str | None:
+    """The bus session this crawler process says is open (its log: ready without closed), if any."""
+    try:
+        text = Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
+    except OSError:
+        return None
+    open_sessions: list[str] = []
+    for event, session in _SESSION_RE.findall(text):
+        if event == "ready":
+            open_sessions.append(session)
+        elif session in open_sessions:
+            open_sessions.remove(session)
+    return open_sessions[-1] if open_sessions else None
 
 
 def wait_for_log(proc: subprocess.Popen, needle: str, timeout: float) -> bool:

@@ -36,6 +36,7 @@ from tests.chaos.harness import (
     check_invariant,
     count_in_logs,
     format_verdict,
+    live_session,
     log,
     remove_folder,
     short_folder,
@@ -256,9 +257,13 @@ class ChaosRun:
                 unfinished = self.db.unfinished()
                 state = f"[{running} running, {unfinished} unfinished]"
                 if what == "sigstop":
-                    # A crawler whose session holds jobs: stopping one between incarnations tests nothing.
-                    holders = self.db.running_by_crawler()
-                    candidates = [name for name in sorted(self.crawlers) if holders.get(f"chaos-{name}", 0) >= 10]
+                    # A crawler process whose own session holds jobs: stopping one that is still
+                    # starting, or whose session the bus already dropped, would test nothing.
+                    candidates = []
+                    for name in sorted(self.crawlers):
+                        session = live_session(self.crawlers[name])
+                        if session and self.db.running_for_session(session) >= 10:
+                            candidates.append(name)
                     if not candidates and t < one_off_due + 5.0:
                         time.sleep(0.02)
                         continue
