@@ -71,8 +71,9 @@ class BusConfig(AppConfig):
             # each worker instead.
             os.register_at_fork(after_in_child=start_background_bus)
             return
-        if start_background_bus() is not None and kind == "runserver":
-            _exit_cleanly_on_sigterm()
+        if kind == "runserver":
+            _exit_cleanly_on_sigterm()  # before the bus starts: it may hold jobs at once
+        start_background_bus()
 
 
 def _exit_cleanly_on_sigterm() -> None:
