@@ -91,6 +91,32 @@ def check_trial(poller: Poller, mark: int, jobs: int, variant: str, trial: int) 
     check(dup == 0, f"{variant} trial {trial}: {dup} jobs interrupted twice")
 
 
+def _log_times(log: str) -> dict[str, float]:
+    """Wall-clock time of the first line of each event in a bus log (ts=...Z, millisecond precision)."""
+    from datetime import datetime, timezone
+
+    times: dict[str, float] = {}
+    for line in log.splitlines():
+        words = dict(word.split("=", 1) for word in line.split() if "=" in word and not word.startswith('"'))
+        if "ts" in words and "event" in words and words["event"] not in times:
+            try:
+                at = datetime.strptime(words["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+            except ValueError:
+                continue
+            times[words["event"]] = at.timestamp()
+    return times
+
+
+def startup_breakdown(log: str, started_wall: float) -> str:
+    """Where the restarted bus's time went, from its own log: process start -> bus.connected / bus.started /
+    bus.recovered_session (the start-up recovery's log line, written after its commit)."""
+    times = _log_times(log)
+    parts = [f"{event.split('.', 1)[1]} +{(times[event] - started_wall) * 1000:.0f} ms"
+             for event in ("bus.connected", "bus.session_ready", "bus.started", "bus.recovered_session")
+             if event in times]
+    return "log: " + ", ".join(parts)
+
+
 def bus_env(procs: Procs, node: str | None) -> dict:
     extra = dict(HEARTBEAT_TIMEOUT=HEARTBEAT_TIMEOUT, BUS_SWEEP_INTERVAL=SWEEP_INTERVAL, BUS_BACKOFF_CAP="0.5")
     env = procs.env(**extra)
@@ -170,7 +196,7 @@ def run_restart(procs: Procs, poller: Poller, args) -> list[tuple[float, float, 
             os.kill(bus_a.pid, signal.SIGKILL)
             bus_a.wait(5)
             procs.started.remove(bus_a)
-            started_at = time.perf_counter()
+            started_at, started_wall = time.perf_counter(), time.time()
             bus_a = procs.manage("runbus", "--endpoint", sock1, env=env)
             deadline = started_at + 30
             while True:
@@ -185,8 +211,14 @@ def run_restart(procs: Procs, poller: Poller, args) -> list[tuple[float, float, 
             check_trial(poller, mark, args.jobs, "restart", trial)
             check(bus_a.poll() is None, "the restarted bus exited")
             if args.verbose:
+                # The recovery's log line is written just after its commit: give it a moment.
+                for _ in range(20):
+                    if "bus.recovered_session" in procs.log_text(bus_a):
+                        break
+                    time.sleep(0.05)
                 print(f"#   restart trial {trial}: {samples[-1][0]:.3f} s after its start "
-                      f"({samples[-1][1]:.3f} s after the kill; load {load:.1f} at the kill)", flush=True)
+                      f"({samples[-1][1]:.3f} s after the kill; load {load:.1f} at the kill); "
+                      f"{startup_breakdown(procs.log_text(bus_a), started_wall)}", flush=True)
     finally:
         for proc in (bus_a, peer1):
             procs.stop(proc)
