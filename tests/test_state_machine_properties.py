@@ -269,14 +269,16 @@ OPERATIONS = st.lists(st.one_of(
     st.tuples(st.just("re_lease"), st.sampled_from(SESSIONS), st.integers(0, 2)),
     st.tuples(st.just("reset"), st.just(""), st.integers(0, 2)),
     st.tuples(st.just("done"), st.sampled_from(SESSIONS), st.integers(0, 2)),
-), min_size=1, max_size=10)
+    st.tuples(st.just("renew"), st.sampled_from(SESSIONS), st.just(0)),
+), min_size=1, max_size=8)
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                      HealthCheck.too_slow])
 @given(operations=OPERATIONS)
 def test_no_two_sessions_ever_hold_the_same_job(db, operations):
-    """Every session renews what it was ever handed; no job is renewed for two sessions at once."""
+    """Whatever the interleaving, a running job is held by exactly one session that was handed it,
+    and a session's renewal succeeds only for what it holds."""
     try:
         with transaction.atomic():
             _play(operations)
@@ -313,10 +315,19 @@ def _play(operations) -> None:
             job = Job.objects.get(id=ids[number])
             services.record_outcomes(session=session, outcomes=[services.Outcome(
                 job_id=job.id, attempt=job.attempt, succeeded=True, result={})], at=at)
+        elif op == "renew":
+            renewed = services.renew_leases(session=session, running=sorted(handed[session]), lease_seconds=5,
+                                            at=at)
+            leased = set(Job.objects.leased_to(session).values_list("id", "attempt"))
+            assert renewed == handed[session] & leased, (renewed, handed[session], leased)
+        # Each session's view: what it was handed and the database still leases to it.
+        running = {(job_id, attempt): lease for job_id, attempt, lease
+                   in Job.objects.running().values_list("id", "attempt", "lease_session")}
         holders: dict[int, list] = defaultdict(list)
-        for holder, pairs in list(handed.items()):
-            for job_id, _ in services.renew_leases(session=holder, running=sorted(pairs), lease_seconds=5, at=at):
-                holders[job_id].append(holder)
+        for holder, pairs in handed.items():
+            for pair in pairs:
+                if running.get(pair) == holder:
+                    holders[pair[0]].append(holder)
         assert all(len(who) == 1 for who in holders.values()), (op, name, holders)
-        running = dict(Job.objects.running().values_list("id", "lease_session"))
-        assert {job_id: who[0] for job_id, who in holders.items()} == running, (op, name, holders, running)
+        assert {job_id: who[0] for job_id, who in holders.items()} == {
+            job_id: lease for (job_id, _), lease in running.items()}, (op, name, holders, running)
