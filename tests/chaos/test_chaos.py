@@ -15,6 +15,9 @@ every trail replays through the state machine; no lease left.
 Each variant runs on its own throwaway database (a temp SQLite file; a private
 PostgreSQL in a temp folder), not on pytest-django's test database, and only on
 the suite run of the same database, so `./bin/test` runs each exactly once.
+
+CHAOS_KEEP=1 keeps the run's folder (process logs, the SQLite file) when it fails,
+CHAOS_KEEP=always even when it passes (the private PostgreSQL is always destroyed).
 """
 
 from __future__ import annotations
@@ -169,7 +172,8 @@ class ChaosRun:
                 f"no job was requeued by a heartbeat timeout: {self.reasons}\n{self.diagnostics(verdict)}"
             ok = True
         finally:
-            self.tear_down(keep=not ok and os.environ.get("CHAOS_KEEP") == "1")
+            keep = os.environ.get("CHAOS_KEEP", "")
+            self.tear_down(keep=keep == "always" or (keep == "1" and not ok))
 
     def set_up(self) -> None:
         if self.kind == "postgresql":
@@ -264,10 +268,10 @@ class ChaosRun:
                         session = live_session(self.crawlers[name])
                         if session and self.db.running_for_session(session) >= 10:
                             candidates.append(name)
-                    if not candidates and t < one_off_due + 5.0:
-                        time.sleep(0.02)
+                    if not candidates:  # wait for one (the fault window bounds the wait)
+                        time.sleep(0.05)
                         continue
-                    name = rng.choice(candidates or sorted(self.crawlers))
+                    name = rng.choice(candidates)
                     proc = self.crawlers[name]
                     proc.send_signal(signal.SIGSTOP)
                     stopped = (name, proc, t + STOP_FOR)
@@ -390,7 +394,7 @@ class ChaosRun:
             except Exception as exc:  # keep tearing down; report at the end
                 errors.append(repr(exc))
         if keep:
-            log(f"kept {self.folder} (CHAOS_KEEP=1)")
+            log(f"kept {self.folder} (CHAOS_KEEP)")
         else:
             remove_folder(self.folder)
         if errors:
