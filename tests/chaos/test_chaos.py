@@ -8,6 +8,10 @@ Faults (random choices seeded: CHAOS_SEED=N reuses them; the timing is the machi
 - runbus SIGKILLed twice and restarted (start-up recovery + lease sweeper);
 - PostgreSQL restarted once (PostgreSQL variant only: a private server).
 
+The 5,000 jobs arrive in 10 waves of `manage.py enqueue --file` during the faults, so
+that every fault meets work in flight. The crawlers run with --resume-grace, so lost
+sessions also produce late results (fencing rule 3) and stale acks.
+
 The invariant: every job terminal; each succeeded job has exactly one recorded
 outcome; failed jobs are poison (a final interrupt) or have one failed outcome;
 every trail replays through the state machine; no lease left.
@@ -26,7 +30,6 @@ import os
 import random
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -53,8 +56,8 @@ from tests.chaos.harness import (
 WAVES = 10
 WAVE = 500
 WAVE_EVERY = 3.0  # seconds between waves (later when an enqueue takes longer)
-# After which wave lands each one-off fault is injected (the PostgreSQL restart only on PostgreSQL).
 IN_FLIGHT = 30  # a one-off fault waits (up to 3 s) for at least this many running jobs
+# After which wave lands each one-off fault is injected (the PostgreSQL restart only on PostgreSQL).
 ONE_OFFS = {1: "sigstop", 3: "cut", 5: "bus_kill", 7: "pg_restart", 9: "bus_kill"}
 JOBS = WAVES * WAVE
 SLOTS = 50
@@ -209,7 +212,7 @@ class ChaosRun:
         return self.procs.manage("enqueue", "--file", str(urls), name=f"enqueue-{number}")
 
     def inject_faults(self) -> None:
-        """Crawler kills every 1-3 s; a wave of jobs every WAVE_EVERY s; after each wave lands, one one-off fault.
+        """Crawler kills every 1-3 s; a wave of jobs every WAVE_EVERY s; the one-offs after the waves of ONE_OFFS.
 
         The one-offs follow the waves so each hits a system with a wave's worth
         of work in flight, however fast this machine happens to be today.
