@@ -286,6 +286,7 @@ class DjangoStore:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process runs with this pid; a zombie (dead, not yet reaped) does not."""
     import os
 
     try:
@@ -294,4 +295,8 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
