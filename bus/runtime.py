@@ -20,7 +20,7 @@ from typing import Any, Callable
 from jobsite.logging import kv
 
 from .endpoints import Endpoint, parse_endpoint
-from .session import OutcomeReport, SessionConfig, SessionIO, SessionWorker
+from .session import SessionConfig, SessionIO, SessionWorker
 
 log = logging.getLogger("bus.runtime")
 
@@ -191,8 +191,7 @@ class Bus:
                 continue
             log.info(kv("bus.connected", endpoint=endpoint))
             io = SessionIO(sock=sock, endpoint=str(endpoint), config=self.config, store=self.store,
-                           stop=self.stop_event, make_outcome=getattr(self.store, "outcome_type", OutcomeReport),
-                           on_worker=self._track_worker)
+                           stop=self.stop_event, on_worker=self._track_worker)
             with self._lock:
                 self._sessions[str(endpoint)] = io
             try:

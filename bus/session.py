@@ -25,6 +25,8 @@ from typing import Any
 
 from jobsite.logging import kv
 
+from jobs.outcomes import Outcome
+
 from . import protocol
 from .protocol import FieldError, FrameError
 
@@ -65,18 +67,6 @@ class SessionEnd:
     unauthorized: bool = False
 
 
-@dataclass(frozen=True)
-class OutcomeReport:
-    """A crawler's done/failed, in the shape jobs.services.Outcome takes."""
-
-    job_id: int
-    attempt: int
-    succeeded: bool
-    result: dict | None = None
-    error: str = ""
-    retryable: bool = False
-
-
 class _Ended(Exception):
     def __init__(self, reason: str, cause: str = "lost", unauthorized: bool = False):
         super().__init__(reason)
@@ -87,13 +77,12 @@ class SessionIO:
     """Runs one connected socket through the handshake and the steady state."""
 
     def __init__(self, *, sock: socket.socket, endpoint: str, config: SessionConfig, store: Any,
-                 stop: threading.Event, make_outcome=OutcomeReport, on_worker=None):
+                 stop: threading.Event, on_worker=None):
         self.sock = sock
         self.endpoint = endpoint
         self.config = config
         self.store = store
         self.stop = stop
-        self.make_outcome = make_outcome
         self.on_worker = on_worker  # called with the worker once it runs (the Bus tracks them)
         self.session = uuid.uuid4()
         self.reader = protocol.FrameReader(config.max_frame)
@@ -363,14 +352,14 @@ class SessionIO:
             result = frame.get("result")
             if not isinstance(result, dict):
                 raise FieldError("done.result must be a JSON object")
-            return self.make_outcome(job_id=job_id, attempt=attempt, succeeded=True, result=_without_nul(result))
+            return Outcome(job_id=job_id, attempt=attempt, succeeded=True, result=_without_nul(result))
         error = frame.get("error", "")
         retryable = frame.get("retryable", False)
         if not isinstance(error, str):
             raise FieldError("failed.error must be a string")
         if not isinstance(retryable, bool):
             raise FieldError("failed.retryable must be true or false")
-        return self.make_outcome(job_id=job_id, attempt=attempt, succeeded=False,
+        return Outcome(job_id=job_id, attempt=attempt, succeeded=False,
                                  error=error[:MAX_ERROR_TEXT].replace("\x00", ""), retryable=retryable)
 
     @staticmethod

@@ -48,9 +48,6 @@ class DjangoStore:
         self.lease_seconds = 2 * heartbeat_timeout
         self.sender = sender
         self.live_sessions: set[UUID] = set()  # sessions of this process, never "dead"
-        from jobs.services import Outcome
-
-        self.outcome_type = Outcome
 
     # Imports are local so that importing bus.store stays free of model imports
     # until Django is set up.

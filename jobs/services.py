@@ -28,6 +28,7 @@ from django.utils import timezone
 from jobsite.logging import kv
 
 from .models import EventKind, Job, JobEvent, Status
+from .outcomes import Outcome  # noqa: F401  (re-exported: services.Outcome)
 
 log = logging.getLogger("jobs.services")
 
@@ -487,18 +488,6 @@ def expire_leases(*, at: datetime | None = None, actor: str = "sweeper") -> Rese
 
 RECORDED = "recorded"
 STALE = "stale"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """A `done` or `failed` frame from a crawler."""
-
-    job_id: int
-    attempt: int
-    succeeded: bool
-    result: dict | None = None
-    error: str = ""
-    retryable: bool = False
 
 
 def retry_delay(failures: int) -> timedelta:
