@@ -360,7 +360,7 @@ class SessionIO:
         if not isinstance(retryable, bool):
             raise FieldError("failed.retryable must be true or false")
         return Outcome(job_id=job_id, attempt=attempt, succeeded=False,
-                                 error=error[:MAX_ERROR_TEXT].replace("\x00", ""), retryable=retryable)
+                       error=error[:MAX_ERROR_TEXT].replace("\x00", ""), retryable=retryable)
 
     @staticmethod
     def _progress(frame: dict) -> dict:
