@@ -53,8 +53,11 @@ def browser():
 
     Not session-scoped: while Playwright's sync API is active its event loop
     counts as running in this thread, so Django would refuse ORM calls as
-    "async unsafe". The flag that allows them is set only while the browser
-    lives, and the browser is gone before pytest-django flushes the database.
+    "async unsafe", and keeps the connections they open apart from the
+    thread's own (asgiref's Local follows the context while a loop runs).
+    The flag that allows them is set only while the browser lives, and those
+    connections are closed before it goes: one left open would keep
+    PostgreSQL from dropping the test database at the end of the run.
     """
     if not os.path.exists(CHROMIUM):
         _unavailable(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
@@ -74,6 +77,9 @@ def browser():
                 yield chromium
             finally:
                 chromium.close()
+                from django.db import connections
+
+                connections.close_all()  # the ORM connections opened while the loop ran
     finally:
         if previous is None:
             os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
