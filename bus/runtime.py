@@ -215,10 +215,24 @@ class Bus:
             self._workers = [w for w in self._workers if not w.finished.is_set()] + [worker]
 
     def _sweep_loop(self) -> None:
-        """Start-up recovery at once, then every sweep_interval: expired leases and dead buses' sessions."""
+        """Start-up recovery at once, then every sweep_interval: expired leases and dead buses' sessions.
+
+        After the database was unreachable, nobody could renew a lease, so
+        live buses' leases may look expired: the sweeper then waits one lease
+        period, in which every live session renews its leases, before it
+        judges anyone dead again.
+        """
         wait = 0.0
+        outage = False
         while not self.stop_event.wait(wait):
             try:
+                if outage:
+                    self.store.check_database()
+                    log.info(kv("bus.sweep_paused", seconds=2 * self.config.heartbeat_timeout,
+                                why="database back after an outage: live buses renew their leases first"))
+                    outage = False
+                    if self.stop_event.wait(2 * self.config.heartbeat_timeout):
+                        return
                 self.store.recover_dead_sessions(node=self.node, explicit_node=self.explicit_node,
                                                  heartbeat_timeout=self.config.heartbeat_timeout)
                 self.store.sweep_expired_leases()
@@ -226,6 +240,7 @@ class Bus:
             except Exception as exc:
                 log.warning(kv("bus.sweep_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
                 self.store.close_connection()
+                outage = True
                 wait = min(self.sweep_interval, 1.0)
 
     def _watch_parent(self) -> None:

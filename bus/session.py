@@ -454,7 +454,7 @@ class SessionWorker(threading.Thread):
                                    detail=str(exc).strip()[:300]))
                     self._reset_connection()
                     time.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                    delay = min(delay * 2, 1.0)  # short: leases must be renewed soon after an outage
                     self._drain()
                     continue
                 if self.ended:
@@ -489,7 +489,7 @@ class SessionWorker(threading.Thread):
                                detail=str(exc).strip()[:300]))
                 self._reset_connection()
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
 
     def _start_session(self) -> None:
         io, welcome = self.io, self.welcome

@@ -167,6 +167,13 @@ class DjangoStore:
         counts = [response for _, response in responses if response is not None]
         return counts[0] if counts else None
 
+    def check_database(self):
+        """Raise unless the database answers."""
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+
     def close_connection(self):
         from django.db import connection
 
@@ -175,9 +182,21 @@ class DjangoStore:
     # --- Helpers for the Bus's maintenance threads ------------------------------
 
     def sweep_expired_leases(self):
+        """Requeue expired leases, after renewing this process's own live sessions.
+
+        A session of ours that is still connected is alive by definition; its
+        leases may only look expired because its worker has not renewed them
+        yet (e.g. right after a database outage), and must not be swept.
+        """
+        from django.db import transaction
+
         from jobs import services
 
-        return services.expire_leases(actor="sweeper")
+        live = list(self.live_sessions)
+        with transaction.atomic():
+            for session in live:
+                services.extend_leases(session=session, lease_seconds=self.lease_seconds)
+            return services.expire_leases(actor="sweeper")
 
     def mark_sessions_lost(self, *, sessions: Sequence[UUID], reason: str) -> None:
         from django.utils import timezone
