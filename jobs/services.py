@@ -579,15 +579,59 @@ def record_outcomes(
             job.update(status=update.status, outcome_attempt=outcome.attempt, failures=update.failures)
             acks.append(RECORDED)
         if changed:
-            Job.objects.bulk_update(
-                list(changed.values()),
-                ["status", "outcome_attempt", "failures", "lease_session", "lease_expires_at", "updated_at",
-                 "run_after", "result", "error", "finished_at"],
-            )
+            _apply_outcomes(changed.values(), at)
         _events(events)
         if requeued:
             _announce_queued()
     return acks
+
+
+def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
+    """Write recorded outcomes in one UPDATE ... FROM a JSON parameter.
+
+    bulk_update builds a CASE per row and field; at 500 outcomes a batch that
+    Python work, not the database, capped the bus at ~700 jobs/s.
+    """
+    rows = [{
+        "id": job.id,
+        "status": job.status,
+        "outcome_attempt": job.outcome_attempt,
+        "failures": job.failures,
+        "run_after": None if job.run_after is None else str(_db("run_after", job.run_after)),
+        "result": job.result,
+        "error": job.error,
+        "finished_at": None if job.finished_at is None else str(_db("finished_at", job.finished_at)),
+    } for job in jobs]
+    table = connection.ops.quote_name(Job._meta.db_table)
+    with connection.cursor() as cursor:
+        if _is_postgres():
+            cursor.execute(
+                f"""
+                UPDATE {table} AS j SET status = v.status, outcome_attempt = v.outcome_attempt,
+                    failures = v.failures, run_after = v.run_after, error = v.error, finished_at = v.finished_at,
+                    result = CASE WHEN jsonb_typeof(v.result) = 'null' THEN NULL ELSE v.result END,
+                    lease_session = NULL, lease_expires_at = NULL, updated_at = %s
+                FROM jsonb_to_recordset(%s::jsonb) AS v(id bigint, status text, outcome_attempt integer,
+                    failures integer, run_after timestamptz, result jsonb, error text, finished_at timestamptz)
+                WHERE j.id = v.id
+                """,
+                [_db("updated_at", at), json.dumps(rows)],
+            )
+        else:
+            def field(name: str) -> str:
+                return f"json_extract(v.value, '$.{name}')"
+
+            cursor.execute(
+                f"""
+                UPDATE {table} SET status = {field("status")}, outcome_attempt = {field("outcome_attempt")},
+                    failures = {field("failures")}, run_after = {field("run_after")}, error = {field("error")},
+                    finished_at = {field("finished_at")}, result = {field("result")},
+                    lease_session = NULL, lease_expires_at = NULL, updated_at = %s
+                FROM json_each(%s) AS v
+                WHERE {table}.id = {field("id")}
+                """,
+                [_db("updated_at", at), json.dumps(rows)],
+            )
 
 
 def record_outcome(*, session: UUID | None, outcome: Outcome, actor: str = "bus") -> str:
