@@ -107,7 +107,20 @@ class Bus:
 
     # --- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        """Start every thread and return; sessions come up in the background."""
+        """Start every thread and return; sessions come up in the background.
+
+        Start-up recovery runs first, before any session competes for the CPU
+        and the database: a restarted bus gives back its dead incarnation's
+        jobs at once (if the database is unreachable, the sweeper retries).
+        """
+        if hasattr(self.store, "recover_dead_sessions"):
+            try:
+                self.store.recover_dead_sessions(node=self.node, explicit_node=self.explicit_node,
+                                                 heartbeat_timeout=self.config.heartbeat_timeout)
+            except Exception as exc:
+                log.warning(kv("bus.recovery_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
+            finally:
+                self.store.close_connection()
         for endpoint in self.endpoints:
             self._spawn(f"bus-endpoint-{endpoint}", lambda endpoint=endpoint: self._endpoint_loop(endpoint))
         if hasattr(self.store, "connect_job_signal"):

@@ -417,6 +417,7 @@ class _WorkerState:
     want_dispatch: bool = True
     seen_due: bool = True
     seen_at: float = 0.0
+    poll_at: float = 0.0
 
 
 class SessionWorker(threading.Thread):
@@ -509,8 +510,13 @@ class SessionWorker(threading.Thread):
     def _receive(self) -> None:
         """Wait for messages (at most until the next poll or progress write) and apply them to the state."""
         state = self.state
-        timeout = min(self.config.poll_interval,
-                      max(0.0, state.seen_at + self.config.heartbeat_interval - time.monotonic()))
+        now = time.monotonic()
+        if now >= state.poll_at:
+            # Fallback poll on a fixed schedule (frames must not keep pushing it
+            # back): jobs enqueued by other processes on SQLite, retries now due.
+            state.want_dispatch = True
+            state.poll_at = now + self.config.poll_interval
+        timeout = min(state.poll_at - now, max(0.0, state.seen_at + self.config.heartbeat_interval - now))
         if state.progress:
             timeout = min(timeout, PROGRESS_WRITE_INTERVAL)
         if state.outcomes or state.lost or state.stalled or state.started or state.reported_running is not None:
@@ -518,7 +524,6 @@ class SessionWorker(threading.Thread):
         try:
             message = self.inbox.get(timeout=timeout)
         except queue.Empty:
-            state.want_dispatch = True  # fallback poll: jobs enqueued elsewhere, retries now due
             return
         self._apply(message)
         self._drain()
@@ -597,6 +602,22 @@ class SessionWorker(threading.Thread):
     def _work(self) -> None:
         """One pass over the pending database work; raises on database errors, keeping it pending."""
         state, store, session = self.state, self.store, self.session
+        # The crawler's running list first: it was sent before any outcome of
+        # this batch, so a job it lists and then finished is still ours here.
+        if state.reported_running is not None and not self.ended:
+            reported = state.reported_running
+            renewed = store.renew(session=session, running=reported)
+            # A job reported and then finished in this same batch is not "not ours".
+            finishing = {(o.job_id, o.attempt) for o in state.outcomes}
+            cancel = [pair for pair in reported if pair not in renewed and pair not in finishing]
+            for job_id, attempt in cancel:
+                assignment = state.outstanding.get(job_id)
+                if assignment and assignment.attempt == attempt:
+                    del state.outstanding[job_id]  # no longer ours (cancelled or requeued elsewhere)
+                    state.want_dispatch = True
+            if cancel:
+                self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in cancel))
+            state.reported_running = None
         if state.outcomes:
             acks = store.record_outcomes(session=session, outcomes=state.outcomes)
             if not self.ended:  # the socket is gone otherwise; the crawler resends and gets "recorded"
@@ -617,18 +638,6 @@ class SessionWorker(threading.Thread):
                            for job_id, attempt in state.stalled))
             log.info(kv("bus.stalled_jobs", session=session, jobs=len(state.stalled), counts=counts))
             state.stalled = []
-        if state.reported_running is not None:
-            reported = state.reported_running
-            renewed = store.renew(session=session, running=reported)
-            cancel = [pair for pair in reported if pair not in renewed]
-            for job_id, attempt in cancel:
-                assignment = state.outstanding.get(job_id)
-                if assignment and assignment.attempt == attempt:
-                    del state.outstanding[job_id]  # no longer ours (cancelled or requeued elsewhere)
-                    state.want_dispatch = True
-            if cancel:
-                self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in cancel))
-            state.reported_running = None
         if state.seen_due or time.monotonic() - state.seen_at >= self.config.heartbeat_interval:
             store.session_seen(session=session, slots=state.slots)
             state.seen_due, state.seen_at = False, time.monotonic()
