@@ -1,4 +1,4 @@
-"""Create .venv and install pinned requirements when they changed (used by bin/run and bin/test)."""
+"""Create a virtualenv and install pinned requirements when they changed (used by bin/run and bin/test)."""
 
 from __future__ import annotations
 
@@ -14,22 +14,34 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 
 
-def ensure_venv(requirements: str) -> Path:
-    """Return the venv's python, creating the venv and installing `requirements` if needed."""
+def ensure_venv(requirements: str, *, folder: Path = VENV, interpreter: str | None = None,
+                extra: tuple[str, ...] = ()) -> Path:
+    """Return the venv's python, creating the venv and installing `requirements` (then `extra`) if needed.
+
+    `interpreter` builds the venv with another Python (e.g. python3.12 for Django 6);
+    `extra` are pinned packages installed over the requirements (e.g. Django==6.1.3).
+    """
     if sys.version_info < (3, 11):
         sys.exit(f"jobsite needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    python = folder / "bin" / "python"
     req = ROOT / requirements
-    wanted = hashlib.sha256(req.read_bytes() + (ROOT / "requirements.txt").read_bytes()).hexdigest()
-    stamp = VENV / f".installed-{req.stem}"
-    if PYTHON.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return PYTHON
-    if not PYTHON.exists():
-        print(f"creating {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
-    print(f"installing {requirements}", flush=True)
-    subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "--disable-pip-version-check", "-q", "-r", str(req)],
-        check=True, env={**os.environ, "PIP_NO_INPUT": "1"},
-    )
+    wanted = hashlib.sha256(
+        req.read_bytes() + (ROOT / "requirements.txt").read_bytes() + " ".join(extra).encode()
+    ).hexdigest()
+    stamp = folder / f".installed-{req.stem}"
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    if not python.exists():
+        print(f"creating {folder}", flush=True)
+        if interpreter:
+            subprocess.run([interpreter, "-m", "venv", "--clear", str(folder)], check=True)
+        else:
+            venv.EnvBuilder(with_pip=True, clear=True).create(folder)
+    print(f"installing {requirements} {' '.join(extra)}".strip(), flush=True)
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    env = {**os.environ, "PIP_NO_INPUT": "1"}
+    subprocess.run([*pip, "-r", str(req)], check=True, env=env)
+    if extra:
+        subprocess.run([*pip, *extra], check=True, env=env)
     stamp.write_text(wanted)
-    return PYTHON
+    return python

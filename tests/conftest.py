@@ -76,6 +76,7 @@ class Processes:
     def manage(self, *args: str, env: dict | None = None, name: str | None = None, **popen) -> subprocess.Popen:
         name = name or args[0]
         log = open(self.tmp_path / f"{name}-{len(self.started)}.log", "wb")
+        popen.setdefault("start_new_session", True)  # its own process group: see stop_all
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "manage.py"), *args],
             cwd=ROOT, env=env or self.env(), stdout=log, stderr=subprocess.STDOUT, **popen,
@@ -88,12 +89,15 @@ class Processes:
         return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
     def stop_all(self) -> None:
+        """Kill every process started, and their children: runserver's autoreloader
+        serves (and runs its bus) in a child that would outlive its killed parent
+        and keep sweeping the test database."""
         for proc in self.started:
-            if proc.poll() is None:
+            for send in (lambda sig: os.killpg(proc.pid, sig), lambda sig: os.kill(proc.pid, sig)):
                 try:
-                    os.kill(proc.pid, signal.SIGCONT)
-                    proc.kill()
-                except ProcessLookupError:
+                    send(signal.SIGCONT)
+                    send(signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
                     pass
         for proc in self.started:
             try:

@@ -213,7 +213,7 @@ def test_supervised_runbus_requeues_and_exits_when_its_parent_dies(processes, sh
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", launcher, str(log_path), str(ROOT / "manage.py"), short_socket_path],
-        env=processes.env(SUPERVISED="true"), stdout=subprocess.PIPE, text=True,
+        env=processes.env(SUPERVISED="true"), stdout=subprocess.PIPE, text=True, start_new_session=True,
     )
     processes.started.append(parent)
     try:
@@ -335,7 +335,7 @@ def test_gunicorn_workers_each_run_a_bus_and_the_master_none(processes, short_so
         args.insert(3, "--preload")
     log = open(processes.tmp_path / "gunicorn.log", "wb")
     master = subprocess.Popen(args, cwd=ROOT, env=processes.env(BUS_ENDPOINTS=short_socket_path),
-                              stdout=log, stderr=subprocess.STDOUT)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     processes.started.append(master)
     try:
         wait_until(lambda: BusSession.objects.open().count() == 2, timeout=30,
