@@ -4,7 +4,6 @@ thread that starts with the server (and only there)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,57 +21,6 @@ from tests.conftest import ROOT, free_port, wait_until
 from tests.crawler_peer import CrawlerPeer
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-class HeldCrawler:
-    """tests/crawler_peer.py as a real process that holds its jobs; its JSON lines are collected."""
-
-    def __init__(self, path: str, *args: str):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "crawler_peer.py"), "--listen", path, *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-        )
-        self.lines: list[dict] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_until(lambda: any("listening" in line for line in self.lines), timeout=10, message="crawler listening")
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                self.lines.append(json.loads(line))
-            except ValueError:
-                self.lines.append({"text": line})
-
-    def assigned(self) -> list[tuple[int, int]]:
-        return [(line["assign"], line["attempt"]) for line in list(self.lines) if "assign" in line]
-
-    def acks(self) -> dict[tuple[int, int], str]:
-        return {(line["ack"], line["attempt"]): line["status"] for line in list(self.lines) if "ack" in line}
-
-    def command(self, text: str) -> None:
-        self.proc.stdin.write(text + "\n")
-        self.proc.stdin.flush()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(10)
-
-
-@pytest.fixture
-def held_crawlers():
-    started: list[HeldCrawler] = []
-
-    def start(path: str, *args: str) -> HeldCrawler:
-        crawler = HeldCrawler(path, *args)
-        started.append(crawler)
-        return crawler
-
-    yield start
-    for crawler in started:
-        crawler.stop()
 
 
 def enqueue(count: int) -> list[int]:

@@ -16,16 +16,6 @@ from jobs.services import Outcome
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def session_a():
-    return uuid.uuid4()
-
-
-@pytest.fixture
-def session_b():
-    return uuid.uuid4()
-
-
 def enqueue(count: int, *, priority: int = 0, prefix: str = "p") -> list[Job]:
     return services.enqueue_many(
         urls=[f"https://example.com/{prefix}{i}" for i in range(count)], priority=priority, actor="test"

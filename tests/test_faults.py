@@ -13,8 +13,6 @@ import re
 import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -25,28 +23,13 @@ from django.utils import timezone
 from jobs import services
 from jobs.models import EventKind, Job, JobEvent, Status
 from tests import pg_instance
-from tests.conftest import ROOT, wait_until
+from tests.conftest import wait_until
 from tests.crawler_peer import CrawlerPeer
-from tests.test_bus_processes import HeldCrawler
 
 PROBE_JOB = 2**62  # never created: a `started` for it is always answered with error stale
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def held_crawlers():
-    started: list[HeldCrawler] = []
-
-    def start(path: str, *args: str) -> HeldCrawler:
-        crawler = HeldCrawler(path, *args)
-        started.append(crawler)
-        return crawler
-
-    yield start
-    for crawler in started:
-        crawler.stop()
 
 
 @pytest.fixture

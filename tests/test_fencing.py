@@ -19,16 +19,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def session_a():
-    return uuid.uuid4()
-
-
-@pytest.fixture
-def session_b():
-    return uuid.uuid4()
-
-
-@pytest.fixture
 def job():
     return services.enqueue(url="https://example.com/a", actor="test")
 

@@ -470,5 +470,5 @@ def test_proof_matches_rejects_wrong_proofs():
         ready_proof("other", HELLO_NONCE, SESSION), hello_proof("s3cret", HELLO_NONCE, SESSION),
         "\ud800" * 64, "é" * 64,
     ]
-    for given in wrong:
-        assert not proof_matches(proof, given), given
+    for candidate in wrong:
+        assert not proof_matches(proof, candidate), candidate

@@ -38,16 +38,6 @@ def ids(jobs) -> set[int]:
     return {job.id for job in jobs}
 
 
-@pytest.fixture
-def session_a():
-    return uuid.uuid4()
-
-
-@pytest.fixture
-def session_b():
-    return uuid.uuid4()
-
-
 def test_only_running_jobs_move(session_a):
     running = make_running(3, session=session_a)
     others = {

@@ -203,7 +203,7 @@ def test_dashboard_shows_counts_sessions_throughput_requeues_and_the_oldest_runn
     forgotten = make_session(endpoint="/tmp/e.sock", state="closed", connected_ago=9000, closed_ago=7200)
 
     jobs = enqueue(*[f"https://example.com/{i}" for i in range(6)])
-    first = run(fresh, 2)
+    run(fresh, 2)
     second = run(late, 3)
     finish(late, second[0], result={"status": 200})
     finish(late, second[1], error="refused")
