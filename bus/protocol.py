@@ -34,6 +34,7 @@ UNSUPPORTED_PROTOCOL = "unsupported_protocol"
 UNAUTHORIZED = "unauthorized"
 STALE = "stale"
 INVALID = "invalid"
+TIMEOUT = "timeout"  # ours: a handshake step did not come in time (then close)
 
 
 class FrameError(Exception):

@@ -202,9 +202,9 @@ class Bus:
                 failures += 1
                 self.stop_event.wait(delay)
                 continue
-            log.info(kv("bus.connected", endpoint=endpoint))
             io = SessionIO(sock=sock, endpoint=str(endpoint), config=self.config, store=self.store,
                            stop=self.stop_event, on_worker=self._track_worker)
+            log.info(kv("bus.connected", endpoint=endpoint, session=io.session))
             with self._lock:
                 self._sessions[str(endpoint)] = io
             try:

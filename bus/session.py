@@ -203,7 +203,7 @@ class SessionIO:
                     raise _Ended("bus shutdown during handshake", "closed")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    self._fail(protocol.BAD_FRAME, f"no {expected} within {self.config.handshake_timeout:g} s")
+                    self._fail(protocol.TIMEOUT, f"no {expected} within {self.config.handshake_timeout:g} s")
                 if selector.select(min(remaining, 0.5)) and not self._read_some():
                     raise _Ended(f"connection closed during handshake (waiting for {expected})")
         finally:

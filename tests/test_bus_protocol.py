@@ -226,6 +226,8 @@ def test_handshake_steps_time_out_after_ten_seconds(processes, short_socket_path
         silent_since = time.monotonic()
         no_ready.handshake(send_ready=False)
         no_ready_since = time.monotonic()
+        error = no_ready.recv("error", timeout=15)
+        assert error["code"] == "timeout" and "no ready" in error["message"], error
         assert no_ready.wait_closed(15), "no ready for 15 s and the session is still open"
         assert time.monotonic() - no_ready_since > 9
         assert silent.wait_closed(15), "no welcome for 15 s and the session is still open"
