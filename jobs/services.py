@@ -3,8 +3,10 @@
 Views, admin actions, commands, signal receivers and the bus call these
 keyword-only functions; each runs in one transaction, is safe against
 concurrent callers (row locks, SKIP LOCKED, conditional updates), writes the
-audit events, and returns what it did. The hot paths (claim, reset) are one
-set-based statement on PostgreSQL; see docs/benchmarks.md for their figures.
+audit events, and returns what it did. The hot paths (enqueue, claim,
+outcomes, reset, audit events) are set-based statements whatever the batch
+size, one JSON or array parameter instead of a row per statement; see
+docs/benchmarks.md for their figures.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import connection, transaction
-from django.db.models.expressions import RawSQL
 from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, TextField, Value, When
+from django.db.models.expressions import RawSQL
 from django.dispatch import Signal
 from django.utils import timezone
 
