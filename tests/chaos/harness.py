@@ -41,6 +41,15 @@ class ChaosDatabase:
 
     url: str
     kind: str
+    _conn = None
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
 
     def query(self, sql: str) -> list[tuple]:
         """Run a read-only query; reconnects (until a deadline) when the database was restarted."""
@@ -90,9 +99,6 @@ class ChaosDatabase:
     def _connection(self):
         raise NotImplementedError
 
-    def _drop(self) -> None:
-        raise NotImplementedError
-
     def close(self) -> None:
         self._drop()
 
@@ -110,14 +116,6 @@ class SqliteChaosDatabase(ChaosDatabase):
             # Autocommit: each SELECT is its own short read, never holding a lock.
             self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
 
 
 class PostgresChaosDatabase(ChaosDatabase):
@@ -138,14 +136,6 @@ class PostgresChaosDatabase(ChaosDatabase):
                                           dbname=self.name, connect_timeout=5)
             self._conn.autocommit = True
         return self._conn
-
-    def _drop(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
 
     def restart(self, down_for: float = 0.0) -> float:
         """Stop the private server (fast: every connection is cut), keep it down `down_for` s, start it.
