@@ -151,7 +151,9 @@ class Bus:
         """Stop, say bye on every session, and wait for their jobs to be requeued."""
         self.stop()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)  # only started ones: see _spawn
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             workers = list(self._workers)
@@ -174,9 +176,15 @@ class Bus:
 
     # --- threads ------------------------------------------------------------------------
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        if self.stop_event.is_set():
+            return  # stopped while starting (SIGTERM right after start-up)
         thread = threading.Thread(target=self._supervise, args=(name, target), name=name, daemon=True)
-        self._threads.append(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            return
+        with self._lock:
+            self._threads.append(thread)
 
     def _supervise(self, name: str, target: Callable[[], None]) -> None:
         """Run a helper; if it dies of an unexpected error, log it and start it again."""
