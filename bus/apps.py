@@ -77,11 +77,15 @@ class BusConfig(AppConfig):
 
 
 def _exit_cleanly_on_sigterm() -> None:
-    """runserver dies on SIGTERM without running atexit; make it exit so the bus says bye and requeues.
+    """runserver dies on SIGTERM without running atexit; make it say bye, requeue, and exit 0.
 
-    Only in the main thread, and only where nobody installed a handler of
-    their own (gunicorn and uvicorn handle SIGTERM themselves, and exit
-    normally, so their atexit hooks run).
+    The handler raises nothing into the main thread: an exception injected at
+    whatever bytecode the signal lands on can be swallowed (one landing in the
+    URL system check let runserver serve on, its bus holding jobs). It starts
+    a thread that shuts the bus down (bounded: at most 3 s) and then ends the
+    process. Only in the main thread, and only where nobody installed a
+    handler of their own (gunicorn and uvicorn handle SIGTERM themselves, and
+    exit normally, so their atexit hooks run).
     """
     import signal
     import threading
@@ -90,8 +94,24 @@ def _exit_cleanly_on_sigterm() -> None:
         return
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
+    stopping = threading.Event()
 
-    def exit_now(signum, frame):
-        raise SystemExit(0)
+    def stop_then_exit() -> None:
+        from .runtime import background_bus
 
-    signal.signal(signal.SIGTERM, exit_now)
+        bus = background_bus()
+        if bus is not None:
+            bus.shutdown(3.0)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(0)  # what is left (the dev server's request threads) has nothing to save
+
+    def on_sigterm(signum, frame) -> None:
+        if not stopping.is_set():  # a second SIGTERM while stopping changes nothing
+            stopping.set()
+            threading.Thread(target=stop_then_exit, name="bus-sigterm", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)

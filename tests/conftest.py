@@ -91,6 +91,14 @@ class Processes:
     def output(self, proc: subprocess.Popen) -> str:
         return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
+    def print_logs(self, lines: int = 200) -> None:
+        """The end of every started process's output: what a failed test needs to be understood."""
+        for proc in self.started:
+            path = getattr(proc, "log_path", None)
+            if path and os.path.exists(path):
+                tail = Path(path).read_text(errors="replace").splitlines()[-lines:]
+                print(f"--- {Path(path).name} (pid {proc.pid}, exit {proc.poll()}) ---", *tail, sep="\n")
+
     def stop_all(self) -> None:
         """Kill every process started, and their children: runserver's autoreloader
         serves (and runs its bus) in a child that would outlive its killed parent
@@ -109,11 +117,21 @@ class Processes:
                 pass
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.call_failed = report.failed
+    return report
+
+
 @pytest.fixture
-def processes(tmp_path):
+def processes(tmp_path, request):
     procs = Processes(tmp_path)
     yield procs
     procs.stop_all()
+    if getattr(request.node, "call_failed", False):
+        procs.print_logs()
 
 
 @pytest.fixture

@@ -266,7 +266,8 @@ def test_runserver_sigterm_says_bye_and_requeues_its_sessions_jobs(processes, sh
         wait_until(lambda: running_count() == 3, timeout=10, message="3 running")
         server.send_signal(signal.SIGTERM)
         assert peer.recv("bye", timeout=10)["reason"] == "bus shutdown"
-        server.wait(timeout=10)
+        assert server.wait(timeout=10) == 0
+        assert "Traceback" not in processes.output(server)
         wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 3, timeout=5,
                    message="the server's jobs requeued")
     finally:
