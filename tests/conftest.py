@@ -117,6 +117,34 @@ class Processes:
                 pass
 
 
+@pytest.fixture
+def vacuumed_tables():
+    """On PostgreSQL, VACUUM ANALYZE the job tables first (from a connection of its own).
+
+    Tests roll back what they insert, and the dead rows stay until autovacuum
+    comes: after the 40,000-job reset test, the state-machine property test's
+    thousands of small queries took 246 s instead of 69 s. Real deployments
+    have autovacuum on a live workload; a test that issues 35,000 queries in
+    a few minutes needs the tables clean when it starts.
+    """
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        import psycopg2
+
+        config = connection.settings_dict
+        conn = psycopg2.connect(dbname=config["NAME"], user=config.get("USER") or None,
+                                password=config.get("PASSWORD") or None, host=config.get("HOST") or None,
+                                port=config.get("PORT") or None)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cursor:
+                cursor.execute("VACUUM ANALYZE jobs_job, jobs_jobevent")
+        finally:
+            conn.close()
+    yield
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     report = yield

@@ -34,7 +34,7 @@ JOB_FIELDS = ("id", "status", "attempt", "lease_session", "lease_expires_at", "o
 # 2-core machine, and past the suite's 180 s hang guard when other work shares
 # the CPU (a CI run with a package install alongside timed out). The guard
 # here is for a hang, not a speed target, so it is wider for these two tests.
-pytestmark = [pytest.mark.django_db, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.django_db, pytest.mark.timeout(600), pytest.mark.usefixtures("vacuumed_tables")]
 
 
 class _Rollback(Exception):
