@@ -132,10 +132,7 @@ def vacuumed_tables():
     if connection.vendor == "postgresql":
         import psycopg2
 
-        config = connection.settings_dict
-        conn = psycopg2.connect(dbname=config["NAME"], user=config.get("USER") or None,
-                                password=config.get("PASSWORD") or None, host=config.get("HOST") or None,
-                                port=config.get("PORT") or None)
+        conn = psycopg2.connect(**connection.get_connection_params())
         try:
             conn.autocommit = True
             with conn.cursor() as cursor:
