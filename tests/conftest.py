@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import os
 import signal
@@ -36,6 +38,42 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_site(title: str, *, held: bool = False):
+    """A local http.server answering every GET with a small HTML page titled `title`.
+
+    Yields (base URL, release, requests): with held=True each request waits
+    until the test sets `release`; `requests` lists (path, monotonic time).
+    """
+    release, requests = threading.Event(), []
+    if not held:
+        release.set()
+    body = f"<html><head><title>{title}</title></head><body>ok</body></html>".encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append((self.path, time.monotonic()))
+            release.wait(30)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", release, requests
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
 
 
 def database_url() -> str:

@@ -7,7 +7,6 @@ deadline and every test ends what it started.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import os
 import re
 import select
@@ -23,7 +22,7 @@ from django.utils import timezone
 from jobs import services
 from jobs.models import EventKind, Job, JobEvent, Status
 from tests import pg_instance
-from tests.conftest import wait_until
+from tests.conftest import local_site, wait_until
 from tests.crawler_peer import CrawlerPeer
 
 PROBE_JOB = 2**62  # never created: a `started` for it is always answered with error stale
@@ -327,40 +326,10 @@ class _Proxy:
         self.listener.close()
 
 
-@contextlib.contextmanager
-def slow_site():
-    """A local http.server whose /slow page answers only when the test releases it."""
-    release, requests = threading.Event(), []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            requests.append((self.path, time.monotonic()))
-            release.wait(30)
-            body = b"<html><head><title>slow</title></head><body>ok</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", release, requests
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.django_db(transaction=True)
 def test_connection_blip_re_leases_the_running_job_and_records_its_outcome_once(processes, socket_dir):
     crawler_path, proxy_path = os.path.join(socket_dir, "c.sock"), os.path.join(socket_dir, "p.sock")
-    with slow_site() as (site, release, requests):
+    with local_site("slow", held=True) as (site, release, requests):
         job = services.enqueue(url=f"{site}/slow", actor="test")
         crawler = processes.manage("runcrawler", "--listen", crawler_path, "--slots", "1", "--allow-private",
                                    "--resume-grace", "5", "--timeout", "30")

@@ -6,35 +6,20 @@ suite uses, so it runs once, in the SQLite run of the suite.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, free_port, is_postgres, wait_until
+from tests.conftest import ROOT, free_port, is_postgres, local_site, wait_until
 
 pytestmark = pytest.mark.timeout(300)
-
-
-class Page(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b"<html><head><title>Hello from the test</title></head><body>hi</body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 def health(port: int) -> dict | None:
@@ -54,17 +39,15 @@ def rows(db: str, sql: str) -> list[tuple]:
 
 @pytest.mark.skipif("is_postgres()", reason="./bin/run uses its own SQLite file; the SQLite run covers it")
 def test_bin_run_crawls_a_page_end_to_end_and_ctrl_c_leaves_nothing_running(tmp_path, short_socket_path):
-    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=site.serve_forever, daemon=True).start()
     db = str(tmp_path / "run.sqlite3")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "DJANGO_SETTINGS_MODULE"}
     env.update(PORT=str(port), CRAWLER_SOCKET=short_socket_path, DATABASE_URL=f"sqlite:///{db}",
                ALLOW_PRIVATE="1", ADMIN_PASSWORD_FILE=str(tmp_path / "admin-password"))
     log = open(tmp_path / "run.log", "wb")
-    run = subprocess.Popen([sys.executable, str(ROOT / "bin" / "run")], cwd=ROOT, env=env,
-                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with local_site("Hello from the test") as (site, _, _):
+        run = subprocess.Popen([sys.executable, str(ROOT / "bin" / "run")], cwd=ROOT, env=env,
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until(lambda: (health(port) or {}).get("live_sessions") == 1, timeout=120, interval=0.2,
                        message="./bin/run serving pages with its crawler connected")
@@ -72,9 +55,8 @@ def test_bin_run_crawls_a_page_end_to_end_and_ctrl_c_leaves_nothing_running(tmp_
             assert password and password in (tmp_path / "run.log").read_text()
             assert rows(db, "SELECT is_superuser FROM auth_user WHERE username = 'admin'") == [(1,)]
 
-            url = f"http://127.0.0.1:{site.server_address[1]}/page"
-            subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "manage.py"), "enqueue", url],
-                           cwd=ROOT, env={**env, "DEBUG": "true"}, check=True, capture_output=True)
+            subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "manage.py"), "enqueue",
+                            f"{site}/page"], cwd=ROOT, env={**env, "DEBUG": "true"}, check=True, capture_output=True)
             done = wait_until(lambda: rows(db, "SELECT status, result FROM jobs_job WHERE status = 'succeeded'"),
                               timeout=30, interval=0.1, message="the page crawled")
             result = json.loads(done[0][1])
@@ -85,11 +67,10 @@ def test_bin_run_crawls_a_page_end_to_end_and_ctrl_c_leaves_nothing_running(tmp_
         except BaseException:
             print((tmp_path / "run.log").read_text(errors="replace")[-6000:])
             raise
-        assert rows(db, "SELECT COUNT(*) FROM jobs_job WHERE status = 'running'") == [(0,)]
-        assert rows(db, "SELECT COUNT(*) FROM bus_bussession WHERE closed_at IS NULL") == [(0,)]
-        assert "Traceback" not in (tmp_path / "run.log").read_text(errors="replace")
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait(timeout=10)
-        site.shutdown()
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait(timeout=10)
+    assert rows(db, "SELECT COUNT(*) FROM jobs_job WHERE status = 'running'") == [(0,)]
+    assert rows(db, "SELECT COUNT(*) FROM bus_bussession WHERE closed_at IS NULL") == [(0,)]
+    assert "Traceback" not in (tmp_path / "run.log").read_text(errors="replace")
