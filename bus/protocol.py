@@ -38,7 +38,16 @@ TIMEOUT = "timeout"  # ours: a handshake step did not come in time (then close)
 
 
 class FrameError(Exception):
-    """A framing error: the session must end (after a bad_frame error if possible)."""
+    """A framing error: the session must end (after a bad_frame error if possible).
+
+    `frames` holds the complete frames that came before the bad one in the
+    same read: they are well-formed and must still be processed (an outcome
+    among them is then acked before the session closes).
+    """
+
+    def __init__(self, message: str, frames: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.frames: list[dict[str, Any]] = frames or []
 
 
 class FieldError(Exception):
@@ -51,6 +60,7 @@ class FrameReader:
     feed() returns the complete frames; it raises FrameError as soon as the
     current line is longer than max_frame (newline included), even before its
     newline arrives, so a 100 MB line costs at most max_frame bytes of memory.
+    The error carries the frames decoded before the bad one (FrameError.frames).
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
@@ -62,7 +72,14 @@ class FrameReader:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        frames = []
+        frames: list[dict[str, Any]] = []
+        try:
+            self._feed(data, frames)
+        except FrameError as exc:
+            raise FrameError(str(exc), frames) from None
+        return frames
+
+    def _feed(self, data: bytes, frames: list[dict[str, Any]]) -> None:
         start = 0
         while True:
             end = data.find(b"\n", start)
@@ -86,7 +103,6 @@ class FrameReader:
                 self._buffer.clear()
                 raise FrameError(f"frame exceeds the limit of {self.max_frame} bytes")
             self._buffer += data[start:]
-        return frames
 
 
 def _reject_constant(name: str) -> Any:

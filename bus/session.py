@@ -187,11 +187,20 @@ class SessionIO:
             return True
         if not data:
             return False
-        self.last_rx = time.monotonic()
         try:
-            self._pending.extend(self.reader.feed(data))
+            frames = self.reader.feed(data)
         except FrameError as exc:
+            # The frames before the bad one are well-formed: process them (an
+            # outcome among them is recorded) before the session ends.
+            self._pending.extend(exc.frames)
+            if self.worker is not None and self._pending:
+                pending, self._pending = self._pending, []
+                self._dispatch(pending)
             self._fail(protocol.BAD_FRAME, str(exc))
+        if frames:
+            # Liveness by whole frames: a trickle of bytes is not a sign of life.
+            self.last_rx = time.monotonic()
+            self._pending.extend(frames)
         return True
 
     def _next_handshake_frame(self, expected: str, deadline: float) -> dict:

@@ -120,6 +120,11 @@ def _validate_url(url: Any) -> str:
     if not isinstance(url, str) or not url.strip():
         raise ValidationError({"url": "a URL is required"})
     url = url.strip()
+    control = next((char for char in url if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0), None)
+    if control is not None:
+        # PostgreSQL text cannot hold NUL, and no URL carries a raw control character.
+        raise ValidationError({"url": f"URL contains the control character U+{ord(control):04X}; "
+                                      "percent-encode it or remove it"})
     if len(url) > MAX_URL_LENGTH:
         raise ValidationError({"url": f"URL is {len(url)} characters long; at most {MAX_URL_LENGTH} are allowed"})
     try:
