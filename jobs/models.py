@@ -66,6 +66,13 @@ class Job(models.Model):
     # of a recorded outcome (rule 2) from a late one for a requeued job (rule 3).
     outcome_attempt = models.PositiveIntegerField(null=True, blank=True)
 
+    # The crawler endpoint the latest attempt was assigned to (kept after the
+    # lease ends): only that crawler may record the attempt's outcome.
+    crawler = models.CharField(max_length=500, blank=True, default="", db_default="")
+    # A suspected poison job: it reached max_interruptions but was never alone
+    # in a session that died, so it runs alone once before any verdict.
+    run_alone = models.BooleanField(default=False, db_default=False)
+
     # The lease: which bus session holds the running job, and until when.
     lease_session = models.UUIDField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
@@ -88,6 +95,10 @@ class Job(models.Model):
             # "Next queued jobs by priority": an index scan in claim order.
             models.Index(
                 fields=["-priority", "id"], condition=Q(status="queued"), name="job_claim_order"
+            ),
+            # Suspects waiting to run alone, taken first by a session that holds nothing.
+            models.Index(
+                fields=["-priority", "id"], condition=Q(status="queued", run_alone=True), name="job_run_alone_order"
             ),
             # "Running jobs of session S".
             models.Index(
