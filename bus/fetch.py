@@ -85,11 +85,28 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
+# IPv6 ranges that carry or translate to an IPv4 address (or an old private
+# scope) the v6 checks below cannot see through: 6to4 embeds any IPv4,
+# loopback included (2002:7f00:1::), Teredo and NAT64 reach IPv4 hosts through
+# a relay. They are refused whole: a public site is not reached only this way.
+TUNNEL_NETWORKS = (
+    (ipaddress.IPv6Network("2002::/16"), "6to4"),
+    (ipaddress.IPv6Network("2001::/32"), "teredo"),
+    (ipaddress.IPv6Network("64:ff9b::/96"), "nat64"),
+    (ipaddress.IPv6Network("64:ff9b:1::/48"), "nat64"),
+    (ipaddress.IPv6Network("fec0::/10"), "site-local"),
+)
+
+
 def address_refusal(address: str) -> str | None:
     """Why an IP address may not be fetched without allow_private, or None if it may."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        for network, reason in TUNNEL_NETWORKS:
+            if ip in network:
+                return reason
     # Most specific first: is_private also covers loopback and link-local ranges.
     for reason in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{reason}"):
