@@ -21,7 +21,7 @@ def ensure_venv(requirements: str, *, folder: Path = VENV, interpreter: str | No
     `interpreter` builds the venv with another Python (e.g. python3.12 for Django 6);
     `extra` are pinned packages installed over the requirements (e.g. Django==6.1.3).
     """
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036  (bin/ runs on whatever python3 is first)
         sys.exit(f"jobsite needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     python = folder / "bin" / "python"
     req = ROOT / requirements
