@@ -154,7 +154,8 @@ class DjangoStore:
         from django.db import transaction
         from django.utils import timezone
 
-        from . import signals
+        from jobs import signals
+
         from .models import BusSession
 
         signal = getattr(signals, SIGNAL_FOR_CAUSE.get(cause, "session_lost"))

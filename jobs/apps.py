@@ -6,9 +6,7 @@ class JobsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from bus import signals
-
-        from . import receivers
+        from . import receivers, signals
 
         signals.session_lost.connect(receivers.requeue_session_jobs, dispatch_uid="jobs.session_lost")
         signals.heartbeat_timeout.connect(receivers.requeue_session_jobs, dispatch_uid="jobs.heartbeat_timeout")
