@@ -13,8 +13,8 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from bus.endpoints import EndpointError, parse_endpoints
 from jobsite import env
+from jobsite.endpoints import EndpointError, parse_endpoints
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
