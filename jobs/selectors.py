@@ -15,9 +15,7 @@ from django.conf import settings
 from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import TruncMinute
 
-from bus.models import BusSession, SessionState
-
-from .models import TERMINAL, EventKind, Job, JobEvent, Status
+from .models import TERMINAL, BusSession, EventKind, Job, JobEvent, SessionState, Status
 
 SESSION_WINDOW = timedelta(hours=1)  # closed and lost sessions stay on the dashboard this long
 MAX_SESSIONS = 200

@@ -236,7 +236,7 @@ def test_dashboard_shows_counts_sessions_throughput_requeues_and_the_oldest_runn
     assert 'id="requeues"' in html and "session lost: connection reset" in html
     assert f'href="/jobs/{second[2].pk}/"' in html  # the oldest (only) running job
     assert re.search(r'id="oldest-running" data-age-seconds="[\d.]+"', html)
-    assert f'href="/admin/bus/bussession/{fresh.session}/change/"' in html
+    assert f'href="/admin/jobs/bussession/{fresh.session}/change/"' in html
 
 
 def test_dashboard_without_sessions_or_jobs_says_so(operator_client):
