@@ -7,6 +7,8 @@ message a person can act on instead of a traceback deep inside the bus.
 
 from __future__ import annotations
 
+import re
+
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
@@ -89,3 +91,44 @@ def database(name: str, default: str) -> dict:
             f"{name}={raw!r}: jobsite supports sqlite:// and postgres:// URLs only"
         )
     return config
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9]+(-[A-Za-z0-9]+)*")
+# scheme://host[:port], the host possibly starting with "*." as Django allows, nothing after it.
+_ORIGIN = re.compile(r"https?://(\*\.)?[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def proxy_ssl_header(name: str) -> tuple[str, str] | None:
+    """A header name such as X-Forwarded-Proto as Django's ("HTTP_X_FORWARDED_PROTO", "https")."""
+    raw = _raw(name)
+    if raw is None:
+        return None
+    if not _HEADER_NAME.fullmatch(raw):
+        raise ImproperlyConfigured(
+            f"{name}={raw!r} must be a header name such as X-Forwarded-Proto (letters, digits and dashes)"
+        )
+    return "HTTP_" + raw.upper().replace("-", "_"), "https"
+
+
+def origin_list(name: str) -> list[str]:
+    """Comma-separated origins, each scheme://host[:port] with an http or https scheme and no path."""
+    origins = string_list(name)
+    for origin in origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise ImproperlyConfigured(
+                f"{name}: {origin!r} is not an origin like https://jobs.example.org (scheme://host[:port], no path)"
+            )
+    return origins
+
+
+def email(name: str) -> dict | None:
+    """An email URL (smtp://user:password@host:587, smtp+tls://, smtp+ssl://, consolemail://) as Django settings."""
+    raw = _raw(name)
+    if raw is None:
+        return None
+    try:
+        config = environ.Env.email_url_config(raw)
+    except Exception as exc:  # django-environ raises several kinds
+        raise ImproperlyConfigured(f"{name} is not an email URL: {exc}") from None
+    # Unset parts stay at Django's defaults (EMAIL_HOST_USER must be a string, not None).
+    return {key: value for key, value in config.items() if value not in (None, "")}

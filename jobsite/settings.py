@@ -24,6 +24,12 @@ if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("SECRET_KEY must be set unless DEBUG=true")
     SECRET_KEY = "jobsite-insecure-development-key-only-for-debug"
+elif not DEBUG and len(SECRET_KEY) < 50:
+    # Django's own deployment check asks for 50; a short key is guessable offline from any signed cookie.
+    raise ImproperlyConfigured(
+        f"SECRET_KEY is {len(SECRET_KEY)} characters long; with DEBUG=false it must have at least 50 "
+        "(python -c 'import secrets; print(secrets.token_urlsafe(50))')"
+    )
 ALLOWED_HOSTS = env.string_list("ALLOWED_HOSTS") or (["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
 
 INSTALLED_APPS = [
@@ -33,6 +39,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "jobs.apps.JobsConfig",
     "bus.apps.BusConfig",
 ]
@@ -48,6 +55,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out sign-in into its 429 answer.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "jobsite.urls"
@@ -109,6 +118,50 @@ WHITENOISE_USE_FINDERS = True
 # ...so a missing STATIC_ROOT (collectstatic never run) is expected, not a problem.
 warnings.filterwarnings("ignore", message="No directory at", module="whitenoise.base")
 LOGIN_URL = "login"
+
+# --- HTTPS behind a TLS-terminating proxy ---------------------------------------
+# The proxy sets this header to "https" (and must strip it from what clients
+# send); Django then sees the request as secure, so the CSRF origin check
+# compares the browser's https:// Origin with https://<host> and passes.
+SECURE_PROXY_SSL_HEADER = env.proxy_ssl_header("SECURE_PROXY_SSL_HEADER")
+# Other origins whose forms may post here (e.g. the site under a second name).
+CSRF_TRUSTED_ORIGINS = env.origin_list("CSRF_TRUSTED_ORIGINS")
+SECURE_SSL_REDIRECT = env.boolean("SECURE_SSL_REDIRECT", False)
+# Load balancers probe /health over plain http.
+SECURE_REDIRECT_EXEMPT = [r"^health$"]
+SECURE_HSTS_SECONDS = env.positive_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.boolean("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = env.boolean("SECURE_HSTS_PRELOAD", False)
+# Secure cookies unless DEBUG: ./bin/run serves plain http on 127.0.0.1 with DEBUG=true.
+SESSION_COOKIE_SECURE = env.boolean("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env.boolean("CSRF_COOKIE_SECURE", not DEBUG)
+
+# --- Sign-in: throttled failures, password reset only with mail ---------------------
+AUTHENTICATION_BACKENDS = [
+    # django-axes first: it refuses a locked-out username and address before the password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.positive_int("AXES_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = env.positive_float("AXES_COOLOFF_MINUTES", 15.0) / 60  # hours, as axes reads a number
+# Per username and client address together: an attacker cannot lock the real operator out from elsewhere.
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# The client's address: REMOTE_ADDR, or behind the proxy the address it appended to X-Forwarded-For.
+AXES_CLIENT_IP_CALLABLE = "jobs.views.client_ip"
+TRUSTED_PROXIES = env.positive_int("TRUSTED_PROXIES", 1 if SECURE_PROXY_SSL_HEADER else 0, minimum=0)
+
+# Password reset sends mail: its pages exist only when EMAIL_URL is set.
+_email = env.email("EMAIL_URL") or {}
+EMAIL_BACKEND = _email.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = _email.get("EMAIL_HOST", "localhost")
+EMAIL_PORT = _email.get("EMAIL_PORT", 25)
+EMAIL_HOST_USER = _email.get("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = _email.get("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = _email.get("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = _email.get("EMAIL_USE_SSL", False)
+DEFAULT_FROM_EMAIL = env.string("DEFAULT_FROM_EMAIL", "jobsite@localhost")
+PASSWORD_RESET_ENABLED = bool(_email)
 
 # --- Bus and crawler --------------------------------------------------------
 HEARTBEAT_TIMEOUT = env.positive_float("HEARTBEAT_TIMEOUT", 60.0)
