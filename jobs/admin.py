@@ -19,6 +19,8 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from . import services
+from .actions import run_action
+from .forms import parse_id
 from .models import Job, JobEvent, Status
 
 # What an operator may change, and only while the job waits in the queue: once
@@ -32,7 +34,6 @@ CHANGELIST_FIELDS = (
 )
 
 URL_COLUMN_LENGTH = 60
-MAX_BIGINT = 2**63 - 1
 
 
 def format_duration(duration: timedelta) -> str:
@@ -132,9 +133,10 @@ class JobAdmin(admin.ModelAdmin):
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         term = search_term.strip().removeprefix("#")
-        if term.isdigit() and int(term) <= MAX_BIGINT:
+        job_id = parse_id(term)
+        if job_id is not None:
             # An id (through the primary key, not a text cast), or digits in a URL.
-            return queryset.filter(Q(pk=int(term)) | Q(url__icontains=term)), False
+            return queryset.filter(Q(pk=job_id) | Q(url__icontains=term)), False
         return super().get_search_results(request, queryset, search_term)
 
     def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
@@ -164,45 +166,21 @@ class JobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Requeue selected running jobs", permissions=["change"])
     def requeue_running(self, request: HttpRequest, queryset: QuerySet) -> None:
-        job_ids = list(queryset.values_list("id", flat=True))
-        username = request.user.get_username()
-        counts = services.reset_running_jobs(
-            job_ids=job_ids, reason=f"requeued by {username} in the admin", actor=f"admin:{username}",
-        )
-        skipped = len(job_ids) - counts.total
-        self.message_user(
-            request,
-            f"Requeued {counts.requeued}, failed {counts.failed} (interrupted too many times), "
-            f"skipped {skipped} not running.",
-            messages.SUCCESS if counts.total else messages.WARNING,
-        )
+        self._run_action(request, queryset, "requeue")
 
     @admin.action(description="Retry selected jobs", permissions=["change"])
     def retry(self, request: HttpRequest, queryset: QuerySet) -> None:
-        job_ids = list(queryset.values_list("id", flat=True))
-        username = request.user.get_username()
-        result = services.retry_jobs(
-            job_ids=job_ids, reason=f"retried by {username} in the admin", actor=f"admin:{username}",
-        )
-        self.message_user(
-            request,
-            f"Retried {result.changed}, skipped {result.skipped} not failed or cancelled.",
-            messages.SUCCESS if result.changed else messages.WARNING,
-        )
+        self._run_action(request, queryset, "retry")
 
     @admin.action(description="Cancel selected jobs", permissions=["change"])
     def cancel(self, request: HttpRequest, queryset: QuerySet) -> None:
-        job_ids = list(queryset.values_list("id", flat=True))
+        self._run_action(request, queryset, "cancel")
+
+    def _run_action(self, request: HttpRequest, queryset: QuerySet, action: str) -> None:
         username = request.user.get_username()
-        result = services.cancel_jobs(
-            job_ids=job_ids, reason=f"cancelled by {username} in the admin", actor=f"admin:{username}",
-        )
-        self.message_user(
-            request,
-            f"Cancelled {result.changed} ({len(result.running)} of them running; their crawlers are told "
-            f"to stop), skipped {result.skipped} already finished.",
-            messages.SUCCESS if result.changed else messages.WARNING,
-        )
+        report = run_action(action=action, job_ids=list(queryset.values_list("id", flat=True)),
+                            username=username, actor=f"admin:{username}", place="in the admin")
+        self.message_user(request, report.text, messages.SUCCESS if report.changed else messages.WARNING)
 
     # --- The change form: a queued job's definition, nothing else ----------------
 

@@ -1,7 +1,8 @@
 """A read-only JSON API over jobs for scripts: the list (filters, keyset pages) and one job with its events.
 
-Signed-in users only (the session cookie of the pages); anonymous callers get
-a JSON 401 rather than the login page.
+Signed-in users with the `jobs.view_job` permission only (the session cookie
+of the pages); anonymous callers get a JSON 401 rather than the login page,
+users without the permission a JSON 403.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from django.utils.http import urlencode
 from django.views.decorators.http import require_GET
 
 from . import selectors
+from .forms import parse_id
+from .views import can_view_jobs
 from .models import Job, JobEvent, Status
 
 DEFAULT_LIMIT = 50
@@ -27,6 +30,8 @@ def api_login_required(view):
             return JsonResponse({"error": "authentication required: sign in at /accounts/login/"}, status=401)
         if not request.user.is_active:
             return JsonResponse({"error": "this account is inactive"}, status=403)
+        if not can_view_jobs(request.user):
+            return JsonResponse({"error": "reading jobs needs the \"view job\" permission"}, status=403)
         return view(request, *args, **kwargs)
 
     return wrapper
@@ -79,15 +84,12 @@ def job_list(request: HttpRequest) -> JsonResponse:
     status = request.GET.get("status") or None
     if status is not None and status not in Status.values:
         return _bad_request(f"status must be one of {', '.join(Status.values)}")
-    try:
-        limit = int(request.GET.get("limit", DEFAULT_LIMIT))
-        before = int(request.GET["before"]) if request.GET.get("before") else None
-    except ValueError:
-        return _bad_request("limit and before must be whole numbers")
+    limit = parse_id(request.GET.get("limit", str(DEFAULT_LIMIT)))
+    before = parse_id(request.GET["before"]) if request.GET.get("before") else None
+    if limit is None or (request.GET.get("before") and before is None):
+        return _bad_request("limit and before must be whole numbers (ASCII digits, below 2**63)")
     if not 1 <= limit <= MAX_LIMIT:
         return _bad_request(f"limit must be between 1 and {MAX_LIMIT}")
-    if before is not None and not 0 <= before < 2**63:
-        return _bad_request("before is out of range")
     url = request.GET.get("url", "")[:500]
     page = selectors.job_page(status=status, url=url, before=before, limit=limit)
     next_url = None

@@ -7,6 +7,20 @@ from django import forms
 MAX_LINES = 10_000
 MAX_BULK = 1_000
 ACTIONS = {"requeue": "Requeue", "retry": "Retry", "cancel": "Cancel"}
+MAX_ID = 2**63 - 1
+
+
+def parse_id(text: str) -> int | None:
+    """A job id typed or passed in a query string, or None: ASCII digits only, within a bigint.
+
+    str.isdigit() also accepts "²" and "٣", on which int() fails or which no
+    one means as an id, and int() of a 5,000-digit text raises: both were 500s.
+    """
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_ID)):
+        return None
+    value = int(text)
+    return value if value <= MAX_ID else None
 
 
 class EnqueueForm(forms.Form):
@@ -41,8 +55,9 @@ class BulkActionForm(forms.Form):
             raise forms.ValidationError("Select at least one job.")
         if len(texts) > MAX_BULK:
             raise forms.ValidationError(f"At most {MAX_BULK} jobs at once.")
-        if not all(text.isdigit() and int(text) < 2**63 for text in texts):
+        job_ids = [parse_id(text) for text in texts]
+        if None in job_ids:
             raise forms.ValidationError("Job ids are whole numbers.")
         # Any id is accepted: the services skip jobs that are not in a state the action applies to.
-        cleaned["job_ids"] = sorted({int(text) for text in texts})
+        cleaned["job_ids"] = sorted(set(job_ids))
         return cleaned

@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db.models import Count, Q, QuerySet
 from django.db.models.functions import TruncMinute
 
+from .forms import parse_id
 from .models import TERMINAL, BusSession, EventKind, Job, JobEvent, SessionState, Status
 
 SESSION_WINDOW = timedelta(hours=1)  # closed and lost sessions stay on the dashboard this long
@@ -267,9 +268,9 @@ def search_jobs(queryset: QuerySet, *, status: str | None = None, url: str | Non
         queryset = queryset.filter(status=status)
     term = (url or "").strip()
     if term:
-        digits = term.removeprefix("#")
-        if digits.isdigit() and int(digits) < 2**63:
-            queryset = queryset.filter(Q(pk=int(digits)) | Q(url__icontains=term))
+        job_id = parse_id(term.removeprefix("#"))
+        if job_id is not None:
+            queryset = queryset.filter(Q(pk=job_id) | Q(url__icontains=term))
         else:
             queryset = queryset.filter(url__icontains=term)
     return queryset

@@ -8,6 +8,7 @@ part alone (`?fragment=1`), which jobs/static/jobs/live.js fetches every 2 s.
 from __future__ import annotations
 
 import re
+from functools import wraps
 
 from django.conf import settings
 from django.contrib import messages
@@ -23,12 +24,31 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from . import selectors, services
-from .forms import ACTIONS, BulkActionForm, EnqueueForm
+from .actions import run_action
+from .forms import ACTIONS, BulkActionForm, EnqueueForm, parse_id
 from .models import Job, Status
 
 PAGE_SIZE = 50
 LIVE_INTERVAL_MS = 2000
 LINKED_NEW_JOBS = 10
+
+
+def can_view_jobs(user) -> bool:
+    """Reading jobs (every page and the API) needs the view permission; change implies it, as in the admin."""
+    return user.is_active and (user.has_perm("jobs.view_job") or user.has_perm("jobs.change_job"))
+
+
+def view_permission_required(view):
+    """Signed-in users with the view permission; others signed in get a 403, anonymous ones the login page."""
+
+    @wraps(view)
+    @login_required
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not can_view_jobs(request.user):
+            raise PermissionDenied("Reading jobs needs the \"view job\" permission; ask an administrator.")
+        return view(request, *args, **kwargs)
+
+    return wrapper
 
 
 def can_change_jobs(user) -> bool:
@@ -46,10 +66,7 @@ def _is_fragment(request: HttpRequest) -> bool:
 
 
 def _int_param(request: HttpRequest, name: str) -> int | None:
-    text = request.GET.get(name, "").strip()
-    if text.isdigit() and int(text) < 2**63:
-        return int(text)
-    return None
+    return parse_id(request.GET.get(name, ""))
 
 
 def _page(request: HttpRequest, template: str, fragment_template: str, context: dict) -> HttpResponse:
@@ -69,7 +86,7 @@ def _page(request: HttpRequest, template: str, fragment_template: str, context: 
 # --- Dashboard ----------------------------------------------------------------------
 
 
-@login_required
+@view_permission_required
 @require_GET
 def dashboard(request: HttpRequest) -> HttpResponse:
     board = selectors.dashboard(at=services.now())
@@ -102,7 +119,7 @@ def _chart(bars: list[selectors.ThroughputBar]) -> dict:
 # --- Jobs ---------------------------------------------------------------------------
 
 
-@login_required
+@view_permission_required
 @require_GET
 def job_list(request: HttpRequest) -> HttpResponse:
     status = request.GET.get("status", "")
@@ -130,7 +147,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
     })
 
 
-@login_required
+@view_permission_required
 @require_GET
 def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     try:
@@ -174,29 +191,10 @@ def job_actions(request: HttpRequest) -> HttpResponse:
         for problem in form.errors.get("__all__", []) + form.errors.get("action", []):
             messages.error(request, problem)
         return HttpResponseRedirect(back)
-    action, job_ids = form.cleaned_data["action"], form.cleaned_data["job_ids"]
     username = request.user.get_username()
-    actor = f"web:{username}"
-    if action == "requeue":
-        counts = services.reset_running_jobs(
-            job_ids=job_ids, reason=f"requeued by {username} from the jobs page", actor=actor,
-        )
-        skipped = len(job_ids) - counts.total
-        text = (f"Requeued {counts.requeued}, failed {counts.failed} (interrupted too many times), "
-                f"skipped {skipped} not running.")
-        changed = counts.total
-    elif action == "retry":
-        result = services.retry_jobs(job_ids=job_ids, reason=f"retried by {username} from the jobs page", actor=actor)
-        text = f"Retried {result.changed}, skipped {result.skipped} not failed or cancelled."
-        changed = result.changed
-    else:
-        result = services.cancel_jobs(
-            job_ids=job_ids, reason=f"cancelled by {username} from the jobs page", actor=actor,
-        )
-        text = (f"Cancelled {result.changed} ({len(result.running)} of them running; their crawlers are told "
-                f"to stop), skipped {result.skipped} already finished.")
-        changed = result.changed
-    (messages.success if changed else messages.warning)(request, text)
+    report = run_action(action=form.cleaned_data["action"], job_ids=form.cleaned_data["job_ids"],
+                        username=username, actor=f"web:{username}", place="from the jobs page")
+    (messages.success if report.changed else messages.warning)(request, report.text)
     return HttpResponseRedirect(back)
 
 
@@ -254,6 +252,25 @@ def _enqueued_message(jobs: list[Job]) -> str:
     )
 
 
+# --- Sign-in throttling ---------------------------------------------------------------
+
+
+def client_ip(request: HttpRequest) -> str | None:
+    """The client's address, as django-axes counts failed sign-ins (AXES_CLIENT_IP_CALLABLE).
+
+    Behind TRUSTED_PROXIES proxies, the address the outermost of them appended
+    to X-Forwarded-For: entries left of it come from the client and may be forged,
+    and REMOTE_ADDR is the proxy itself, which would lock everyone out together.
+    """
+    hops = settings.TRUSTED_PROXIES
+    if hops:
+        forwarded = [part.strip() for part in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        forwarded = [part for part in forwarded if part]
+        if len(forwarded) >= hops:
+            return forwarded[-hops]
+    return request.META.get("REMOTE_ADDR")
+
+
 # --- Health -------------------------------------------------------------------------
 
 
@@ -264,15 +281,24 @@ def health(request: HttpRequest) -> JsonResponse:
 
     A session counts when it is connected and its heartbeat is within
     2 x HEARTBEAT_TIMEOUT: a row left "connected" by a bus that died is no crawler.
+    Anyone gets the status and the counts; the sessions (ids, endpoint paths,
+    crawler names) only a signed-in user.
     """
     at = services.now()
+    try:
+        detailed = request.user.is_authenticated and request.user.is_active  # reads the session table
+    except DatabaseError:
+        detailed = False
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
         report = {"database": "ok", **selectors.health(at=at)}
     except DatabaseError:
-        return JsonResponse(
-            {"database": "error", "sessions": [], "live_sessions": 0, "oldest_running_age": None}, status=503,
-        )
-    report["heartbeat_timeout"] = settings.HEARTBEAT_TIMEOUT
-    return JsonResponse(report, status=200 if report["live_sessions"] else 503)
+        report = {"database": "error", "sessions": [], "live_sessions": 0, "oldest_running_age": None}
+    report["status"] = "ok" if report["database"] == "ok" and report["live_sessions"] else "unavailable"
+    report["session_count"] = len(report["sessions"])
+    if detailed:
+        report["heartbeat_timeout"] = settings.HEARTBEAT_TIMEOUT
+    else:
+        del report["sessions"]
+    return JsonResponse(report, status=200 if report["status"] == "ok" else 503)

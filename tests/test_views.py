@@ -36,8 +36,17 @@ def operator(django_user_model):
 
 @pytest.fixture
 def viewer(django_user_model):
-    """Signed in, not staff: may look, may not act."""
-    return django_user_model.objects.create_user("viewer", password="pw-viewer")
+    """Signed in, not staff, with the view permission: may look, may not act."""
+    user = django_user_model.objects.create_user("viewer", password="pw-viewer")
+    user.user_permissions.add(Permission.objects.get(codename="view_job"))
+    return user
+
+
+@pytest.fixture
+def outsider_client(client, django_user_model):
+    """Signed in without the view permission: may read no job."""
+    client.force_login(django_user_model.objects.create_user("outsider", password="pw-outsider"))
+    return client
 
 
 @pytest.fixture
@@ -162,6 +171,15 @@ def test_a_viewer_cannot_enqueue(viewer_client):
     response = viewer_client.post(reverse("jobs:new"), {"urls": "https://example.com/", "priority": "0"})
     assert response.status_code == 403
     assert not Job.objects.exists()
+
+
+def test_a_user_without_the_view_permission_reads_no_job(outsider_client):
+    job = enqueue("https://example.com/secret?token=abc")[0]
+    for url in page_urls(job.pk) + ["/api/jobs/", f"/api/jobs/{job.pk}/"]:
+        response = outsider_client.get(url)
+        assert response.status_code == 403, url
+        assert b"secret" not in response.content, url
+    assert b"view job" in outsider_client.get(f"/jobs/{job.pk}/").content
 
 
 def test_staff_without_the_change_permission_cannot_act(client, staff_viewer):
@@ -582,7 +600,8 @@ def test_enqueue_page_renders_for_an_operator(operator_client):
 # --- /health ------------------------------------------------------------------------------------
 
 
-def test_health_is_503_without_a_connected_session(client):
+def test_health_is_503_without_a_connected_session(operator_client):
+    client = operator_client
     response = client.get("/health")
     assert response.status_code == 503
     body = response.json()
@@ -594,7 +613,8 @@ def test_health_is_503_without_a_connected_session(client):
     assert [s["state"] for s in body["sessions"]] == ["reconnecting"]
 
 
-def test_health_is_200_with_a_connected_session_and_reports_it(client):
+def test_health_is_200_with_a_connected_session_and_reports_it(operator_client):
+    client = operator_client
     session = make_session(crawler="ref", heartbeat_age=3)
     enqueue("https://example.com/a")
     run(session, 1)
@@ -608,6 +628,22 @@ def test_health_is_200_with_a_connected_session_and_reports_it(client):
     assert reported["endpoint"] == "/tmp/crawler.sock" and reported["crawler"] == "ref"
     assert 2.5 < reported["last_heartbeat_age"] < 30
     assert 0 <= body["oldest_running_age"] < 30
+
+
+def test_anonymous_health_gives_status_and_counts_but_no_sessions(client):
+    session = make_session(crawler="ref", endpoint="/run/secret-crawler.sock")
+    enqueue("https://example.com/a")
+    run(session, 1)
+    response = client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body == {"database": "ok", "status": "ok", "live_sessions": 1, "session_count": 1,
+                    "oldest_running_age": body["oldest_running_age"]}
+    assert 0 <= body["oldest_running_age"] < 30
+    assert b"secret-crawler" not in response.content and str(session.session).encode() not in response.content
+    session.state = "lost"
+    session.save()
+    assert client.get("/health").json()["status"] == "unavailable"
 
 
 def test_health_does_not_count_a_connected_row_whose_heartbeat_stopped(client, settings):
