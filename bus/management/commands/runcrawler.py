@@ -16,29 +16,14 @@ from django.core.management.base import BaseCommand, CommandError
 from bus.crawler import Crawler
 from bus.endpoints import EndpointError, parse_endpoints
 from bus.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, Fetcher
+from jobsite.argtypes import seconds, whole_number
 from jobsite.logging import kv
 
 log = logging.getLogger("bus.crawler")
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
+_count = whole_number(minimum=0)
+_seconds = seconds(allow_zero=False)
 
 
 def _delay_range_ms(text: str) -> tuple[float, float]:
@@ -81,7 +66,7 @@ class Command(BaseCommand):
                             help="body bytes read at most; the rest is cut (default %(default)s)")
         parser.add_argument("--max-redirects", type=_count, default=DEFAULT_MAX_REDIRECTS,
                             help="redirects followed at most (default %(default)s)")
-        parser.add_argument("--resume-grace", type=float, default=0.0, metavar="SECONDS",
+        parser.add_argument("--resume-grace", type=seconds(allow_zero=True), default=0.0, metavar="SECONDS",
                             help="keep a lost session's jobs running this long for the next session to "
                                  "resume (reported in ready.running); default 0 stops them at once")
 
@@ -110,12 +95,12 @@ class Command(BaseCommand):
                 fetcher=fetcher,
                 noop=options["noop"],
                 noop_delay=options["noop_delay_ms"],
-                resume_grace=max(0.0, options["resume_grace"]),
+                resume_grace=options["resume_grace"],
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
 
-        interrupted = []
+        interrupted: list[int] = []
 
         def on_signal(signum: int, frame) -> None:
             if signum == signal.SIGINT and interrupted:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Iterator, TextIO
+from collections.abc import Iterator
+from typing import TextIO
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from jobs import services
+from jobsite.argtypes import whole_number
 
 
 def json_object(text: str) -> dict:
@@ -26,11 +28,7 @@ def json_object(text: str) -> dict:
     return value
 
 
-def priority(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+priority = whole_number()
 
 
 class Command(BaseCommand):
@@ -83,7 +81,7 @@ class Command(BaseCommand):
             if options["verbosity"] >= 2:
                 for where, url in accepted:
                     self.stdout.write(f"accepted {where}: {url}")
-            for where, url, reason in rejected:
+            for where, _url, reason in rejected:
                 self.stdout.write(self.style.ERROR(f"rejected {where}: {reason}"))
             raise CommandError(
                 f"{len(rejected)} of {len(numbered)} URLs rejected, {len(accepted)} accepted; nothing was queued"
@@ -94,7 +92,7 @@ class Command(BaseCommand):
             )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
-        for (where, url), job in zip(accepted, jobs):
+        for (where, url), job in zip(accepted, jobs, strict=True):  # one job per accepted URL
             self.stdout.write(f"queued job {job.pk} from {where}: {url}")
         self.stdout.write(self.style.SUCCESS(f"Queued {len(jobs)} job{'s' if len(jobs) != 1 else ''}."))
 

@@ -7,7 +7,6 @@ every running job is requeued.
 from __future__ import annotations
 
 import argparse
-import math
 import uuid
 from datetime import datetime, timedelta
 
@@ -16,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from jobs import services
 from jobs.models import Job
+from jobsite.argtypes import seconds, whole_number
 
 MAX_JOB_ID = 2**63 - 1
 
@@ -27,13 +27,12 @@ def session_uuid(text: str) -> uuid.UUID:
         raise argparse.ArgumentTypeError(f"{text!r} is not a session UUID") from None
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds, 0 or more")
+_seconds = seconds(allow_zero=True)
+
+
+def seconds_ago(text: str) -> float:
+    """Seconds, 0 or more, that still reach back no further than the year 1."""
+    value = _seconds(text)
     try:
         services.now() - timedelta(seconds=value)
     except OverflowError:
@@ -41,14 +40,10 @@ def seconds(text: str) -> float:
     return value
 
 
-def job_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a whole number)") from None
-    if not 1 <= value <= MAX_JOB_ID:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (ids are 1 or more)")
-    return value
+job_id = whole_number(
+    minimum=1, maximum=MAX_JOB_ID, invalid="is not a job id (a whole number)",
+    out_of_range="is not a job id (ids are 1 or more)",
+)
 
 
 def reason_text(text: str) -> str:
@@ -81,7 +76,7 @@ class Command(BaseCommand):
         )
         expiry = parser.add_mutually_exclusive_group()
         expiry.add_argument(
-            "--stale-for", type=seconds, metavar="SECONDS",
+            "--stale-for", type=seconds_ago, metavar="SECONDS",
             help="Only jobs whose lease expired at least SECONDS ago.",
         )
         expiry.add_argument(

@@ -1,0 +1,109 @@
+"""Code health: apps depend one way (bus -> jobs -> jobsite), and commands share one set of number parsers.
+
+The import rules are read from the source with `ast`, so an import hidden in a
+function body counts as much as one at the top of a module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from jobsite.argtypes import seconds, whole_number
+from tests.conftest import ROOT
+
+# The project's wiring may name apps: the URLconf includes their URLs, and the
+# server entry points load Django. Everything else in jobsite/ is below the apps.
+WIRING = {"urls.py", "wsgi.py", "asgi.py"}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module imports (absolute imports only: relative ones stay in the package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def modules_under(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules_under("jobs"), ids=lambda path: str(path.relative_to(ROOT)))
+def test_jobs_imports_nothing_from_bus(path):
+    assert "bus" not in imported_packages(path), f"{path.relative_to(ROOT)} imports bus: jobs must not depend on it"
+
+
+@pytest.mark.parametrize(
+    "path", [path for path in modules_under("jobsite") if path.name not in WIRING],
+    ids=lambda path: str(path.relative_to(ROOT)),
+)
+def test_the_project_package_imports_no_app(path):
+    apps = imported_packages(path) & {"bus", "jobs"}
+    assert not apps, f"{path.relative_to(ROOT)} imports {sorted(apps)}: settings and helpers import no app"
+
+
+def test_loading_the_settings_imports_no_app_module():
+    probe = (
+        "import sys, jobsite.settings\n"
+        "print(sorted(name for name in sys.modules if name.split('.')[0] in ('bus', 'jobs')))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin", "DEBUG": "true", "SECRET_KEY": "x", "BUS_ENDPOINTS": "unix:/tmp/x.sock"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+# --- One set of number parsers for every command ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("x", "'x' is not a whole number"), ("1.5", "'1.5' is not a whole number"), ("-1", "'-1' must be >= 0")],
+)
+def test_whole_number_names_the_refused_text(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"^{message}$"):
+        whole_number(minimum=0)(text)
+
+
+def test_whole_number_keeps_the_bounds_and_custom_messages():
+    job_id = whole_number(minimum=1, maximum=9, invalid="is not a job id", out_of_range="is out of range")
+
+    assert job_id("9") == 9
+    with pytest.raises(argparse.ArgumentTypeError, match="^'10' is out of range$"):
+        job_id("10")
+    with pytest.raises(argparse.ArgumentTypeError, match="^'a' is not a job id$"):
+        job_id("a")
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-inf", "-1", "0"])
+def test_positive_seconds_refuse_what_is_not_a_finite_positive_number(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="must be a positive number of seconds"):
+        seconds(allow_zero=False)(text)
+
+
+def test_seconds_may_allow_zero_and_name_a_word_that_is_no_number():
+    assert seconds(allow_zero=True)("0") == 0.0
+    with pytest.raises(argparse.ArgumentTypeError, match="^'soon' is not a number of seconds$"):
+        seconds(allow_zero=True)("soon")
+
+
+def test_runcrawler_refuses_a_negative_resume_grace():
+    with pytest.raises(CommandError, match="--resume-grace: '-1' must be a number of seconds, 0 or more"):
+        call_command("runcrawler", "--listen", "/tmp/unused.sock", "--slots", "1", "--resume-grace", "-1")
+
+
+def test_runcrawler_refuses_a_negative_slot_count():
+    with pytest.raises(CommandError, match="--slots: '-1' must be >= 0"):
+        call_command("runcrawler", "--listen", "/tmp/unused.sock", "--slots", "-1")
