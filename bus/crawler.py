@@ -15,8 +15,9 @@ import selectors
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, cast
 
 from jobsite.logging import kv
 
@@ -92,7 +93,7 @@ class Crawler:
     def __init__(
         self,
         *,
-        endpoints: list[Endpoint | str],
+        endpoints: Sequence[Endpoint | str],
         slots: int,
         name: str | None = None,
         token: str | None = None,
@@ -167,7 +168,7 @@ class Crawler:
                         if key.fileobj is self._wake_r:
                             _drain(self._wake_r)
                         else:
-                            self._accept(key.fileobj, key.data)
+                            self._accept(cast(socket.socket, key.fileobj), key.data)
                     self._reap_orphans()
         finally:
             self._stopping.set()
@@ -259,6 +260,7 @@ class Crawler:
 
     def _run_fetch(self, job: _Job) -> None:
         job_id, attempt = job.key
+        outcome: dict[str, Any] | None
         try:
             result = self.fetcher(job.url, cancel=job.cancellation)  # type: ignore[misc]
             outcome = {"type": "done", "job_id": job_id, "attempt": attempt, "result": result}
@@ -351,6 +353,7 @@ class Crawler:
             ready: dict[str, Any] = {"type": "ready", "slots": self.slots,
                                      "running": [list(job.key) for job in resumed]}
             if self.token:
+                assert session.bus_session is not None  # set from hello before ready is sent
                 ready["auth"] = ready_proof(self.token, hello_nonce, session.bus_session)
             session.live = True
             session.queue(encode_frame(ready))
