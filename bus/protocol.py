@@ -13,7 +13,7 @@ import math
 import re
 import secrets
 import time
-from typing import Any
+from typing import Any, cast
 
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME = 1024 * 1024
@@ -243,7 +243,7 @@ def number_of(frame: dict[str, Any], name: str) -> float | None:
         finite = False
     if not finite:
         raise FieldError(f"{name} must be a finite number")
-    return value
+    return cast(float, value)  # an int or a finite float
 
 
 def nonce_ok(value: Any) -> bool:

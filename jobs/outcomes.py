@@ -7,6 +7,7 @@ outcomes without touching models.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,6 @@ class Outcome:
     job_id: int
     attempt: int
     succeeded: bool
-    result: dict | None = None
+    result: dict[str, Any] | None = None
     error: str = ""
     retryable: bool = False

@@ -8,6 +8,7 @@ message a person can act on instead of a traceback deep inside the bus.
 from __future__ import annotations
 
 import re
+from typing import overload
 
 import environ
 from django.core.exceptions import ImproperlyConfigured
@@ -67,6 +68,10 @@ def boolean(name: str, default: bool) -> bool:
     raise ImproperlyConfigured(f"{name}={raw!r} must be one of true/false/1/0/yes/no/on/off")
 
 
+@overload
+def string(name: str, default: str) -> str: ...
+@overload
+def string(name: str, default: None = None) -> str | None: ...
 def string(name: str, default: str | None = None) -> str | None:
     raw = _raw(name)
     return default if raw is None else raw
