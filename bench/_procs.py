@@ -28,8 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -240,7 +240,9 @@ def parser_for(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def per_backend(args: argparse.Namespace, script: str, argv: list[str] | None, run: Callable[[argparse.Namespace], int]) -> int:
+def per_backend(
+    args: argparse.Namespace, script: str, argv: list[str] | None, run: Callable[[argparse.Namespace], int]
+) -> int:
     """Run `run(args)` for one backend, or this script once per backend (settings are per process)."""
     if args.db != "both":
         return run(args)

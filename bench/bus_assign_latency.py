@@ -38,7 +38,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import throwaway_database  # noqa: E402
 from bench._procs import (  # noqa: E402
-    CheckFailed, Procs, backend_label, check, load_line, parser_for, per_backend, percentile, verdict,
+    CheckFailed,
+    Procs,
+    backend_label,
+    check,
+    load_line,
+    parser_for,
+    per_backend,
+    percentile,
+    verdict,
 )
 
 TARGET_P50_MS, TARGET_P99_MS = 10.0, 50.0

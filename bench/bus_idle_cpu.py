@@ -23,8 +23,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import throwaway_database  # noqa: E402
 from bench._procs import (  # noqa: E402
-    CheckFailed, Poller, Procs, backend_label, check, load_line, parser_for, per_backend, proc_cpu_seconds,
-    verdict, wait_for,
+    CheckFailed,
+    Poller,
+    Procs,
+    backend_label,
+    check,
+    load_line,
+    parser_for,
+    per_backend,
+    proc_cpu_seconds,
+    verdict,
+    wait_for,
 )
 
 TARGET_PERCENT = 1.0

@@ -28,8 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import throwaway_database  # noqa: E402
 from bench._procs import (  # noqa: E402
-    CheckFailed, Poller, Procs, backend_label, check, enqueue_jobs, load_line, parser_for, per_backend,
-    percentile, verdict, wait_for,
+    CheckFailed,
+    Poller,
+    Procs,
+    backend_label,
+    check,
+    enqueue_jobs,
+    load_line,
+    parser_for,
+    per_backend,
+    percentile,
+    verdict,
+    wait_for,
 )
 
 TARGET_P99_MS = 100.0

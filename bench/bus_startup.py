@@ -29,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import throwaway_database  # noqa: E402
 from bench._procs import (  # noqa: E402
-    CheckFailed, Procs, backend_label, load_line, parser_for, per_backend, verdict,
+    CheckFailed,
+    Procs,
+    backend_label,
+    load_line,
+    parser_for,
+    per_backend,
+    verdict,
 )
 
 TARGET_S = 1.5

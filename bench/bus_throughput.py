@@ -26,8 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import throwaway_database  # noqa: E402
 from bench._procs import (  # noqa: E402
-    CheckFailed, Poller, Procs, backend_label, check, empty_tables, enqueue_jobs, load_line, median,
-    parser_for, per_backend, verdict,
+    CheckFailed,
+    Poller,
+    Procs,
+    backend_label,
+    check,
+    empty_tables,
+    enqueue_jobs,
+    load_line,
+    median,
+    parser_for,
+    per_backend,
+    verdict,
 )
 
 TARGET_JOBS_S = {"postgresql": 5000.0}

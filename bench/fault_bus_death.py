@@ -38,14 +38,25 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import ROOT, throwaway_database  # noqa: E402
 from bench._procs import (  # noqa: E402
-    CheckFailed, Poller, Procs, backend_label, check, enqueue_jobs, load_line, median, parser_for, per_backend,
-    verdict, wait_for,
+    CheckFailed,
+    Poller,
+    Procs,
+    backend_label,
+    check,
+    enqueue_jobs,
+    load_line,
+    median,
+    parser_for,
+    per_backend,
+    verdict,
+    wait_for,
 )
 
 HEARTBEAT_TIMEOUT = 2.0
@@ -93,14 +104,14 @@ def check_trial(poller: Poller, mark: int, jobs: int, variant: str, trial: int) 
 
 def _log_times(log: str) -> dict[str, float]:
     """Wall-clock time of the first line of each event in a bus log (ts=...Z, millisecond precision)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     times: dict[str, float] = {}
     for line in log.splitlines():
         words = dict(word.split("=", 1) for word in line.split() if "=" in word and not word.startswith('"'))
         if "ts" in words and "event" in words and words["event"] not in times:
             try:
-                at = datetime.strptime(words["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+                at = datetime.strptime(words["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
             except ValueError:
                 continue
             times[words["event"]] = at.timestamp()

@@ -242,7 +242,8 @@ def run(args) -> int:
               f"{rate_after:.0f} from 5 to 15 s after it was up; longest gap between outcomes "
               f"{stall:.2f} s from {stall_from - restart_at:+.2f} s (longest in the steady window before: "
               f"{steady_gap:.2f} s; outcomes are committed in batches with one finished_at each); first outcome "
-              f"after the stop at {(first_after - restart_at) if first_after else float('nan'):+.2f} s; drained {drained_at - produced_until:.1f} s "
+              f"after the stop at {(first_after - restart_at) if first_after else float('nan'):+.2f} s; "
+              f"drained {drained_at - produced_until:.1f} s "
               f"after the producer stopped; statuses {by_status}; {interrupts} interrupt events, {stale} stale "
               f"events", flush=True)
         print(f"jobs lost (PostgreSQL restart under {args.rate:g} jobs/s, {len(committed)} committed): {lost}  "

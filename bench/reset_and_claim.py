@@ -31,7 +31,12 @@ from uuid import uuid4
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import (  # noqa: E402
-    BACKENDS, DEFAULT_POSTGRES_URL, cpu_seconds, describe_machine, exit_on_sigterm, throwaway_database,
+    BACKENDS,
+    DEFAULT_POSTGRES_URL,
+    cpu_seconds,
+    describe_machine,
+    exit_on_sigterm,
+    throwaway_database,
 )
 
 # Targets of issue 2, by Django vendor name.
@@ -96,10 +101,10 @@ def insert_jobs(count: int, *, running: bool) -> None:
     until = Job._meta.get_field("lease_expires_at").get_db_prep_value(at + timedelta(seconds=600), connection)
     if connection.vendor == "postgresql":
         numbers = "SELECT generate_series(1, %s) AS i"
-        session = "md5((i %% {n})::text)::uuid".format(n=SESSIONS)
+        session = f"md5((i %% {SESSIONS})::text)::uuid"
     else:
         numbers = "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < %s) SELECT i FROM s"
-        session = "printf('%%032x', i %% {n})".format(n=SESSIONS)
+        session = f"printf('%%032x', i %% {SESSIONS})"
     if running:
         status, attempt, lease, lease_until, started = "'running'", 1, session, "%s", "%s"
         params = [until, ts, ts, ts, count]
@@ -126,7 +131,8 @@ def insert_jobs(count: int, *, running: bool) -> None:
                 """,
                 [ts],
             )
-    check(Job.objects.filter(status="running" if running else "queued").count() == count, "set-up inserted too few jobs")
+    inserted = Job.objects.filter(status="running" if running else "queued").count()
+    check(inserted == count, "set-up inserted too few jobs")
     _settle()
 
 
