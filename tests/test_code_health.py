@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def test_jobs_imports_nothing_from_bus(path):
 
 
 @pytest.mark.parametrize(
-    "path", [path for path in modules_under("jobsite") if path.name not in WIRING],
+    "path",
+    [path for path in modules_under("jobsite") if path.name not in WIRING],
     ids=lambda path: str(path.relative_to(ROOT)),
 )
 def test_the_project_package_imports_no_app(path):
@@ -58,8 +60,7 @@ def test_loading_the_settings_imports_no_app_module():
         "print(sorted(name for name in sys.modules if name.split('.')[0] in ('bus', 'jobs')))\n"
     )
     env = {"PATH": "/usr/bin:/bin", "DEBUG": "true", "SECRET_KEY": "x", "BUS_ENDPOINTS": "unix:/tmp/x.sock"}
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
@@ -107,3 +108,23 @@ def test_runcrawler_refuses_a_negative_resume_grace():
 def test_runcrawler_refuses_a_negative_slot_count():
     with pytest.raises(CommandError, match="--slots: '-1' must be >= 0"):
         call_command("runcrawler", "--listen", "/tmp/unused.sock", "--slots", "-1")
+
+
+# --- No absolute machine paths ------------------------------------------------------------------
+
+MACHINE_PATHS = ("/" + "work/", "/" + "root/", "/" + "home/")  # split so that this file does not match itself
+
+
+def test_docs_and_code_name_no_absolute_machine_paths():
+    paths = [ROOT / ".ci" / "run", *(ROOT / "bin").iterdir()]
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".") and name != "node_modules"]
+        paths += [Path(folder) / name for name in files if name.endswith((".md", ".py", ".html", ".toml", ".txt"))]
+    found = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in paths
+        if path.is_file()
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1)
+        if any(machine_path in line for machine_path in MACHINE_PATHS)
+    ]
+    assert not found, "\n".join(found)
