@@ -14,8 +14,9 @@ VENV = ROOT / ".venv"
 PYTHON = VENV / "bin" / "python"
 
 
-def ensure_venv(requirements: str, *, folder: Path = VENV, interpreter: str | None = None,
-                extra: tuple[str, ...] = ()) -> Path:
+def ensure_venv(
+    requirements: str, *, folder: Path = VENV, interpreter: str | None = None, extra: tuple[str, ...] = ()
+) -> Path:
     """Return the venv's python, creating the venv and installing `requirements` (then `extra`) if needed.
 
     `interpreter` builds the venv with another Python (e.g. python3.12 for Django 6);

@@ -21,8 +21,17 @@ from .models import BusSession
 @admin.register(BusSession)
 class BusSessionAdmin(admin.ModelAdmin):
     list_display = (
-        "session", "node", "endpoint", "crawler", "state", "slots", "connected_at", "last_heartbeat_at",
-        "closed_at", "close_reason", "jobs_link",
+        "session",
+        "node",
+        "endpoint",
+        "crawler",
+        "state",
+        "slots",
+        "connected_at",
+        "last_heartbeat_at",
+        "closed_at",
+        "close_reason",
+        "jobs_link",
     )
     list_filter = ("state",)
     search_fields = ("node", "endpoint", "crawler")

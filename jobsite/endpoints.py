@@ -82,7 +82,7 @@ def parse_endpoint(text: str) -> Endpoint:
     if not text:
         raise EndpointError("empty endpoint")
     if text.startswith("tcp://"):
-        rest = text[len("tcp://"):]
+        rest = text[len("tcp://") :]
         if rest.startswith("["):
             host, sep, port_text = rest[1:].partition("]:")
         else:
@@ -95,7 +95,7 @@ def parse_endpoint(text: str) -> Endpoint:
         if not 0 < port < 65536:
             raise EndpointError(f"{text!r}: port must be between 1 and 65535")
         return Endpoint(kind="tcp", host=host, port=port)
-    path = text[len("unix:"):] if text.startswith("unix:") else text
+    path = text[len("unix:") :] if text.startswith("unix:") else text
     if "://" in path:
         raise EndpointError(f"{text!r}: unknown scheme (use /abs/path.sock, unix:/abs/path.sock or tcp://host:port)")
     if not path.startswith("/"):

@@ -30,8 +30,13 @@ def manage(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     env.update(DATABASE_URL=database_url(), DEBUG="true", BUS_AUTOSTART="false")
     return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, input=input,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -135,8 +140,20 @@ def test_reset_jobs_filters_combine(jobs):
     session = claim(2, lease_seconds=1, at=services.now() - timedelta(seconds=30))
     claim(1, session=session, lease_seconds=600)
     claim(2, lease_seconds=1, at=services.now() - timedelta(seconds=30))
-    output = run("reset_jobs", "--session", str(session), "--expired", "--job", str(jobs[1].pk),
-                 "--job", str(jobs[2].pk), "--job", str(jobs[3].pk), "--reason", "crawler host rebooted")
+    output = run(
+        "reset_jobs",
+        "--session",
+        str(session),
+        "--expired",
+        "--job",
+        str(jobs[1].pk),
+        "--job",
+        str(jobs[2].pk),
+        "--job",
+        str(jobs[3].pk),
+        "--reason",
+        "crawler host rebooted",
+    )
     assert "Requeued 1, failed 0 (interrupted too many times), skipped 2 of the listed jobs" in output
     assert status_of(*jobs) == [Status.RUNNING, Status.QUEUED, Status.RUNNING, Status.RUNNING, Status.RUNNING]
     event = JobEvent.objects.get(kind=EventKind.INTERRUPT)
@@ -200,8 +217,9 @@ def test_reset_jobs_process_exits_non_zero_on_bad_arguments(jobs, args, message)
 
 @pytest.mark.django_db
 def test_enqueue_from_arguments_queues_each_url_and_prints_the_ids():
-    output = run("enqueue", "https://example.com/a", " https://example.com/b ", "--priority", "5",
-                 "--payload", '{"depth": 2}')
+    output = run(
+        "enqueue", "https://example.com/a", " https://example.com/b ", "--priority", "5", "--payload", '{"depth": 2}'
+    )
     jobs = list(Job.objects.order_by("pk"))
     assert [(j.url, j.priority, j.payload, j.status) for j in jobs] == [
         ("https://example.com/a", 5, {"depth": 2}, Status.QUEUED),
@@ -219,7 +237,8 @@ def test_enqueue_from_a_file_skips_blank_lines_and_comments(tmp_path):
     path.write_text("# seeds for today\n\nhttps://example.com/1\n   \n  # indented comment\nhttps://example.com/2\n")
     output = run("enqueue", "--file", str(path))
     assert list(Job.objects.order_by("pk").values_list("url", flat=True)) == [
-        "https://example.com/1", "https://example.com/2",
+        "https://example.com/1",
+        "https://example.com/2",
     ]
     assert "from line 3: https://example.com/1" in output
     assert "from line 6: https://example.com/2" in output
@@ -286,7 +305,9 @@ def test_enqueue_file_of_only_comments_is_an_error(tmp_path):
 
 @pytest.mark.django_db(transaction=True)
 def test_enqueue_process_reads_stdin_and_queues():
-    result = manage("enqueue", "--file", "-", "--priority", "2", input="# list\nhttps://example.com/p1\nhttps://example.com/p2\n")
+    result = manage(
+        "enqueue", "--file", "-", "--priority", "2", input="# list\nhttps://example.com/p1\nhttps://example.com/p2\n"
+    )
     assert result.returncode == 0, result.stderr
     jobs = list(Job.objects.order_by("pk"))
     assert [(j.url, j.priority) for j in jobs] == [("https://example.com/p1", 2), ("https://example.com/p2", 2)]

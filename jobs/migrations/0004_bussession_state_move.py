@@ -39,10 +39,22 @@ class Migration(migrations.Migration):
                     name="BusSession",
                     fields=[
                         ("session", models.UUIDField(primary_key=True, serialize=False)),
-                        ("node", models.CharField(help_text="The bus node id (host:pid unless BUS_NODE is set).", max_length=200)),
+                        (
+                            "node",
+                            models.CharField(
+                                help_text="The bus node id (host:pid unless BUS_NODE is set).", max_length=200
+                            ),
+                        ),
                         ("endpoint", models.CharField(max_length=500)),
                         ("crawler", models.CharField(blank=True, default="", max_length=200)),
-                        ("state", models.CharField(choices=[("connected", "Connected"), ("closed", "Closed"), ("lost", "Lost")], default="connected", max_length=16)),
+                        (
+                            "state",
+                            models.CharField(
+                                choices=[("connected", "Connected"), ("closed", "Closed"), ("lost", "Lost")],
+                                default="connected",
+                                max_length=16,
+                            ),
+                        ),
                         ("slots", models.PositiveIntegerField(default=0)),
                         ("connected_at", models.DateTimeField()),
                         ("last_heartbeat_at", models.DateTimeField(blank=True, null=True)),

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
 import sys
+from types import FrameType
+from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -31,14 +34,17 @@ class Command(BaseCommand):
     )
     requires_system_checks = []  # runbus validates its own endpoints and token
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--endpoint", action="append", type=endpoint_argument, metavar="ENDPOINT",
+            "--endpoint",
+            action="append",
+            type=endpoint_argument,
+            metavar="ENDPOINT",
             help="crawler endpoint (/path.sock, unix:/path.sock or tcp://host:port); repeatable; "
-                 "overrides BUS_ENDPOINTS / SUPERVISOR_SOCKET_PATH / SOCKET_PATH",
+            "overrides BUS_ENDPOINTS / SUPERVISOR_SOCKET_PATH / SOCKET_PATH",
         )
 
-    def handle(self, *args, endpoint=None, **options):
+    def handle(self, *args: Any, endpoint: list[str] | None = None, **options: Any) -> None:
         endpoints = endpoint or settings.BUS_ENDPOINTS
         if not endpoints:
             raise CommandError(
@@ -51,7 +57,7 @@ class Command(BaseCommand):
 
         interrupts = 0
 
-        def request_stop(signum, frame):
+        def request_stop(signum: int, frame: FrameType | None) -> None:
             nonlocal interrupts
             interrupts += signum == signal.SIGINT
             if interrupts > 1:

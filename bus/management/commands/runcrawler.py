@@ -46,29 +46,64 @@ class Command(BaseCommand):
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--listen", action="append", required=True, metavar="ENDPOINT",
-                            help="unix path, unix:/path or tcp://host:port; repeat to listen on several")
+        parser.add_argument(
+            "--listen",
+            action="append",
+            required=True,
+            metavar="ENDPOINT",
+            help="unix path, unix:/path or tcp://host:port; repeat to listen on several",
+        )
         parser.add_argument("--slots", type=_count, required=True, help="jobs accepted at once per session")
         parser.add_argument("--name", default=None, help="crawler name in welcome (default: host-pid)")
         parser.add_argument("--token", default=None, help="shared secret (default: BUS_TOKEN); required for tcp://")
         parser.add_argument("--noop", action="store_true", help="answer every job done at once, fetch nothing")
-        parser.add_argument("--noop-delay-ms", type=_delay_range_ms, default=None, metavar="MIN-MAX",
-                            help="with --noop, answer after a random delay in this range")
-        parser.add_argument("--allow-private", action="store_true",
-                            help="allow loopback, private, link-local and other non-public addresses")
-        parser.add_argument("--heartbeat", type=_seconds, default=None,
-                            help="ignored: the bus sets the interval in hello")
-        parser.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT,
-                            help="connect and read timeout in seconds (default %(default)s)")
-        parser.add_argument("--total-timeout", type=_seconds, default=None,
-                            help="whole-fetch deadline in seconds (default 3 x --timeout)")
-        parser.add_argument("--max-bytes", type=_count, default=DEFAULT_MAX_BYTES,
-                            help="body bytes read at most; the rest is cut (default %(default)s)")
-        parser.add_argument("--max-redirects", type=_count, default=DEFAULT_MAX_REDIRECTS,
-                            help="redirects followed at most (default %(default)s)")
-        parser.add_argument("--resume-grace", type=seconds(allow_zero=True), default=0.0, metavar="SECONDS",
-                            help="keep a lost session's jobs running this long for the next session to "
-                                 "resume (reported in ready.running); default 0 stops them at once")
+        parser.add_argument(
+            "--noop-delay-ms",
+            type=_delay_range_ms,
+            default=None,
+            metavar="MIN-MAX",
+            help="with --noop, answer after a random delay in this range",
+        )
+        parser.add_argument(
+            "--allow-private",
+            action="store_true",
+            help="allow loopback, private, link-local and other non-public addresses",
+        )
+        parser.add_argument(
+            "--heartbeat", type=_seconds, default=None, help="ignored: the bus sets the interval in hello"
+        )
+        parser.add_argument(
+            "--timeout",
+            type=_seconds,
+            default=DEFAULT_TIMEOUT,
+            help="connect and read timeout in seconds (default %(default)s)",
+        )
+        parser.add_argument(
+            "--total-timeout",
+            type=_seconds,
+            default=None,
+            help="whole-fetch deadline in seconds (default 3 x --timeout)",
+        )
+        parser.add_argument(
+            "--max-bytes",
+            type=_count,
+            default=DEFAULT_MAX_BYTES,
+            help="body bytes read at most; the rest is cut (default %(default)s)",
+        )
+        parser.add_argument(
+            "--max-redirects",
+            type=_count,
+            default=DEFAULT_MAX_REDIRECTS,
+            help="redirects followed at most (default %(default)s)",
+        )
+        parser.add_argument(
+            "--resume-grace",
+            type=seconds(allow_zero=True),
+            default=0.0,
+            metavar="SECONDS",
+            help="keep a lost session's jobs running this long for the next session to "
+            "resume (reported in ready.running); default 0 stops them at once",
+        )
 
     def handle(self, *args, **options) -> None:
         try:
@@ -78,12 +113,16 @@ class Command(BaseCommand):
         token = options["token"] if options["token"] is not None else settings.BUS_TOKEN
         if options["heartbeat"] is not None:
             log.info(kv("crawler.heartbeat_ignored", reason="the bus sets the interval in hello"))
-        fetcher = None if options["noop"] else Fetcher(
-            allow_private=options["allow_private"],
-            timeout=options["timeout"],
-            total_timeout=options["total_timeout"],
-            max_bytes=options["max_bytes"],
-            max_redirects=options["max_redirects"],
+        fetcher = (
+            None
+            if options["noop"]
+            else Fetcher(
+                allow_private=options["allow_private"],
+                timeout=options["timeout"],
+                total_timeout=options["total_timeout"],
+                max_bytes=options["max_bytes"],
+                max_redirects=options["max_redirects"],
+            )
         )
         try:
             crawler = Crawler(

@@ -24,7 +24,7 @@ def json_object(text: str) -> dict:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"depth": 2}\'')
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"depth\": 2}'")
     return value
 
 
@@ -42,16 +42,20 @@ class Command(BaseCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("urls", nargs="*", metavar="URL", help="URLs to crawl.")
         parser.add_argument(
-            "--file", metavar="PATH", help="Read URLs from this file, one per line ('-' for stdin).",
+            "--file",
+            metavar="PATH",
+            help="Read URLs from this file, one per line ('-' for stdin).",
         )
         parser.add_argument("--priority", type=priority, default=0, metavar="N", help="Higher runs first (default 0).")
         parser.add_argument(
-            "--payload", type=json_object, default=None, metavar="JSON",
+            "--payload",
+            type=json_object,
+            default=None,
+            metavar="JSON",
             help="A JSON object given to the crawler with every job.",
         )
 
-    def handle(self, *args, urls: list[str], file: str | None, priority: int, payload: dict | None,
-               **options) -> None:
+    def handle(self, *args, urls: list[str], file: str | None, priority: int, payload: dict | None, **options) -> None:
         if urls and file:
             raise CommandError("give URLs as arguments or --file, not both")
         if not urls and not file:
@@ -88,7 +92,10 @@ class Command(BaseCommand):
             )
         try:
             jobs = services.enqueue_many(
-                urls=[url for _, url in accepted], payload=payload, priority=priority, actor="command",
+                urls=[url for _, url in accepted],
+                payload=payload,
+                priority=priority,
+                actor="command",
             )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None

@@ -41,7 +41,9 @@ def seconds_ago(text: str) -> float:
 
 
 job_id = whole_number(
-    minimum=1, maximum=MAX_JOB_ID, invalid="is not a job id (a whole number)",
+    minimum=1,
+    maximum=MAX_JOB_ID,
+    invalid="is not a job id (a whole number)",
     out_of_range="is not a job id (ids are 1 or more)",
 )
 
@@ -65,30 +67,54 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
-            "--dry-run", action="store_true", help="Show how many running jobs would move; change nothing.",
+            "--dry-run",
+            action="store_true",
+            help="Show how many running jobs would move; change nothing.",
         )
         parser.add_argument(
-            "--session", type=session_uuid, metavar="UUID", help="Only jobs leased to this bus session.",
+            "--session",
+            type=session_uuid,
+            metavar="UUID",
+            help="Only jobs leased to this bus session.",
         )
         parser.add_argument(
-            "--job", dest="job_ids", type=job_id, action="append", metavar="ID",
+            "--job",
+            dest="job_ids",
+            type=job_id,
+            action="append",
+            metavar="ID",
             help="Only this job (repeatable).",
         )
         expiry = parser.add_mutually_exclusive_group()
         expiry.add_argument(
-            "--stale-for", type=seconds_ago, metavar="SECONDS",
+            "--stale-for",
+            type=seconds_ago,
+            metavar="SECONDS",
             help="Only jobs whose lease expired at least SECONDS ago.",
         )
         expiry.add_argument(
-            "--expired", action="store_true", help="Only jobs whose lease has expired (same as --stale-for 0).",
+            "--expired",
+            action="store_true",
+            help="Only jobs whose lease has expired (same as --stale-for 0).",
         )
         parser.add_argument(
-            "--reason", type=reason_text, default="reset by manage.py reset_jobs",
+            "--reason",
+            type=reason_text,
+            default="reset by manage.py reset_jobs",
             help="Recorded on each job's history (default: %(default)r).",
         )
 
-    def handle(self, *args, dry_run: bool, session: uuid.UUID | None, job_ids: list[int] | None,
-               stale_for: float | None, expired: bool, reason: str, **options) -> None:
+    def handle(
+        self,
+        *args,
+        dry_run: bool,
+        session: uuid.UUID | None,
+        job_ids: list[int] | None,
+        stale_for: float | None,
+        expired: bool,
+        reason: str,
+        **options,
+    ) -> None:
         at = services.now()
         lease_expired_before: datetime | None = None
         if expired:
@@ -105,8 +131,12 @@ class Command(BaseCommand):
             return
         try:
             counts = services.reset_running_jobs(
-                session=session, job_ids=job_ids, lease_expired_before=lease_expired_before,
-                reason=reason, actor="command", at=at,
+                session=session,
+                job_ids=job_ids,
+                lease_expired_before=lease_expired_before,
+                reason=reason,
+                actor="command",
+                at=at,
             )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
