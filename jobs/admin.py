@@ -12,13 +12,14 @@ from datetime import timedelta
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
+from django.forms.models import BaseInlineFormSet
 from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html
 
-from . import services
+from . import selectors, services
 from .actions import run_action
 from .forms import parse_id
 from .models import Job, JobEvent, Status
@@ -74,10 +75,28 @@ class JobForm(forms.ModelForm):
         return cleaned
 
 
+# The change page shows a job's latest events only: a job can have 100,000 of them
+# (a crawler sending stale outcomes), and one form row per event took seconds.
+# The rest are on the event list, filtered by job and paginated.
+INLINE_EVENTS = 100
+
+
+class LatestEventsFormSet(BaseInlineFormSet):
+    """The inline's rows: the job's latest INLINE_EVENTS events, oldest first, read in one query."""
+
+    def get_queryset(self):
+        if not hasattr(self, "_latest"):
+            latest = list(super().get_queryset().order_by("-id")[: INLINE_EVENTS + 1])
+            self.events_cut = len(latest) > INLINE_EVENTS
+            self._latest = latest[:INLINE_EVENTS][::-1]
+        return self._latest
+
+
 class JobEventInline(admin.TabularInline):
     """A job's audit trail: written by the services only, so never editable here."""
 
     model = JobEvent
+    formset = LatestEventsFormSet
     fields = ("at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
     readonly_fields = fields
     ordering = ("id",)
@@ -184,6 +203,22 @@ class JobAdmin(admin.ModelAdmin):
 
     # --- The change form: a queued job's definition, nothing else ----------------
 
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None) -> Job | None:
+        # Decoded by selectors.stored_json: a stored result Django cannot decode
+        # (a 5,000-digit number) must not make the page fail.
+        job_id = parse_id(object_id) if from_field is None else None
+        if job_id is None:
+            return super().get_object(request, object_id, from_field)
+        try:
+            return selectors.job_for_display(job_id)
+        except Job.DoesNotExist:
+            return None
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context=None):
+        extra_context = {**(extra_context or {}), "inline_events": INLINE_EVENTS,
+                         "all_events_url": reverse("admin:jobs_jobevent_changelist") + f"?job={parse_id(object_id)}"}
+        return super().change_view(request, object_id, form_url, extra_context)
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         # Jobs are created by services.enqueue (`manage.py enqueue`), which
         # writes the audit event and wakes the bus.
@@ -230,3 +265,41 @@ class JobAdmin(admin.ModelAdmin):
         if getattr(obj, "_not_saved", False):
             return HttpResponseRedirect(request.path)
         return super().response_change(request, obj)
+
+
+@admin.register(JobEvent)
+class JobEventAdmin(admin.ModelAdmin):
+    """Every job's audit trail, newest first, one page at a time: `?job=<id>` lists one job's."""
+
+    list_display = ("id", "job_link", "at", "kind", "from_status", "to_status", "attempt", "session", "actor",
+                    "reason")
+    list_display_links = None
+    list_filter = ("kind",)
+    ordering = ("-id",)
+    list_per_page = 100
+    show_full_result_count = False
+    list_select_related = False
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        return lookup == "job" or super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="job", ordering="job")
+    def job_link(self, event: JobEvent) -> str:
+        return format_html('<a href="{}">#{}</a>', reverse("admin:jobs_job_change", args=[event.job_id]),
+                           event.job_id)
+
+    # Written by the services only; whoever may see jobs sees their history.
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: JobEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: JobEvent | None = None) -> bool:
+        return False
+
+    def has_view_permission(self, request: HttpRequest, obj: JobEvent | None = None) -> bool:
+        return request.user.has_perm("jobs.view_job") or request.user.has_perm("jobs.change_job")
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return self.has_view_permission(request)

@@ -7,13 +7,14 @@ two seconds.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 
 from django.conf import settings
-from django.db.models import Count, Q, QuerySet
-from django.db.models.functions import TruncMinute
+from django.db.models import Count, Q, QuerySet, TextField
+from django.db.models.functions import Cast, TruncMinute
 
 from .forms import parse_id
 from .models import TERMINAL, BusSession, EventKind, Job, JobEvent, SessionState, Status
@@ -23,7 +24,7 @@ MAX_SESSIONS = 200
 REQUEUE_WINDOW = timedelta(hours=24)
 RECENT_REQUEUES = 10
 THROUGHPUT_MINUTES = 60
-MAX_EVENTS = 1000  # a job's timeline on its page; the admin has the rest
+MAX_EVENTS = 200  # a job's timeline on its page: the latest ones; the admin pages through the rest
 
 # The list reads only these columns: payload, progress and result can each be
 # tens of kilobytes of JSON that a list never shows.
@@ -339,9 +340,49 @@ def job_page(
     return JobPage(jobs=rows, sort=sort, next_cursor=next_cursor, previous_cursor=previous_cursor)
 
 
+# --- One job, whatever its JSON holds --------------------------------------------
+
+JSON_FIELDS = ("payload", "progress", "result")
+# Python refuses int() of a decimal text past 4,300 digits (sys.get_int_max_str_digits)
+# and then str() of such an int: a number that long is shown as its digits, as text.
+MAX_INT_DIGITS = 4000
+
+
+def _int_or_digits(text: str) -> int | str:
+    return int(text) if len(text) <= MAX_INT_DIGITS else text
+
+
+def stored_json(text: str | None):
+    """A JSON column's stored text as Python values that every page can print.
+
+    Django's own decoding raises on a number of more than 4,300 digits or a
+    nesting deeper than Python's recursion limit, and makes NaN and Infinity
+    floats that JSON output cannot carry: this keeps huge numbers as their
+    digits, those constants as text, and replaces what cannot be decoded with
+    a note saying why, so a stored value can never make a page fail.
+    """
+    if text is None:
+        return None
+    try:
+        return json.loads(text, parse_int=_int_or_digits, parse_constant=str)
+    except RecursionError:
+        return {"unreadable": "nested too deeply to show", "stored_characters": len(text)}
+    except ValueError as exc:
+        return {"unreadable": f"not valid JSON: {exc}", "stored_characters": len(text)}
+
+
+def job_for_display(job_id: int) -> Job:
+    """One job with its JSON fields decoded by stored_json, in one query; raises Job.DoesNotExist."""
+    texts = {f"{name}_text": Cast(name, TextField()) for name in JSON_FIELDS}
+    job = Job.objects.defer(*JSON_FIELDS).annotate(**texts).get(pk=job_id)
+    for name in JSON_FIELDS:
+        setattr(job, name, stored_json(getattr(job, f"{name}_text")))
+    return job
+
+
 def job_with_events(job_id: int) -> tuple[Job, list[JobEvent], bool]:
     """A job and its timeline, oldest event first (at most MAX_EVENTS; the flag says if cut)."""
-    job = Job.objects.get(pk=job_id)
+    job = job_for_display(job_id)
     events = list(job.events.order_by("-id")[: MAX_EVENTS + 1])
     cut = len(events) > MAX_EVENTS
     events = events[:MAX_EVENTS]

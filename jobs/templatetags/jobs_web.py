@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timedelta
 
 from django import template
+from django.template.defaultfilters import filesizeformat
 
 from jobs.admin import format_duration
 
@@ -39,11 +40,41 @@ def http_url(value) -> str:
 
 @register.filter
 def pretty_json(value) -> str:
-    """Indented JSON text, still escaped by autoescape where it is shown."""
+    """Indented JSON text, still escaped by autoescape where it is shown.
+
+    Never raises: indenting recurses in Python, so a deep value falls back to
+    compact JSON (the C encoder goes deeper), then to a note. Not repr(): it
+    fails on the same values, and on an int past 4,300 digits.
+    """
+    for indent in (2, None):
+        try:
+            return json.dumps(value, indent=indent, sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError, RecursionError, OverflowError):
+            continue
+    return "(this value cannot be shown as JSON)"
+
+
+@register.filter
+def byte_size(value) -> str:
+    """filesizeformat for a whole number of bytes; anything else (a huge or odd value) as it is."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63:
+        return filesizeformat(value)
+    return display(value)
+
+
+@register.filter
+def display(value) -> str:
+    """A result field as text: strings as they are, other values as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return pretty_json_compact(value)
+
+
+def pretty_json_compact(value) -> str:
     try:
-        return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False)
-    except (TypeError, ValueError):
-        return repr(value)
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError, OverflowError):
+        return "(this value cannot be shown)"
 
 
 @register.filter
