@@ -22,7 +22,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import connection, transaction
-from django.db.models import Case, DateTimeField, F, PositiveIntegerField, Q, TextField, Value, When
+from django.db.models import BooleanField, Case, Count, DateTimeField, F, PositiveIntegerField, Q, TextField, Value, When
 from django.db.models.expressions import RawSQL
 from django.dispatch import Signal
 from django.utils import timezone
@@ -62,10 +62,14 @@ def _announce_queued() -> None:
 
 def _id_in(ids: Iterable[int], field: str = "id") -> Q:
     """`field IN ids` that also works past SQLite's limit of bound parameters (admin "select all")."""
-    ids = list(ids)
-    if connection.vendor == "sqlite" and len(ids) > 1000:
-        return Q(**{f"{field}__in": RawSQL("SELECT value FROM json_each(%s)", [json.dumps(ids)])})
-    return Q(**{f"{field}__in": ids})
+    return _values_in(field, list(ids))
+
+
+def _values_in(field: str, values: list[Any]) -> Q:
+    """`field IN values` for JSON-serialisable values (database-prepared), past SQLite's parameter limit too."""
+    if connection.vendor == "sqlite" and len(values) > 1000:
+        return Q(**{f"{field}__in": RawSQL("SELECT value FROM json_each(%s)", [json.dumps(values)])})
+    return Q(**{f"{field}__in": values})
 
 
 _EVENT_COLUMNS = ("job_id", "at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
@@ -253,6 +257,7 @@ class ClaimedJob:
     attempt: int
     url: str
     payload: dict
+    run_alone: bool = False
 
 
 def _json_value(value: Any) -> Any:
@@ -265,20 +270,38 @@ def _db(field_name: str, value: Any) -> Any:
 
 
 def claim_jobs(
-    *, session: UUID, limit: int, lease_seconds: float, at: datetime | None = None, actor: str = "bus"
+    *, session: UUID, limit: int, lease_seconds: float, crawler: str = "", alone: bool = False,
+    at: datetime | None = None, actor: str = "bus",
 ) -> list[ClaimedJob]:
-    """Lease up to `limit` queued jobs to `session`, in priority order.
+    """Lease up to `limit` queued jobs to `session` (a session of `crawler`), in priority order.
 
-    Each claimed job becomes running with attempt + 1 (the new fencing token).
-    Two concurrent claimers never get the same job: PostgreSQL skips rows
-    another claimer has locked; SQLite serialises writers (BEGIN IMMEDIATE).
+    Each claimed job becomes running with attempt + 1 (the new fencing token)
+    and remembers the crawler it was given to: only that crawler may record
+    the attempt's outcome. Two concurrent claimers never get the same job:
+    PostgreSQL skips rows another claimer has locked; SQLite serialises
+    writers (BEGIN IMMEDIATE).
+
+    A suspected poison job (`run_alone`) goes only to a session that holds
+    nothing (`alone`), and alone: the claim then returns just that job, and
+    the caller claims nothing more while it runs.
     """
     if limit <= 0:
         return []
     at = at or now()
-    picked = (
-        Job.objects.claimable(at).order_by("-priority", "id").values("id")[:limit]
-    )
+    claimable = Job.objects.claimable(at)
+    if alone:
+        suspects = _claim(claimable.filter(run_alone=True), limit=1, session=session, crawler=crawler,
+                          lease_seconds=lease_seconds, at=at, actor=actor)
+        if suspects:
+            return suspects
+    return _claim(claimable.filter(run_alone=False), limit=limit, session=session, crawler=crawler,
+                  lease_seconds=lease_seconds, at=at, actor=actor)
+
+
+def _claim(
+    candidates: Any, *, limit: int, session: UUID, crawler: str, lease_seconds: float, at: datetime, actor: str
+) -> list[ClaimedJob]:
+    picked = candidates.order_by("-priority", "id").values("id")[:limit]
     values = {
         "session": _db("lease_session", session),
         "until": _db("lease_expires_at", at + timedelta(seconds=lease_seconds)),
@@ -293,19 +316,19 @@ def claim_jobs(
                 WITH picked AS ({picked_sql}),
                 claimed AS (
                     UPDATE {table} AS j SET status = 'running', attempt = j.attempt + 1,
-                        lease_session = %s, lease_expires_at = %s, started_at = %s,
+                        lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
                         updated_at = %s, run_after = NULL, progress = NULL
                     FROM picked WHERE j.id = picked.id
-                    RETURNING j.id, j.attempt, j.url, j.payload, j.priority
+                    RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority
                 ),
                 logged AS (
                     INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
                     SELECT id, %s, 'claim', 'queued', 'running', attempt, %s, %s, '' FROM claimed
                 )
-                SELECT id, attempt, url, payload FROM claimed ORDER BY priority DESC, id
+                SELECT id, attempt, url, payload, run_alone FROM claimed ORDER BY priority DESC, id
             """
             params = (
-                *picked_params, values["session"], values["until"], values["at"], values["at"],
+                *picked_params, values["session"], values["until"], values["at"], crawler, values["at"],
                 values["at"], values["session"], actor,
             )
             with connection.cursor() as cursor:
@@ -315,17 +338,17 @@ def claim_jobs(
             picked_sql, picked_params = picked.query.sql_with_params()
             sql = f"""
                 UPDATE {table} SET status = 'running', attempt = attempt + 1,
-                    lease_session = %s, lease_expires_at = %s, started_at = %s,
+                    lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
                     updated_at = %s, run_after = NULL, progress = NULL
                 WHERE id IN ({picked_sql})
-                RETURNING id, attempt, url, payload, priority
+                RETURNING id, attempt, url, payload, run_alone, priority
             """
-            params = (values["session"], values["until"], values["at"], values["at"], *picked_params)
+            params = (values["session"], values["until"], values["at"], crawler, values["at"], *picked_params)
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 returned = cursor.fetchall()
-            returned.sort(key=lambda row: (-row[4], row[0]))
-            rows = [row[:4] for row in returned]
+            returned.sort(key=lambda row: (-row[5], row[0]))
+            rows = [row[:5] for row in returned]
             if rows:
                 # One INSERT ... SELECT whatever the batch size (bulk_create would
                 # split it by SQLite's parameter limit); the write lock held since
@@ -339,7 +362,8 @@ def claim_jobs(
                         """,
                         (values["at"], actor, json.dumps([row[0] for row in rows])),
                     )
-    return [ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=_json_value(row[3])) for row in rows]
+    return [ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=_json_value(row[3]), run_alone=bool(row[4]))
+            for row in rows]
 
 
 # --- Reset (requeue) -----------------------------------------------------------
@@ -349,6 +373,7 @@ def claim_jobs(
 class ResetCounts:
     requeued: int = 0
     failed: int = 0
+    suspected: int = 0  # of the requeued: reached max_interruptions in company, now run alone first
 
     @property
     def total(self) -> int:
@@ -381,10 +406,15 @@ def reset_running_jobs(
 
     Only running jobs move; the filters combine (no filter: every running
     job). Each moved job loses its lease and started_at and counts one
-    interruption; a job that reaches max_interruptions becomes failed with the
-    reason instead. One transaction, set-based; concurrent or repeated calls
-    never count an interruption twice, because a job is moved only while it
-    is still running under the row lock (PostgreSQL) or write lock (SQLite).
+    interruption. The poison verdict is fair: a job that reaches
+    max_interruptions becomes failed only if it was alone in its session
+    (the evidence points at it); a job that shared its session with others
+    is requeued as a suspect (run_alone) instead, and the next session that
+    holds nothing runs it alone, so an innocent job is never failed for a
+    crawler that died holding many. One transaction, set-based; concurrent
+    or repeated calls never count an interruption twice, because a job is
+    moved only while it is still running under the row lock (PostgreSQL) or
+    write lock (SQLite).
     """
     if not reason:
         raise ValidationError("a reason is required to reset jobs")
@@ -393,7 +423,9 @@ def reset_running_jobs(
         if not job_ids:
             return ResetCounts()
     at = at or now()
-    failed_reason = f"{reason} (interrupted too many times: max_interruptions reached)"
+    failed_reason = f"{reason} (interrupted too many times: max_interruptions reached, alone in its session)"
+    suspect_reason = (f"{reason} (max_interruptions reached while it shared its session with other jobs: "
+                      "it runs alone next, before any verdict)")
     target = _running_filter(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
     table = connection.ops.quote_name(Job._meta.db_table)
     events = connection.ops.quote_name(JobEvent._meta.db_table)
@@ -403,60 +435,78 @@ def reset_running_jobs(
             target_sql, target_params = (
                 target.order_by("id").values("id", "lease_session").select_for_update().query.sql_with_params()
             )
+            # held.n: how many jobs the job's session held when it was interrupted.
             sql = f"""
                 WITH target AS ({target_sql}),
+                held AS (
+                    SELECT h.lease_session, count(*) AS n FROM {table} AS h
+                    WHERE h.status = 'running' AND h.lease_session IN (SELECT lease_session FROM target)
+                    GROUP BY h.lease_session
+                ),
                 moved AS (
                     UPDATE {table} AS j SET
                         interruptions = j.interruptions + 1,
-                        status = CASE WHEN j.interruptions + 1 >= j.max_interruptions
+                        status = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
                                       THEN 'failed' ELSE 'queued' END,
-                        finished_at = CASE WHEN j.interruptions + 1 >= j.max_interruptions
+                        run_alone = j.run_alone OR (j.interruptions + 1 >= j.max_interruptions AND held.n > 1),
+                        finished_at = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
                                       THEN %s::timestamptz ELSE NULL END,
-                        error = CASE WHEN j.interruptions + 1 >= j.max_interruptions
+                        error = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
                                       THEN %s ELSE j.error END,
                         lease_session = NULL, lease_expires_at = NULL, started_at = NULL,
                         updated_at = %s
-                    FROM target WHERE j.id = target.id
-                    RETURNING j.id, j.status, j.attempt, target.lease_session
+                    FROM target JOIN held ON held.lease_session = target.lease_session
+                    WHERE j.id = target.id
+                    RETURNING j.id, j.status, j.attempt, target.lease_session,
+                              (j.interruptions >= j.max_interruptions AND held.n > 1) AS suspect
                 ),
                 logged AS (
                     INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
                     SELECT id, %s, 'interrupt', 'running', status, attempt, lease_session, %s,
-                           CASE WHEN status = 'failed' THEN %s ELSE %s END
+                           CASE WHEN status = 'failed' THEN %s WHEN suspect THEN %s ELSE %s END
                     FROM moved
-                    RETURNING to_status
                 )
-                SELECT to_status, count(*) FROM logged GROUP BY to_status
+                SELECT status, count(*), count(*) FILTER (WHERE suspect) FROM moved GROUP BY status
             """
-            params = (*target_params, at_db, failed_reason, at_db, at_db, actor, failed_reason, reason)
+            params = (*target_params, at_db, failed_reason, at_db, at_db, actor, failed_reason, suspect_reason,
+                      reason)
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
-                counts = dict(cursor.fetchall())
+                rows = cursor.fetchall()
+            counts = {status: n for status, n, _ in rows}
+            suspected = sum(s for _, _, s in rows)
         else:
             # SQLite runs one writer at a time (BEGIN IMMEDIATE), so the
-            # INSERT ... SELECT and the UPDATE below see the same rows.
-            poisoned = Q(interruptions__gte=F("max_interruptions") - 1)
+            # queries and the UPDATE below all see the same rows.
+            alone = _values_in("lease_session", [_db("lease_session", lease) for lease in _lonely_sessions(target)])
+            due = Q(interruptions__gte=F("max_interruptions") - 1)
+            poisoned, suspect = due & alone, due & ~alone
             to_status = Case(When(poisoned, then=Value(Status.FAILED)), default=Value(Status.QUEUED))
-            listed = target.annotate(to_status=to_status).values("id", "attempt", "lease_session", "to_status")
+            why = Case(When(poisoned, then=Value(failed_reason)), When(suspect, then=Value(suspect_reason)),
+                       default=Value(reason), output_field=TextField())
+            listed = target.annotate(to_status=to_status, why=why).values(
+                "id", "attempt", "lease_session", "to_status", "why")
             listed_sql, listed_params = listed.query.sql_with_params()
             with connection.cursor() as cursor:
                 cursor.execute(
                     f"""
                     INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
-                    SELECT t.id, %s, 'interrupt', 'running', t.to_status, t.attempt, t.lease_session, %s,
-                           CASE WHEN t.to_status = 'failed' THEN %s ELSE %s END
+                    SELECT t.id, %s, 'interrupt', 'running', t.to_status, t.attempt, t.lease_session, %s, t.why
                     FROM ({listed_sql}) AS t
                     """,
-                    (at_db, actor, failed_reason, reason, *listed_params),
+                    (at_db, actor, *listed_params),
                 )
                 cursor.execute(
-                    f"SELECT t.to_status, count(*) FROM ({listed_sql}) AS t GROUP BY t.to_status",
-                    listed_params,
+                    f"SELECT t.to_status, count(*), sum(t.why = %s) FROM ({listed_sql}) AS t GROUP BY t.to_status",
+                    (suspect_reason, *listed_params),
                 )
-                counts = dict(cursor.fetchall())
+                rows = cursor.fetchall()
+            counts = {status: n for status, n, _ in rows}
+            suspected = sum(s or 0 for _, _, s in rows)
             target.update(
                 interruptions=F("interruptions") + 1,
                 status=to_status,
+                run_alone=Case(When(suspect, then=Value(True)), default=F("run_alone"), output_field=BooleanField()),
                 finished_at=Case(When(poisoned, then=Value(at)), default=None, output_field=DateTimeField()),
                 error=Case(When(poisoned, then=Value(failed_reason)), default=F("error"), output_field=TextField()),
                 lease_session=None,
@@ -464,13 +514,13 @@ def reset_running_jobs(
                 started_at=None,
                 updated_at=at,
             )
-        result = ResetCounts(requeued=counts.get("queued", 0), failed=counts.get("failed", 0))
+        result = ResetCounts(requeued=counts.get("queued", 0), failed=counts.get("failed", 0), suspected=suspected)
         if result.requeued:
             _announce_queued()
     if result.total:
         log.info(kv(
-            "jobs.reset", requeued=result.requeued, failed=result.failed, reason=reason, actor=actor,
-            session=session, expired_before=lease_expired_before and lease_expired_before.isoformat(),
+            "jobs.reset", requeued=result.requeued, failed=result.failed, suspected=result.suspected, reason=reason,
+            actor=actor, session=session, expired_before=lease_expired_before and lease_expired_before.isoformat(),
         ))
     return result
 
@@ -481,8 +531,18 @@ def preview_reset(
 ) -> ResetCounts:
     """What reset_running_jobs would do with the same filters, changing nothing (dry runs)."""
     jobs = _running_filter(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
-    failing = jobs.filter(interruptions__gte=F("max_interruptions") - 1).count()
-    return ResetCounts(requeued=jobs.count() - failing, failed=failing)
+    due = jobs.filter(interruptions__gte=F("max_interruptions") - 1)
+    failing = due.filter(lease_session__in=_lonely_sessions(jobs)).count()
+    return ResetCounts(requeued=jobs.count() - failing, failed=failing, suspected=due.count() - failing)
+
+
+def _lonely_sessions(jobs: Any) -> list[UUID]:
+    """The sessions of `jobs` that hold exactly one running job (the evidence of a poison verdict)."""
+    return list(
+        Job.objects.running().filter(lease_session__in=jobs.values("lease_session"))
+        .order_by().values("lease_session").annotate(n=Count("id")).filter(n=1)
+        .values_list("lease_session", flat=True)
+    )
 
 
 def expire_leases(*, at: datetime | None = None, actor: str = "sweeper") -> ResetCounts:
@@ -503,23 +563,32 @@ def retry_delay(failures: int) -> timedelta:
 
 
 def record_outcomes(
-    *, session: UUID | None, outcomes: Sequence[Outcome], actor: str = "bus", at: datetime | None = None
+    *, session: UUID | None, outcomes: Sequence[Outcome], crawler: str = "", actor: str = "bus",
+    at: datetime | None = None, audit_stale: int | None = None,
 ) -> list[str]:
     """Apply PROTOCOL.md's fencing rules to a batch of outcomes; return an ack status for each.
 
-    1. running with that attempt (any session): record -> "recorded"
+    `session` sends the outcomes on behalf of `crawler` (its endpoint). Only
+    the crawler an attempt was assigned to may record its outcome:
+    1. running with that attempt, leased to this session or assigned to this
+       crawler (a resend after a reconnect): record -> "recorded"
     2. that attempt's outcome is already recorded: change nothing -> "recorded"
-    3. queued and its latest attempt is this one: record -> "recorded"
-    4. anything else: change nothing but an audit event -> "stale"
+    3. queued, its latest attempt is this one and it was assigned to this
+       crawler: record -> "recorded" (a late result is never thrown away)
+    4. anything else: change nothing -> "stale", with an audit event for the
+       first `audit_stale` of them (None: all), so that one crawler cannot
+       grow the audit trail without bound.
     The caller acks only after this returns, i.e. after the commit.
     """
     if not outcomes:
         return []
     at = at or now()
     acks: list[str] = []
+    audit_left = len(outcomes) if audit_stale is None else audit_stale
     with transaction.atomic():
         ids = sorted({outcome.job_id for outcome in outcomes})
-        fields = ("id", "status", "attempt", "outcome_attempt", "failures", "max_attempts", "error")
+        fields = ("id", "status", "attempt", "outcome_attempt", "failures", "max_attempts", "error",
+                  "lease_session", "crawler")
         jobs = {
             row["id"]: row
             for row in Job.objects.select_for_update().filter(_id_in(ids)).order_by("id").values(*fields)
@@ -537,28 +606,26 @@ def record_outcomes(
         for outcome in outcomes:
             job = jobs.get(outcome.job_id)
             pair = (outcome.job_id, outcome.attempt)
-            if job is None:
-                acks.append(STALE)
-                log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session, why="unknown job"))
-                continue
-            # Attempt 0 was never assigned (a job's first claim makes it 1), so
-            # an outcome for it is stale, not a late result of a queued job.
-            current = outcome.attempt >= 1 and job["attempt"] == outcome.attempt
-            if job["outcome_attempt"] == outcome.attempt or pair in recorded_before:
+            if job is not None and (job["outcome_attempt"] == outcome.attempt or pair in recorded_before):
                 acks.append(RECORDED)  # rule 2: a resend
                 continue
-            if not current or job["status"] not in (Status.RUNNING, Status.QUEUED):
+            why = _stale_reason(job, outcome, session=session, crawler=crawler)
+            if why:
                 acks.append(STALE)
-                why = (f"job is at attempt {job['attempt']} ({job['status']})" if not current
-                       else f"job is {job['status']}")
-                events.append(dict(
-                    job_id=outcome.job_id, at=at, kind=EventKind.STALE, attempt=outcome.attempt,
-                    session=session, actor=actor,
-                    reason=f"stale {'done' if outcome.succeeded else 'failed'} for attempt {outcome.attempt}: {why}"
-                    + ("" if outcome.succeeded else f"; error: {outcome.error[:500]}"),
-                ))
-                log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session, why=why))
+                if audit_left > 0:
+                    audit_left -= 1
+                    log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session,
+                                why=why))
+                    if job is not None:
+                        events.append(dict(
+                            job_id=outcome.job_id, at=at, kind=EventKind.STALE, attempt=outcome.attempt,
+                            session=session, actor=actor,
+                            reason=f"stale {'done' if outcome.succeeded else 'failed'} for attempt "
+                                   f"{outcome.attempt}: {why}"
+                                   + ("" if outcome.succeeded else f"; error: {outcome.error[:500]}"),
+                        ))
                 continue
+            assert job is not None
             # Rules 1 and 3.
             update = Job(id=outcome.job_id, outcome_attempt=outcome.attempt, failures=job["failures"],
                          lease_session=None, lease_expires_at=None, updated_at=at, run_after=None,
@@ -593,6 +660,24 @@ def record_outcomes(
     return acks
 
 
+def _stale_reason(job: dict[str, Any] | None, outcome: Outcome, *, session: UUID | None, crawler: str) -> str:
+    """Why `session` (of `crawler`) may not record `outcome` for `job` (rules 1, 3 and 4); "" if it may."""
+    if job is None:
+        return "unknown job"
+    # Attempt 0 was never assigned (a job's first claim makes it 1), so an
+    # outcome for it is stale, not a late result of a queued job.
+    if outcome.attempt < 1 or job["attempt"] != outcome.attempt:
+        return f"job is at attempt {job['attempt']} ({job['status']})"
+    if job["status"] not in (Status.RUNNING, Status.QUEUED):
+        return f"job is {job['status']}"
+    same_crawler = job["crawler"] == crawler  # the bus always names it: its endpoint
+    if job["status"] == Status.RUNNING and (job["lease_session"] == session or same_crawler):
+        return ""
+    if job["status"] == Status.QUEUED and same_crawler:
+        return ""
+    return f"attempt {outcome.attempt} was assigned to another crawler"
+
+
 def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
     """Write recorded outcomes in one UPDATE ... FROM a JSON parameter.
 
@@ -617,7 +702,7 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
                 UPDATE {table} AS j SET status = v.status, outcome_attempt = v.outcome_attempt,
                     failures = v.failures, run_after = v.run_after, error = v.error, finished_at = v.finished_at,
                     result = CASE WHEN jsonb_typeof(v.result) = 'null' THEN NULL ELSE v.result END,
-                    lease_session = NULL, lease_expires_at = NULL, updated_at = %s
+                    lease_session = NULL, lease_expires_at = NULL, run_alone = false, updated_at = %s
                 FROM jsonb_to_recordset(%s::jsonb) AS v(id bigint, status text, outcome_attempt integer,
                     failures integer, run_after timestamptz, result jsonb, error text, finished_at timestamptz)
                 WHERE j.id = v.id
@@ -633,7 +718,7 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
                 UPDATE {table} SET status = {field("status")}, outcome_attempt = {field("outcome_attempt")},
                     failures = {field("failures")}, run_after = {field("run_after")}, error = {field("error")},
                     finished_at = {field("finished_at")}, result = {field("result")},
-                    lease_session = NULL, lease_expires_at = NULL, updated_at = %s
+                    lease_session = NULL, lease_expires_at = NULL, run_alone = 0, updated_at = %s
                 FROM json_each(%s) AS v
                 WHERE {table}.id = {field("id")}
                 """,
@@ -641,8 +726,8 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
             )
 
 
-def record_outcome(*, session: UUID | None, outcome: Outcome, actor: str = "bus") -> str:
-    return record_outcomes(session=session, outcomes=[outcome], actor=actor)[0]
+def record_outcome(*, session: UUID | None, outcome: Outcome, crawler: str = "", actor: str = "bus") -> str:
+    return record_outcomes(session=session, outcomes=[outcome], crawler=crawler, actor=actor)[0]
 
 
 # --- Lease upkeep from the crawler's reports --------------------------------------
@@ -696,14 +781,16 @@ def extend_leases(*, session: UUID, lease_seconds: float, at: datetime | None = 
 
 
 def re_lease_jobs(
-    *, session: UUID, running: Sequence[tuple[int, int]], lease_seconds: float,
+    *, session: UUID, running: Sequence[tuple[int, int]], lease_seconds: float, crawler: str = "",
     at: datetime | None = None, actor: str = "bus",
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Give a new session the jobs its crawler still runs from an earlier one.
+    """Give a new session the jobs its crawler (`crawler`) still runs from an earlier one.
 
-    A job is re-leased when it is still queued at that same attempt and its
-    outcome is not recorded (nobody took it since); the rest are returned as
-    the second list, for the bus to send `cancel`.
+    A job is re-leased when it is still queued at that same attempt, that
+    attempt was assigned to this same crawler, and its outcome is not
+    recorded (nobody took it since); the rest are returned as the second
+    list, for the bus to send `cancel`. A crawler cannot take another
+    crawler's job by listing it.
     """
     at = at or now()
     taken, refused = [], []
@@ -711,7 +798,7 @@ def re_lease_jobs(
         for job_id, attempt in running:
             won = (
                 Job.objects.queued()
-                .filter(id=job_id, attempt=attempt)
+                .filter(id=job_id, attempt=attempt, crawler=crawler)
                 .exclude(outcome_attempt=attempt)
                 .update(status=Status.RUNNING, lease_session=session, updated_at=at, run_after=None,
                         lease_expires_at=at + timedelta(seconds=lease_seconds), started_at=at)
@@ -782,7 +869,7 @@ def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by 
         )
         abandoned = Q(attempt__gt=0) & (Q(outcome_attempt__isnull=True) | ~Q(outcome_attempt=F("attempt")))
         Job.objects.filter(_id_in([row[0] for row in rows])).update(
-            status=Status.QUEUED, failures=0, interruptions=0, error="", finished_at=None,
+            status=Status.QUEUED, failures=0, interruptions=0, run_alone=False, error="", finished_at=None,
             run_after=None, updated_at=at,
             attempt=Case(When(abandoned, then=F("attempt") + 1), default=F("attempt"),
                          output_field=PositiveIntegerField()),

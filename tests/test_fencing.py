@@ -371,12 +371,14 @@ def test_cancelling_twice_skips_the_second_time(job):
     assert len(events(job.id, EventKind.CANCEL)) == 1
 
 
-def test_retry_requeues_failed_and_cancelled_jobs_moving_abandoned_attempts_on(session_a):
+def test_retry_requeues_failed_and_cancelled_jobs_moving_abandoned_attempts_on(session_a, session_b):
     poisoned, cancelled, running, queued = services.enqueue_many(
         urls=[f"https://example.com/{i}" for i in range(4)], actor="test"
     )
-    Job.objects.filter(id=poisoned.id).update(max_interruptions=1, failures=2, max_attempts=5)
-    services.claim_jobs(session=session_a, limit=3, lease_seconds=60)
+    # Alone in its session, so that its interruption is a poison verdict.
+    Job.objects.filter(id=poisoned.id).update(max_interruptions=1, failures=2, max_attempts=5, priority=1)
+    services.claim_jobs(session=session_b, limit=1, lease_seconds=60)
+    services.claim_jobs(session=session_a, limit=2, lease_seconds=60)
     services.reset_running_jobs(job_ids=[poisoned.id], reason="crashed", actor="bus")
     services.cancel_jobs(job_ids=[cancelled.id], actor="test")
     assert snapshot(poisoned.id)["status"] == Status.FAILED

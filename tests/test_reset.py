@@ -84,12 +84,12 @@ def test_calling_reset_twice_counts_each_interruption_once(session_a):
     assert JobEvent.objects.filter(kind=EventKind.INTERRUPT).count() == 4
 
 
-def test_job_reaching_max_interruptions_fails_with_the_reason(session_a):
+def test_job_reaching_max_interruptions_alone_in_its_session_fails_with_the_reason(session_a, session_b):
     poisoned = make_running(1, session=session_a, interruptions=2, max_interruptions=3)[0]
-    healthy = make_running(1, session=session_a, interruptions=1, max_interruptions=3)[0]
+    healthy = make_running(1, session=session_b, interruptions=1, max_interruptions=3)[0]
     at = timezone.now()
 
-    counts = services.reset_running_jobs(session=session_a, reason="heartbeat timeout", actor="bus", at=at)
+    counts = services.reset_running_jobs(reason="heartbeat timeout", actor="bus", at=at)
 
     assert counts == ResetCounts(requeued=1, failed=1)
     poisoned.refresh_from_db()
@@ -106,6 +106,29 @@ def test_job_reaching_max_interruptions_fails_with_the_reason(session_a):
     assert (event.from_status, event.to_status) == (Status.RUNNING, Status.FAILED)
     assert "heartbeat timeout" in event.reason
     assert event.session == session_a
+
+
+def test_a_crawler_dying_with_many_jobs_fails_none_of_them_but_runs_the_suspects_alone(session_a):
+    """The fair verdict: reaching max_interruptions in company makes a suspect, not a failure."""
+    suspects = make_running(20, session=session_a, interruptions=2, max_interruptions=3)
+
+    counts = services.reset_running_jobs(session=session_a, reason="session lost", actor="bus")
+
+    assert counts == ResetCounts(requeued=20, failed=0, suspected=20)
+    rows = list(Job.objects.filter(id__in=ids(suspects)).values_list("status", "run_alone", "interruptions"))
+    assert set(rows) == {(Status.QUEUED, True, 3)}
+    event = JobEvent.objects.filter(job=suspects[0], kind=EventKind.INTERRUPT).get()
+    assert event.to_status == Status.QUEUED and "runs alone next" in event.reason
+
+
+def test_a_suspect_that_kills_its_crawler_again_alone_fails(session_a, session_b):
+    suspect = make_running(1, session=session_b, interruptions=3, max_interruptions=3, run_alone=True)[0]
+
+    counts = services.reset_running_jobs(session=session_b, reason="session lost", actor="bus")
+
+    assert counts == ResetCounts(requeued=0, failed=1)
+    suspect.refresh_from_db()
+    assert suspect.status == Status.FAILED and suspect.interruptions == 4
 
 
 def test_max_interruptions_of_one_fails_at_the_first_interruption(session_a):
@@ -235,12 +258,13 @@ RESET_MAX_QUERIES = 6
 
 
 def _reset_queries(count: int, assert_max_queries) -> int:
-    session = uuid.uuid4()
-    make_running(count, session=session)
-    make_running(count, session=session, interruptions=2, max_interruptions=3)  # the poison path too
+    make_running(count, session=uuid.uuid4())
+    for _ in range(count):  # the poison path too: each alone in its session
+        make_running(1, session=uuid.uuid4(), interruptions=2, max_interruptions=3)
     with assert_max_queries(RESET_MAX_QUERIES) as queries:
-        counts = services.reset_running_jobs(session=session, reason=REASON, actor="test")
+        counts = services.reset_running_jobs(reason=REASON, actor="test")
     assert counts == ResetCounts(requeued=count, failed=count)
+    Job.objects.all().delete()
     return len(queries)
 
 

@@ -12,7 +12,7 @@ Each example runs in a transaction that is rolled back.
 from __future__ import annotations
 
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import timedelta
 
 import pytest
@@ -28,7 +28,7 @@ from jobs.models import EventKind, Job, JobEvent, Status
 SESSIONS = ("A", "B", "C")
 MAX_JOBS = 4
 JOB_FIELDS = ("id", "status", "attempt", "lease_session", "lease_expires_at", "outcome_attempt", "failures",
-              "max_attempts", "interruptions", "max_interruptions", "run_after")
+              "max_attempts", "interruptions", "max_interruptions", "run_after", "crawler", "run_alone")
 
 # 2,000 examples of several queries each are CPU-bound: about 70 s on a quiet
 # 2-core machine, and past the suite's 180 s hang guard when other work shares
@@ -45,15 +45,19 @@ def snapshot() -> dict[int, dict]:
     return {row["id"]: row for row in Job.objects.order_by("id").values(*JOB_FIELDS)}
 
 
-def expected_ack(job: dict | None, attempt: int, outcome_pairs: set) -> str:
+def expected_ack(job: dict | None, attempt: int, outcome_pairs: set, *, session: uuid.UUID, crawler: str) -> str:
     """PROTOCOL.md's fencing rules, as an oracle over the state before the outcome."""
     if job is None:
         return services.STALE  # unknown job
     if (job["id"], attempt) in outcome_pairs:
         return services.RECORDED  # rule 2: a resend
-    if attempt >= 1 and attempt == job["attempt"] and job["status"] in (Status.RUNNING, Status.QUEUED):
-        return services.RECORDED  # rules 1 and 3
-    return services.STALE
+    if attempt < 1 or attempt != job["attempt"]:
+        return services.STALE
+    if job["status"] == Status.RUNNING and (job["lease_session"] == session or job["crawler"] == crawler):
+        return services.RECORDED  # rule 1: the lease holder, or the same crawler resending
+    if job["status"] == Status.QUEUED and job["crawler"] == crawler:
+        return services.RECORDED  # rule 3: a late result of the same crawler
+    return services.STALE  # rule 4, including another crawler's attempt
 
 
 class JobStateMachine(RuleBasedStateMachine):
@@ -90,6 +94,24 @@ class JobStateMachine(RuleBasedStateMachine):
             assert attempt == (old["attempt"] if same_attempt else old["attempt"] + 1)
             self.given[session].add((job_id, attempt))
 
+    def _fairly_reset(self, reset) -> None:
+        """Run a reset and check the fair poison verdict against the state before it."""
+        before = self.jobs
+        held = Counter(j["lease_session"] for j in before.values() if j["status"] == Status.RUNNING)
+        counts = reset()
+        after = snapshot()
+        for job_id, old in before.items():
+            new = after[job_id]
+            if old["status"] != Status.RUNNING or new["status"] == Status.RUNNING:
+                continue
+            alone = held[old["lease_session"]] == 1
+            due = old["interruptions"] + 1 >= old["max_interruptions"]
+            assert new["interruptions"] == old["interruptions"] + 1
+            assert new["status"] == (Status.FAILED if due and alone else Status.QUEUED), (old, new, held)
+            assert new["run_alone"] == (old["run_alone"] or (due and not alone)), (old, new)
+        assert counts.failed == sum(1 for i, j in after.items() if j["status"] == Status.FAILED
+                                    and before[i]["status"] == Status.RUNNING)
+
     # --- rules -------------------------------------------------------------------------
     @precondition(lambda self: len(self.jobs) < MAX_JOBS)
     @rule(count=st.integers(1, 2), max_attempts=st.integers(1, 3), max_interruptions=st.integers(1, 3))
@@ -101,12 +123,20 @@ class JobStateMachine(RuleBasedStateMachine):
     @rule(name=st.sampled_from(SESSIONS), limit=st.integers(1, 3), lease=st.sampled_from([1, 60]))
     def claim(self, name, limit, lease):
         session, before = self.sessions[name], self.jobs
-        claimed = services.claim_jobs(session=session, limit=limit, lease_seconds=lease, at=self.clock)
+        alone = not any(j["status"] == Status.RUNNING and j["lease_session"] == session for j in before.values())
+        claimed = services.claim_jobs(session=session, limit=limit, lease_seconds=lease, crawler=name, alone=alone,
+                                      at=self.clock)
         assert len(claimed) <= limit
         self._check_taken(session, [(job.id, job.attempt) for job in claimed], before, same_attempt=False)
         claimable = [j for j in before.values() if j["status"] == Status.QUEUED
                      and (j["run_after"] is None or j["run_after"] <= self.clock)]
-        assert len(claimed) == min(limit, len(claimable)), "a claimable job was left behind"
+        suspects = [j for j in claimable if j["run_alone"]]
+        if alone and suspects:
+            assert [job.id for job in claimed] == [min(suspects, key=lambda j: j["id"])["id"]], \
+                "a session holding nothing runs one suspect, alone"
+        else:
+            assert not any(before[job.id]["run_alone"] for job in claimed), "a suspect ran in company"
+            assert len(claimed) == min(limit, len(claimable) - len(suspects)), "a claimable job was left behind"
 
     @precondition(lambda self: self.jobs)
     @rule(name=st.sampled_from(SESSIONS), index=st.integers(0, MAX_JOBS), which=st.sampled_from(
@@ -126,11 +156,11 @@ class JobStateMachine(RuleBasedStateMachine):
         pairs = self._outcome_pairs()
         expected = []
         for _ in batch:
-            ack = expected_ack(self.jobs.get(job_id), attempt, pairs)
+            ack = expected_ack(self.jobs.get(job_id), attempt, pairs, session=self.sessions[name], crawler=name)
             expected.append(ack)
             if ack == services.RECORDED:
                 pairs.add((job_id, attempt))
-        acks = services.record_outcomes(session=self.sessions[name], outcomes=batch, at=self.clock)
+        acks = services.record_outcomes(session=self.sessions[name], outcomes=batch, crawler=name, at=self.clock)
         assert acks == expected, (self.jobs.get(job_id), attempt, acks, expected)
         self.recorded.update((job_id, attempt) for ack in acks if ack == services.RECORDED)
 
@@ -138,20 +168,21 @@ class JobStateMachine(RuleBasedStateMachine):
     def end_session(self, name):
         """The session is lost: its jobs are requeued and the crawler reconnects as a new session."""
         old = self.sessions[name]
-        services.reset_running_jobs(session=old, reason="session lost", actor="prop", at=self.clock)
+        self._fairly_reset(lambda: services.reset_running_jobs(session=old, reason="session lost", actor="prop",
+                                                               at=self.clock))
         self.orphans[name] |= self.given[old]
         self.sessions[name] = uuid.uuid4()
 
     @precondition(lambda self: self.jobs)
     @rule(indexes=st.lists(st.integers(0, MAX_JOBS), min_size=1, max_size=3))
     def reset_ids(self, indexes):
-        services.reset_running_jobs(job_ids={self._pick(i) for i in indexes}, reason="by hand", actor="prop",
-                                    at=self.clock)
+        self._fairly_reset(lambda: services.reset_running_jobs(
+            job_ids={self._pick(i) for i in indexes}, reason="by hand", actor="prop", at=self.clock))
 
     @rule(seconds=st.sampled_from([0.5, 2, 61]))
     def expire(self, seconds):
         self.clock += timedelta(seconds=seconds)
-        services.expire_leases(at=self.clock)
+        self._fairly_reset(lambda: services.expire_leases(at=self.clock))
 
     @rule(seconds=st.sampled_from([1, 3, 30, 700]))
     def advance(self, seconds):
@@ -184,7 +215,8 @@ class JobStateMachine(RuleBasedStateMachine):
         else:
             job_id = self._pick(index)
             running = [(job_id, max(0, before[job_id]["attempt"] + delta))]
-        taken, refused = services.re_lease_jobs(session=session, running=running, lease_seconds=60, at=self.clock)
+        taken, refused = services.re_lease_jobs(session=session, running=running, lease_seconds=60, crawler=name,
+                                                at=self.clock)
         assert sorted(taken + refused) == sorted(running)
         self._check_taken(session, taken, before, same_attempt=True)
         pairs = self._outcome_pairs()
@@ -193,7 +225,7 @@ class JobStateMachine(RuleBasedStateMachine):
         for job_id, attempt in refused:
             old = before.get(job_id)
             assert old is None or old["status"] != Status.QUEUED or old["attempt"] != attempt \
-                or old["outcome_attempt"] == attempt
+                or old["outcome_attempt"] == attempt or old["crawler"] != name
 
     @rule(name=st.sampled_from(SESSIONS), extra=st.lists(st.tuples(st.integers(0, MAX_JOBS), st.integers(0, 4)),
                                                           max_size=2))
@@ -225,7 +257,7 @@ class JobStateMachine(RuleBasedStateMachine):
             assert running == (job["lease_session"] is not None) == (job["lease_expires_at"] is not None), job
             assert job["attempt"] >= self.attempts.get(job_id, 0), "attempt went back"
             self.attempts[job_id] = job["attempt"]
-            assert job["failures"] <= job["max_attempts"] and job["interruptions"] <= job["max_interruptions"], job
+            assert job["failures"] <= job["max_attempts"], job
             if job["status"] in (Status.SUCCEEDED,):
                 assert job["outcome_attempt"] is not None
             if running:
@@ -300,7 +332,7 @@ def _play(operations) -> None:
     for op, name, number in operations:
         session = sessions.get(name)
         if op == "claim":
-            for job in services.claim_jobs(session=session, limit=number, lease_seconds=5, at=at):
+            for job in services.claim_jobs(session=session, limit=number, lease_seconds=5, crawler=name, at=at):
                 handed[session].add((job.id, job.attempt))
         elif op == "lose":
             services.reset_running_jobs(session=session, reason="lost", actor="prop", at=at)
@@ -311,14 +343,14 @@ def _play(operations) -> None:
             services.expire_leases(at=at)
         elif op == "re_lease":
             pairs = sorted(handed[session]) or [(ids[number], 1)]
-            taken, _ = services.re_lease_jobs(session=session, running=pairs, lease_seconds=5, at=at)
+            taken, _ = services.re_lease_jobs(session=session, running=pairs, lease_seconds=5, crawler=name, at=at)
             handed[session] |= set(taken)
         elif op == "reset":
             services.reset_running_jobs(job_ids=[ids[number]], reason="by hand", actor="prop", at=at)
         elif op == "done":
             job = Job.objects.get(id=ids[number])
             services.record_outcomes(session=session, outcomes=[services.Outcome(
-                job_id=job.id, attempt=job.attempt, succeeded=True, result={})], at=at)
+                job_id=job.id, attempt=job.attempt, succeeded=True, result={})], crawler=name, at=at)
         elif op == "renew":
             renewed = services.renew_leases(session=session, running=sorted(handed[session]), lease_seconds=5,
                                             at=at)
