@@ -15,12 +15,13 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from jobsite.logging import kv
 
 from .endpoints import Endpoint, parse_endpoint
 from .session import SessionConfig, SessionIO, SessionWorker
+from .store import Store
 
 log = logging.getLogger("bus.runtime")
 
@@ -47,7 +48,7 @@ class Bus:
         *,
         endpoints: list[str],
         heartbeat_timeout: float,
-        store: Any,
+        store: Store,
         token: str | None = None,
         max_frame: int = 1024 * 1024,
         backoff_base: float = 0.1,
@@ -55,6 +56,8 @@ class Bus:
         poll_interval: float = 2.0,
         sweep_interval: float = 2.0,
         stall_timeout: float = 0.0,
+        max_slots: int = 1000,
+        max_result: int = 64 * 1024,
         node: str | None = None,
         supervised: bool = False,
     ):
@@ -69,7 +72,8 @@ class Bus:
         self.explicit_node = bool(node)
         self.node = node or default_node()
         self.config = SessionConfig(heartbeat_timeout=heartbeat_timeout, token=token, max_frame=max_frame,
-                                    node=self.node, poll_interval=poll_interval, stall_timeout=stall_timeout)
+                                    node=self.node, poll_interval=poll_interval, stall_timeout=stall_timeout,
+                                    max_slots=max_slots, max_result=max_result)
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.sweep_interval = sweep_interval
         self.supervised = supervised
@@ -99,6 +103,8 @@ class Bus:
             poll_interval=settings.BUS_POLL_INTERVAL,
             sweep_interval=settings.BUS_SWEEP_INTERVAL,
             stall_timeout=settings.BUS_STALL_TIMEOUT,
+            max_slots=settings.BUS_MAX_SLOTS,
+            max_result=settings.BUS_MAX_RESULT,
             node=settings.BUS_NODE,
             supervised=settings.SUPERVISED if supervised is None else supervised,
         )
@@ -113,21 +119,18 @@ class Bus:
         and the database: a restarted bus gives back its dead incarnation's
         jobs at once (if the database is unreachable, the sweeper retries).
         """
-        if hasattr(self.store, "recover_dead_sessions"):
-            try:
-                self.store.recover_dead_sessions(node=self.node, explicit_node=self.explicit_node,
-                                                 heartbeat_timeout=self.config.heartbeat_timeout)
-            except Exception as exc:
-                log.warning(kv("bus.recovery_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
-            finally:
-                self.store.close_connection()
+        try:
+            self.store.recover_dead_sessions(node=self.node, explicit_node=self.explicit_node,
+                                             heartbeat_timeout=self.config.heartbeat_timeout)
+        except Exception as exc:
+            log.warning(kv("bus.recovery_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
+        finally:
+            self.store.close_connection()
         for endpoint in self.endpoints:
             self._spawn(f"bus-endpoint-{endpoint}", lambda endpoint=endpoint: self._endpoint_loop(endpoint))
-        if hasattr(self.store, "connect_job_signal"):
-            self.store.connect_job_signal(self.wake_workers)
-            self._spawn("bus-listen", lambda: self.store.listen_for_jobs(self.wake_workers, self.stop_event))
-        if hasattr(self.store, "sweep_expired_leases"):
-            self._spawn("bus-sweeper", self._sweep_loop)
+        self.store.connect_job_signal(self.wake_workers)
+        self._spawn("bus-listen", lambda: self.store.listen_for_jobs(self.wake_workers, self.stop_event))
+        self._spawn("bus-sweeper", self._sweep_loop)
         if self.supervised:
             self._spawn("bus-supervisor", self._watch_parent)
         log.info(kv("bus.started", node=self.node, endpoints=",".join(map(str, self.endpoints)) or "none",
@@ -159,8 +162,7 @@ class Bus:
             workers = list(self._workers)
         for worker in workers:
             worker.finished.wait(max(0.0, deadline - time.monotonic()))
-        if hasattr(self.store, "disconnect_job_signal"):
-            self.store.disconnect_job_signal()
+        self.store.disconnect_job_signal()
         log.info(kv("bus.stopped", node=self.node, supervisor_lost=self.supervisor_lost))
 
     def wake_workers(self) -> None:

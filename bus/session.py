@@ -30,6 +30,8 @@ from jobs.outcomes import Outcome
 from . import protocol
 from .protocol import FieldError, FrameError
 
+STALE_ACK = "stale"  # the ack status of an outcome that changed nothing (jobs.services.STALE)
+
 log = logging.getLogger("bus.session")
 
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
@@ -38,6 +40,13 @@ MAX_CLAIM_BATCH = 500
 PROGRESS_WRITE_INTERVAL = 1.0
 MAX_PROGRESS_MESSAGE = 1000
 MAX_ERROR_TEXT = 10_000
+# Stale outcomes: the first ones of a session are audited one by one, the rest
+# are counted and summed up when the session ends; a session that sends more
+# than STALE_FLOOD_BASE + 2 x its slots is closed (an honest crawler's resends
+# after a reconnect are bounded by its slots).
+STALE_AUDIT_PER_SESSION = 100
+STALE_FLOOD_BASE = 1000
+TOO_MANY_STALE = "too_many_stale"  # our error code, then close
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class SessionConfig:
     poll_interval: float = 2.0
     handshake_timeout: float = protocol.HANDSHAKE_TIMEOUT
     stall_timeout: float = 0.0  # BUS_STALL_TIMEOUT: 0 = off
+    max_slots: int = 1000  # BUS_MAX_SLOTS: the most slots one session may use, whatever the crawler asks
+    max_result: int = 64 * 1024  # BUS_MAX_RESULT: bytes of one stored result; bigger ones become a marker
 
     @property
     def heartbeat_interval(self) -> float:
@@ -93,6 +104,7 @@ class SessionIO:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.end_cause: str | None = None  # set from another thread to end the session (supervisor)
+        self.failure: tuple[str, str] | None = None  # set by the worker: send this error, then close
         self.last_rx = self.last_tx = time.monotonic()
         self.worker: SessionWorker | None = None
 
@@ -117,6 +129,11 @@ class SessionIO:
 
     def end(self, cause: str) -> None:
         self.end_cause = cause
+        self.wake()
+
+    def fail(self, code: str, message: str) -> None:
+        """End the session with an error frame (from the worker: a misbehaving crawler)."""
+        self.failure = (code, message)
         self.wake()
 
     # --- the session -------------------------------------------------------------------
@@ -270,6 +287,8 @@ class SessionIO:
                 if self._pending:
                     self._dispatch(self._pending)
                     self._pending = []
+                if self.failure:
+                    self._fail(*self.failure)
                 if self.stop.is_set() or self.end_cause:
                     cause = self.end_cause or "closed"
                     reason = "supervisor process gone" if cause == "supervisor" else "bus shutdown"
@@ -361,6 +380,12 @@ class SessionIO:
             result = frame.get("result")
             if not isinstance(result, dict):
                 raise FieldError("done.result must be a JSON object")
+            size = len(protocol.encode_frame(result)) - 1
+            if size > self.config.max_result:
+                # Recorded all the same (the job did finish), with a marker instead of the result.
+                log.warning(kv("bus.result_too_large", session=self.session, job=job_id, attempt=attempt,
+                               bytes=size, limit=self.config.max_result))
+                result = {"result_too_large": {"bytes": size, "limit": self.config.max_result}}
             return Outcome(job_id=job_id, attempt=attempt, succeeded=True, result=_without_nul(result))
         error = frame.get("error", "")
         retryable = frame.get("retryable", False)
@@ -407,6 +432,7 @@ class _Assignment:
     assigned_at: float
     misses: int = 0
     active_at: float = 0.0  # last started/progress report (assignment time until then)
+    run_alone: bool = False  # a suspected poison job: nothing else is claimed while it runs
 
     def __post_init__(self):
         self.active_at = self.active_at or self.assigned_at
@@ -427,6 +453,8 @@ class _WorkerState:
     seen_due: bool = True
     seen_at: float = 0.0
     poll_at: float = 0.0
+    stale: int = 0  # stale outcomes from this session so far
+    stale_limit: int = STALE_FLOOD_BASE
 
 
 class SessionWorker(threading.Thread):
@@ -440,7 +468,8 @@ class SessionWorker(threading.Thread):
         self.config = io.config
         self.welcome = welcome
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.state = _WorkerState(slots=welcome["slots"])
+        self.state = _WorkerState(slots=min(welcome["slots"], self.config.max_slots))
+        self.state.stale_limit = STALE_FLOOD_BASE + 2 * self.state.slots
         self.ended: tuple[str, str] | None = None
         self.finished = threading.Event()
 
@@ -508,7 +537,7 @@ class SessionWorker(threading.Thread):
             slots=welcome["slots"]))
         if welcome["running"]:
             taken, refused = self._retrying("re_lease", lambda: self.store.re_lease(
-                session=self.session, running=welcome["running"]))
+                session=self.session, endpoint=io.endpoint, running=welcome["running"]))
             now = time.monotonic()
             for job_id, attempt in taken:
                 self.state.outstanding[job_id] = _Assignment(attempt, now)
@@ -528,6 +557,8 @@ class SessionWorker(threading.Thread):
         timeout = min(state.poll_at - now, max(0.0, state.seen_at + self.config.heartbeat_interval - now))
         if state.progress:
             timeout = min(timeout, PROGRESS_WRITE_INTERVAL)
+        if self.config.stall_timeout and state.outstanding:
+            timeout = min(timeout, 1.0)  # stalls are checked on every pass, whatever the crawler sends
         if state.outcomes or state.lost or state.stalled or state.started or state.reported_running is not None:
             timeout = 0
         try:
@@ -570,8 +601,10 @@ class SessionWorker(threading.Thread):
             if self._holds(message[1], message[2]):
                 state.progress[message[1]] = (message[2], message[3])
         elif kind == "capacity":
-            state.want_dispatch = message[1] > state.slots
-            state.slots = message[1]
+            slots = min(message[1], self.config.max_slots)
+            state.want_dispatch = slots > state.slots
+            state.slots = slots
+            state.stale_limit = max(state.stale_limit, STALE_FLOOD_BASE + 2 * slots)
             state.seen_due = True
         elif kind == "wake":
             state.want_dispatch = True
@@ -590,17 +623,10 @@ class SessionWorker(threading.Thread):
     def _reconcile(self, running: list[tuple[int, int]]) -> None:
         """Count heartbeats that leave out an assigned job; two in a row make it a lost assignment."""
         listed = set(running)
-        now = time.monotonic()
-        older_than = now - self.config.heartbeat_interval
-        stall = self.config.stall_timeout
+        older_than = time.monotonic() - self.config.heartbeat_interval
         for job_id, assignment in list(self.state.outstanding.items()):
             if (job_id, assignment.attempt) in listed:
                 assignment.misses = 0
-                if stall and now - assignment.active_at > stall:
-                    # Liveness of the crawler is not liveness of the job.
-                    del self.state.outstanding[job_id]
-                    self.state.stalled.append((job_id, assignment.attempt))
-                    self.state.want_dispatch = True
             elif assignment.assigned_at < older_than:
                 assignment.misses += 1
                 if assignment.misses >= 2:
@@ -608,9 +634,36 @@ class SessionWorker(threading.Thread):
                     self.state.lost.append(job_id)
                     self.state.want_dispatch = True
 
+    def _check_stalls(self) -> None:
+        """BUS_STALL_TIMEOUT: a job with no started/progress report for that long is requeued.
+
+        Liveness of the crawler is not liveness of the job: heartbeats, listed
+        or not, do not count, so this holds whatever the crawler's heartbeats say.
+        """
+        stall = self.config.stall_timeout
+        if not stall:
+            return
+        now = time.monotonic()
+        for job_id, assignment in list(self.state.outstanding.items()):
+            if now - assignment.active_at > stall:
+                del self.state.outstanding[job_id]
+                self.state.stalled.append((job_id, assignment.attempt))
+                self.state.want_dispatch = True
+
+    def _count_stale(self, stale: int) -> None:
+        """Close a session that keeps sending outcomes it may not record (a flood of made-up attempts)."""
+        state = self.state
+        state.stale += stale
+        if state.stale > state.stale_limit and self.io.failure is None:
+            log.warning(kv("bus.stale_flood", session=self.session, endpoint=self.io.endpoint, stale=state.stale,
+                           limit=state.stale_limit))
+            self.io.fail(TOO_MANY_STALE, f"{state.stale} stale outcomes in this session (the limit is "
+                                         f"{state.stale_limit}): closing it")
+
     def _work(self) -> None:
         """One pass over the pending database work; raises on database errors, keeping it pending."""
         state, store, session = self.state, self.store, self.session
+        self._check_stalls()
         # The crawler's running list first: it was sent before any outcome of
         # this batch, so a job it lists and then finished is still ours here.
         if state.reported_running is not None and not self.ended:
@@ -628,10 +681,12 @@ class SessionWorker(threading.Thread):
                 self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in cancel))
             state.reported_running = None
         if state.outcomes:
-            acks = store.record_outcomes(session=session, outcomes=state.outcomes)
+            acks = store.record_outcomes(session=session, endpoint=self.io.endpoint, outcomes=state.outcomes,
+                                         audit_stale=max(0, STALE_AUDIT_PER_SESSION - state.stale))
             if not self.ended:  # the socket is gone otherwise; the crawler resends and gets "recorded"
                 self.io.send(*({"type": "ack", "job_id": o.job_id, "attempt": o.attempt, "status": ack}
                                for o, ack in zip(state.outcomes, acks)))
+            self._count_stale(acks.count(STALE_ACK))  # after the acks: they go out before the error
             state.outcomes = []
         if self.ended:
             return
@@ -661,25 +716,30 @@ class SessionWorker(threading.Thread):
                 del state.progress[job_id]
         if len(state.progress_written) > 10_000:
             state.progress_written = {k: v for k, v in state.progress_written.items() if now - v < 2}
-        while state.want_dispatch and not self.ended:
+        while state.want_dispatch and not self.ended and self.io.failure is None:
             free = state.slots - len(state.outstanding)
-            if free <= 0:
-                state.want_dispatch = False
+            if free <= 0 or any(assignment.run_alone for assignment in state.outstanding.values()):
+                state.want_dispatch = False  # full, or running a suspect alone
                 break
             limit = min(free, MAX_CLAIM_BATCH)
-            claimed = store.claim(session=session, limit=limit)
+            claimed = store.claim(session=session, endpoint=self.io.endpoint, limit=limit,
+                                  alone=not state.outstanding)
             at = time.monotonic()
             for job in claimed:
-                state.outstanding[job.id] = _Assignment(job.attempt, at)
+                state.outstanding[job.id] = _Assignment(job.attempt, at, run_alone=job.run_alone)
             if claimed:
                 self.io.send(*({"type": "assign", "job_id": job.id, "attempt": job.attempt, "url": job.url,
                                 "payload": job.payload} for job in claimed))
-            state.want_dispatch = len(claimed) == limit
+            state.want_dispatch = len(claimed) == limit and not claimed[0].run_alone
             if not self.inbox.empty():
                 break  # outcomes waiting: record and ack them before claiming more
 
     def _end_session(self) -> None:
         reason, cause = self.ended or ("session ended", "lost")
+        unaudited = self.state.stale - STALE_AUDIT_PER_SESSION
+        if unaudited > 0:
+            # The summary of what was not audited one by one (PROTOCOL.md: bounded audit).
+            reason = f"{reason}; {unaudited} more stale outcomes from session {self.session} not audited one by one"
         started = time.monotonic()
         counts = self._retrying("end_session", lambda: self.store.end_session(
             session=self.session, reason=reason, cause=cause))

@@ -11,10 +11,14 @@ import logging
 import select
 import threading
 from datetime import timedelta
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 from uuid import UUID
 
+from jobs.outcomes import Outcome
 from jobsite.logging import kv
+
+if TYPE_CHECKING:  # the services import models: not at import time (see DjangoStore)
+    from jobs.services import ClaimedJob, ResetCounts
 
 log = logging.getLogger("bus.store")
 
@@ -24,27 +28,41 @@ SIGNAL_FOR_CAUSE = {"lost": "session_lost", "closed": "session_lost", "timeout":
 
 
 class Store(Protocol):
-    lease_seconds: float
+    """What a session (bus/session.py) and the Bus (bus/runtime.py) ask of the database.
 
+    `endpoint` names the crawler: only the crawler an attempt was assigned to
+    may record its outcome or take it back after a reconnect.
+    """
+
+    # --- one session (SessionWorker) ---
     def open_session(self, *, session: UUID, node: str, endpoint: str, crawler: str, slots: int) -> None: ...
-    def re_lease(self, *, session: UUID, running: Sequence[tuple[int, int]]) -> tuple[list, list]: ...
-    def claim(self, *, session: UUID, limit: int) -> list[Any]: ...
-    def record_outcomes(self, *, session: UUID, outcomes: Sequence[Any]) -> list[str]: ...
+    def re_lease(self, *, session: UUID, endpoint: str,
+                 running: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
+    def claim(self, *, session: UUID, endpoint: str, limit: int, alone: bool) -> Sequence[ClaimedJob]: ...
+    def record_outcomes(self, *, session: UUID, endpoint: str, outcomes: Sequence[Outcome],
+                        audit_stale: int) -> list[str]: ...
     def renew(self, *, session: UUID, running: Sequence[tuple[int, int]]) -> set[tuple[int, int]]: ...
     def started(self, *, session: UUID, job_id: int, attempt: int) -> bool: ...
-    def progress(self, *, session: UUID, job_id: int, attempt: int, progress: dict) -> bool: ...
+    def progress(self, *, session: UUID, job_id: int, attempt: int, progress: dict[str, Any]) -> bool: ...
     def session_seen(self, *, session: UUID, slots: int) -> None: ...
-    def requeue_lost_assignments(self, *, session: UUID, job_ids: Sequence[int]) -> Any: ...
-    def requeue_stalled(self, *, session: UUID, job_ids: Sequence[int], reason: str) -> Any: ...
-    def end_session(self, *, session: UUID, reason: str, cause: str) -> Any: ...
+    def requeue_lost_assignments(self, *, session: UUID, job_ids: Sequence[int]) -> ResetCounts: ...
+    def requeue_stalled(self, *, session: UUID, job_ids: Sequence[int], reason: str) -> ResetCounts: ...
+    def end_session(self, *, session: UUID, reason: str, cause: str) -> ResetCounts | None: ...
     def close_connection(self) -> None: ...
+
+    # --- the Bus's helper threads ---
+    def check_database(self) -> None: ...
+    def recover_dead_sessions(self, *, node: str, explicit_node: bool, heartbeat_timeout: float) -> int: ...
+    def sweep_expired_leases(self) -> ResetCounts: ...
+    def connect_job_signal(self, callback: Callable[[], None]) -> None: ...
+    def disconnect_job_signal(self) -> None: ...
+    def listen_for_jobs(self, callback: Callable[[], None], stop: threading.Event) -> None: ...
 
 
 class DjangoStore:
     """Store backed by jobs.services, bus.models and bus.signals."""
 
     def __init__(self, *, heartbeat_timeout: float, sender: object = None):
-        self.heartbeat_timeout = heartbeat_timeout
         self.lease_seconds = 2 * heartbeat_timeout
         self.sender = sender
         self.live_sessions: set[UUID] = set()  # sessions of this process, never "dead"
@@ -64,17 +82,19 @@ class DjangoStore:
                           connected_at=at, last_heartbeat_at=at, state="connected"),
         )
 
-    def re_lease(self, *, session, running):
+    def re_lease(self, *, session, endpoint, running):
         from jobs import services
 
-        return services.re_lease_jobs(session=session, running=running, lease_seconds=self.lease_seconds)
+        return services.re_lease_jobs(session=session, running=running, crawler=endpoint,
+                                      lease_seconds=self.lease_seconds)
 
-    def claim(self, *, session, limit):
+    def claim(self, *, session, endpoint, limit, alone):
         from jobs import services
 
-        return services.claim_jobs(session=session, limit=limit, lease_seconds=self.lease_seconds)
+        return services.claim_jobs(session=session, limit=limit, crawler=endpoint, alone=alone,
+                                   lease_seconds=self.lease_seconds)
 
-    def record_outcomes(self, *, session, outcomes):
+    def record_outcomes(self, *, session, endpoint, outcomes, audit_stale):
         """Record a batch; an outcome the database refuses for good fails its job instead of stalling the session.
 
         Connection errors propagate (the worker retries them). A DataError or
@@ -87,13 +107,14 @@ class DjangoStore:
         from jobs import services
 
         try:
-            return services.record_outcomes(session=session, outcomes=outcomes)
+            return services.record_outcomes(session=session, outcomes=outcomes, crawler=endpoint,
+                                            audit_stale=audit_stale)
         except (DataError, IntegrityError):
             pass
         acks = []
         for outcome in outcomes:
             try:
-                acks.append(services.record_outcome(session=session, outcome=outcome))
+                acks.append(services.record_outcome(session=session, outcome=outcome, crawler=endpoint))
             except (DataError, IntegrityError) as exc:
                 log.warning(kv("bus.outcome_refused", session=session, job=outcome.job_id, attempt=outcome.attempt,
                                error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
@@ -102,7 +123,7 @@ class DjangoStore:
                     error=f"the crawler's outcome could not be stored ({exc.__class__.__name__}: "
                           f"{str(exc).strip()[:300]})",
                 )
-                acks.append(services.record_outcome(session=session, outcome=refused))
+                acks.append(services.record_outcome(session=session, outcome=refused, crawler=endpoint))
         return acks
 
     def renew(self, *, session, running):
@@ -198,15 +219,6 @@ class DjangoStore:
             for session in live:
                 services.extend_leases(session=session, lease_seconds=self.lease_seconds)
             return services.expire_leases(actor="sweeper")
-
-    def mark_sessions_lost(self, *, sessions: Sequence[UUID], reason: str) -> None:
-        from django.utils import timezone
-
-        from .models import BusSession
-
-        BusSession.objects.filter(session__in=list(sessions), state="connected").update(
-            state="lost", closed_at=timezone.now(), close_reason=reason,
-        )
 
     def recover_dead_sessions(self, *, node: str, explicit_node: bool, heartbeat_timeout: float) -> int:
         """Requeue the jobs of sessions whose bus process is gone; return how many sessions.

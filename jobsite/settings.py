@@ -177,6 +177,10 @@ BUS_POLL_INTERVAL = env.positive_float("BUS_POLL_INTERVAL", 2.0)
 BUS_NODE = env.string("BUS_NODE")
 BUS_SWEEP_INTERVAL = env.positive_float("BUS_SWEEP_INTERVAL", 2.0)
 BUS_STALL_TIMEOUT = env.positive_float("BUS_STALL_TIMEOUT", 0.0, allow_zero=True)
+# Server-side caps on what one crawler may ask for: slots claimed by one
+# session, and the stored size of one result (bigger ones become a marker).
+BUS_MAX_SLOTS = env.positive_int("BUS_MAX_SLOTS", 1000)
+BUS_MAX_RESULT = env.positive_int("BUS_MAX_RESULT", 64 * 1024, minimum=1024)
 JOB_RETRY_BACKOFF_BASE = env.positive_float("JOB_RETRY_BACKOFF_BASE", 2.0, allow_zero=True)
 JOB_RETRY_BACKOFF_CAP = env.positive_float("JOB_RETRY_BACKOFF_CAP", 600.0, allow_zero=True)
 if BUS_BACKOFF_CAP < BUS_BACKOFF_BASE:

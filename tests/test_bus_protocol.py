@@ -750,8 +750,8 @@ def test_nul_in_the_bye_reason_still_requeues_at_once(processes, short_socket_pa
         assert "going" in row.close_reason
 
 
-def test_outcome_from_another_session_for_a_running_job_is_recorded(processes, short_socket_path):
-    """Fencing rule 1: running with that attempt, on any session. Its holder is then told to stop it."""
+def test_outcome_forged_by_another_crawler_is_stale_and_the_holders_result_wins(processes, short_socket_path):
+    """Outcome authority: only the crawler the attempt was assigned to may record it (PROTOCOL.md rule 4)."""
     other_path = short_socket_path.replace("crawler.sock", "other.sock")
     [job_id] = enqueue(1)
     holder, other = CrawlerPeer(short_socket_path, name="holder"), CrawlerPeer(other_path, name="other")
@@ -760,15 +760,18 @@ def test_outcome_from_another_session_for_a_running_job_is_recorded(processes, s
         holder.handshake(slots=1)
         assert holder.recv("assign")["job_id"] == job_id
         other_hello = other.handshake(slots=1)
-        other.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"by": "other"}})
+        other.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"by": "forger"}})
         ack = other.recv("ack")
-        assert (ack["job_id"], ack["attempt"], ack["status"]) == (job_id, 1, "recorded")
+        assert (ack["job_id"], ack["attempt"], ack["status"]) == (job_id, 1, "stale")
         job = Job.objects.get()
-        assert (job.status, job.result, job.lease_session) == (Status.SUCCEEDED, {"by": "other"}, None)
-        assert str(JobEvent.objects.get(job_id=job_id, kind=EventKind.OUTCOME).session) == other_hello["session"]
-        send_heartbeat(holder, [(job_id, 1)])
-        cancel = holder.recv("cancel")
-        assert (cancel["job_id"], cancel["attempt"]) == (job_id, 1)
+        assert (job.status, job.result) == (Status.RUNNING, None)
+        stale = JobEvent.objects.get(job_id=job_id, kind=EventKind.STALE)
+        assert str(stale.session) == other_hello["session"] and "another crawler" in stale.reason
+
+        holder.send({"type": "done", "job_id": job_id, "attempt": 1, "result": {"by": "holder"}})
+        assert holder.recv("ack")["status"] == "recorded"
+        job.refresh_from_db()
+        assert (job.status, job.result, job.lease_session) == (Status.SUCCEEDED, {"by": "holder"}, None)
     finally:
         holder.shutdown()
         other.shutdown()

@@ -20,8 +20,10 @@ import shutil
 import tempfile
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from bus.models import BusSession
 from jobs import services
@@ -276,25 +278,46 @@ def test_duplicate_keys_the_last_one_wins(bus, connect):
     assert (job.status, job.result) == (Status.SUCCEEDED, {"last": True})
 
 
-def test_done_for_a_job_of_another_session_is_recorded_rule_1(bus, connect):
-    """PROTOCOL.md rule 1 says "running with that attempt (on any session)": the outcome counts
-    whichever session brings it, since attempt is the fencing token, not the session. The holder's
-    own later resend is then acked recorded (rule 2) and changes nothing; its heartbeat gets cancel."""
+def test_done_for_a_job_of_another_crawler_is_stale_and_changes_nothing(bus, connect):
+    """Outcome authority (PROTOCOL.md rule 4): only the crawler an attempt was assigned to may
+    record it. A forged outcome from another crawler is acked stale, changes nothing but an audit
+    event, and the holder's own result is then recorded."""
     holder, (job_id,) = holding(connect, name="a")
     other = connect("b", slots=0)
     other.send(dict(type="done", job_id=job_id, attempt=1, result={"from": "b"}))
-    assert other.recv("ack")["status"] == "recorded"
+    assert other.recv("ack")["status"] == "stale"
+    other.send(dict(type="failed", job_id=job_id, attempt=1, error="forged", retryable=False))
+    assert other.recv("ack")["status"] == "stale"
     job = Job.objects.get(id=job_id)
-    assert (job.status, job.result, job.lease_session) == (Status.SUCCEEDED, {"from": "b"}, None)
-    [event] = JobEvent.objects.filter(job_id=job_id, kind=EventKind.OUTCOME)
-    assert (str(event.session), event.from_status) == (other.session, Status.RUNNING)
-    before = database()
+    assert (job.status, job.result, str(job.lease_session)) == (Status.RUNNING, None, holder.session)
+    assert not JobEvent.objects.filter(job_id=job_id, kind=EventKind.OUTCOME).exists()
+    assert JobEvent.objects.filter(job_id=job_id, kind=EventKind.STALE, session=other.session).count() == 2
     holder.send(dict(type="done", job_id=job_id, attempt=1, result={"from": "a"}))
     assert holder.recv("ack")["status"] == "recorded"
-    assert database() == before
-    holder.send(dict(type="heartbeat", ts=time.time(), running=[[job_id, 1]]))
-    cancel = holder.recv("cancel")
-    assert (cancel["job_id"], cancel["attempt"]) == (job_id, 1)
+    job.refresh_from_db()
+    assert (job.status, job.result) == (Status.SUCCEEDED, {"from": "a"})
+
+
+def test_ready_running_cannot_take_another_crawlers_requeued_job(bus, connect):
+    """A crawler that lists another crawler's job in ready.running gets cancel, not the job."""
+    holder, (job_id,) = holding(connect, name="a")
+    holder.close()
+    wait_until(lambda: Job.objects.get(id=job_id).status == Status.QUEUED, timeout=10, message="requeue")
+    Job.objects.filter(id=job_id).update(run_after=timezone.now() + timedelta(hours=1))  # nobody claims it
+    thief = bus.peers["b"]
+    hello = thief.handshake(slots=0, running=[(job_id, 1)], timeout=15)
+    try:
+        cancel = thief.recv("cancel")
+        assert (cancel["job_id"], cancel["attempt"]) == (job_id, 1)
+        job = Job.objects.get(id=job_id)
+        assert (job.status, job.lease_session) == (Status.QUEUED, None)
+        thief.send(dict(type="done", job_id=job_id, attempt=1, result={"stolen": True}))
+        assert thief.recv("ack")["status"] == "stale"
+        assert Job.objects.get(id=job_id).status == Status.QUEUED
+    finally:
+        thief.close()
+        wait_until(lambda: not BusSession.objects.filter(session=hello["session"], state="connected").exists(),
+                   timeout=10, message="the bus ended the session")
 
 
 # --- floods ------------------------------------------------------------------------------------
@@ -312,16 +335,39 @@ def test_flood_of_unknown_types_is_answered_frame_by_frame(bus, connect):
     assert database() == before
 
 
-def test_flood_of_stale_outcomes_for_unknown_jobs_is_acked_and_writes_nothing(bus, connect):
-    peer, _ = holding(connect)
-    before = database()
+def test_flood_of_stale_outcomes_for_unknown_jobs_is_acked_then_the_session_is_closed(bus, connect):
+    """A session that keeps sending outcomes it may not record is closed with a clear error
+    (more than 1000 + 2 x slots); every one before that is acked stale, and none writes a row."""
+    peer, (job_id,) = holding(connect)
     base = 2**61
     peer.send_raw(b"".join(frame(type="done", job_id=base + i, attempt=1, result={}) for i in range(FLOOD)))
-    acks = peer.recv_many("ack", FLOOD, timeout=60)
-    assert sorted(a["job_id"] for a in acks) == [base + i for i in range(FLOOD)]
-    assert {a["status"] for a in acks} == {"stale"}
-    probe(peer)
-    assert database() == before
+    error = peer.recv("error", timeout=60)
+    assert error["code"] == "too_many_stale" and "stale outcomes" in error["message"]
+    acks = [f for f in peer.frames if f["type"] == "ack"]
+    assert len(acks) >= 1000 and {a["status"] for a in acks} == {"stale"}
+    assert peer.wait_closed(timeout=10)
+    wait_until(lambda: Job.objects.get(id=job_id).status == Status.QUEUED, timeout=10,
+               message="the closed session's job requeued")
+    assert not JobEvent.objects.filter(job_id__gte=base).exists()
+    session = BusSession.objects.get(session=peer.session)
+    assert "more stale outcomes" in session.close_reason
+
+
+def test_flood_of_made_up_attempts_writes_a_bounded_audit_trail(bus, connect):
+    """The probe's audit flood (failed frames with made-up attempts for a real job): at most 100
+    stale events per session, the rest summed up in the session's close reason."""
+    peer, (job_id,) = holding(connect)
+    peer.send_raw(b"".join(frame(type="failed", job_id=job_id, attempt=1000 + i, error="x" * 500)
+                           for i in range(FLOOD)))
+    assert peer.recv("error", timeout=60)["code"] == "too_many_stale"
+    assert peer.wait_closed(timeout=10)
+    wait_until(lambda: not BusSession.objects.filter(session=peer.session, state="connected").exists(),
+               timeout=10, message="the bus ended the session")
+    assert JobEvent.objects.filter(job_id=job_id, kind=EventKind.STALE).count() == 100
+    job = Job.objects.get(id=job_id)
+    assert (job.status, job.failures) == (Status.QUEUED, 0)  # its own attempt 1 was never failed
+    reason = BusSession.objects.get(session=peer.session).close_reason
+    assert "too_many_stale" in reason and "more stale outcomes" in reason
 
 
 def test_flood_of_resends_records_the_outcome_once(bus, connect):
