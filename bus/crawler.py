@@ -562,13 +562,13 @@ class _Session:
             return
         if self._closing:
             return  # ending: what the bus says now changes nothing
-        self._last_received = time.monotonic()
+        bad: FrameError | None = None
         try:
             frames = self._reader.feed(data)
         except FrameError as exc:
-            log.warning(kv("crawler.session.bad_frame", session=self.bus_session, conn=self.label, error=exc))
-            self._close(f"bad frame: {exc}", error_frame(BAD_FRAME, str(exc)))
-            return
+            frames, bad = exc.frames, exc  # the whole frames before the bad one still count
+        if frames:
+            self._last_received = time.monotonic()  # liveness by whole frames, not bytes
         for frame in frames:
             if self._state == HANDSHAKE:
                 self._on_handshake_frame(frame)
@@ -576,6 +576,9 @@ class _Session:
                 self._on_frame(frame)
             if self._closing:
                 return
+        if bad is not None:
+            log.warning(kv("crawler.session.bad_frame", session=self.bus_session, conn=self.label, error=bad))
+            self._close(f"bad frame: {bad}", error_frame(BAD_FRAME, str(bad)))
 
     def _close(self, reason: str, last_frame: dict[str, Any] | None = None) -> None:
         """End the session after sending last_frame (an error or a bye), if the socket takes it in time."""
