@@ -78,7 +78,7 @@ class JobForm(forms.ModelForm):
 # The change page shows a job's latest events only: a job can have 100,000 of them
 # (a crawler sending stale outcomes), and one form row per event took seconds.
 # The rest are on the event list, filtered by job and paginated.
-INLINE_EVENTS = 100
+INLINE_EVENTS = 50
 
 
 class LatestEventsFormSet(BaseInlineFormSet):

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from django.core.exceptions import ValidationError
 
 from jobs import services
 from jobs.models import EventKind, Job, JobEvent, Status
 from jobs.services import MAX_PAYLOAD_BYTES, MAX_URL_LENGTH
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.django_db
 
@@ -176,3 +180,66 @@ def test_enqueued_jobs_are_claimable():
 
     claimed = services.claim_jobs(session=uuid.uuid4(), limit=10, lease_seconds=60)
     assert [c.id for c in claimed] == [job.id for job in jobs]
+
+
+# --- Control characters in a URL, from every way in ---------------------------------------------
+
+CONTROL_URLS = ["https://example.com/a\x00b", "https://example.com/a\x01b", "https://example.com/\x7f"]
+
+
+@pytest.fixture
+def operator_client(client, django_user_model):
+    client.force_login(django_user_model.objects.create_superuser("operator", "op@example.org", "pw"))
+    return client
+
+
+@pytest.mark.parametrize("url", CONTROL_URLS)
+def test_the_enqueue_page_refuses_a_control_character_and_queues_nothing(operator_client, url):
+    response = operator_client.post("/jobs/new", {"urls": f"https://example.com/ok\n{url}", "priority": "0"})
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "Null characters are not allowed" in html if "\x00" in url else "control character U+00" in html
+    assert Job.objects.count() == 0
+
+
+@pytest.mark.parametrize("url", CONTROL_URLS)
+def test_the_admin_refuses_a_control_character_in_a_queued_jobs_url(operator_client, url):
+    job = services.enqueue(url="https://example.com/before", actor="test")
+    response = operator_client.post(f"/admin/jobs/job/{job.pk}/change/", {
+        "url": url, "payload": "{}", "priority": "0", "max_attempts": "3", "max_interruptions": "3",
+        "events-TOTAL_FORMS": "0", "events-INITIAL_FORMS": "0",
+    })
+
+    assert response.status_code == 200 and b"errornote" in response.content
+    assert b"Null characters are not allowed" in response.content or b"control character U+00" in response.content
+    job.refresh_from_db()
+    assert job.url == "https://example.com/before"
+
+
+def run_enqueue(processes, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "manage.py", "enqueue", *args], cwd=ROOT, env=processes.env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_command_refuses_a_control_character_in_an_argument(processes):
+    # An argument cannot hold NUL (execve stops at it); U+0001 and DEL can.
+    proc = run_enqueue(processes, "https://example.com/ok", "https://example.com/a\x01b", "https://example.com/\x7f")
+
+    assert proc.returncode != 0
+    assert "rejected argument 2: URL contains the control character U+0001" in proc.stdout
+    assert "rejected argument 3: URL contains the control character U+007F" in proc.stdout
+    assert Job.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_enqueue_command_refuses_a_file_with_a_nul_byte(processes, tmp_path):
+    urls = tmp_path / "urls.txt"
+    urls.write_bytes(b"https://example.com/ok\nhttps://example.com/a\x00b\n")
+    proc = run_enqueue(processes, "--file", str(urls))
+
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "line 2: URL contains the control character U+0000" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert Job.objects.count() == 0
