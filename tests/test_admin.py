@@ -160,10 +160,19 @@ def test_requeue_action_moves_running_jobs_and_reports_counts(admin_client, runn
 
 
 def test_requeue_action_reports_jobs_that_fail_at_their_last_interruption(admin_client, running_jobs):
-    Job.objects.filter(pk=running_jobs[0].pk).update(interruptions=2, max_interruptions=3)
+    # Alone in its session: the verdict is certain (a job in company is run alone first).
+    Job.objects.filter(pk=running_jobs[0].pk).update(interruptions=2, max_interruptions=3, lease_session=uuid.uuid4())
     response = run_action(admin_client, "requeue_running", running_jobs)
     assert "Requeued 1, failed 1 (interrupted too many times), skipped 0 not running." in messages_of(response)
     assert statuses(running_jobs) == [Status.FAILED, Status.QUEUED]
+
+
+def test_requeue_action_reports_jobs_suspected_in_company(admin_client, running_jobs):
+    Job.objects.filter(pk=running_jobs[0].pk).update(interruptions=2, max_interruptions=3)
+    response = run_action(admin_client, "requeue_running", running_jobs)
+    assert ("Requeued 2 (1 of them interrupted too many times with other jobs in their session: each runs alone "
+            "next), failed 0 (interrupted too many times), skipped 0 not running.") in messages_of(response)
+    assert statuses(running_jobs) == [Status.QUEUED, Status.QUEUED]
 
 
 def test_retry_action_requeues_failed_jobs_and_skips_others(admin_client, failed_job, queued_jobs):
