@@ -16,8 +16,8 @@ from django.views.decorators.http import require_GET
 
 from . import selectors
 from .forms import parse_id
-from .views import can_view_jobs
 from .models import Job, JobEvent, Status
+from .views import can_view_jobs
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
