@@ -9,6 +9,7 @@ jobs, the lease sweeper, and, when SUPERVISED, the parent-process watcher.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import random
@@ -127,7 +128,7 @@ class Bus:
         finally:
             self.store.close_connection()
         for endpoint in self.endpoints:
-            self._spawn(f"bus-endpoint-{endpoint}", lambda endpoint=endpoint: self._endpoint_loop(endpoint))
+            self._spawn(f"bus-endpoint-{endpoint}", functools.partial(self._endpoint_loop, endpoint))
         self.store.connect_job_signal(self.wake_workers)
         self._spawn("bus-listen", lambda: self.store.listen_for_jobs(self.wake_workers, self.stop_event))
         self._spawn("bus-sweeper", self._sweep_loop)

@@ -270,8 +270,8 @@ class SessionIO:
             running = protocol.running_of(ready)
         except FieldError as exc:
             self._fail(protocol.BAD_FRAME, f"ready: {exc}")
-        crawler = welcome.get("crawler") if isinstance(welcome.get("crawler"), str) else ""
-        crawler = crawler.replace("\x00", "")  # PostgreSQL text cannot hold NUL: the row would never be written
+        name = welcome.get("crawler")
+        crawler = name.replace("\x00", "") if isinstance(name, str) else ""  # PostgreSQL text cannot hold NUL: the row would never be written
         log.info(kv("bus.session_ready", session=session, endpoint=self.endpoint, crawler=crawler[:100],
                     slots=slots, resumed=len(running)))
         return {"crawler": crawler, "slots": slots, "running": running}
@@ -339,7 +339,9 @@ class SessionIO:
 
     def _dispatch(self, frames: list[dict]) -> None:
         """Check each steady-state frame; pass the good ones to the worker as one batch."""
-        batch = []
+        worker = self.worker
+        assert worker is not None  # steady state: the worker runs
+        batch: list[tuple[Any, ...]] = []
         for frame in frames:
             kind = frame["type"]
             try:
@@ -360,7 +362,7 @@ class SessionIO:
                                    message=str(frame.get("message"))[:300], job=frame.get("job_id")))
                 elif kind == "bye":
                     if batch:
-                        self.worker.post(*batch)
+                        worker.post(*batch)
                     reason = str(frame.get("reason"))[:200].replace("\x00", "")  # it goes to the database
                     raise _Ended(f"crawler said bye: {reason}", "closed")
                 elif kind in ("welcome", "ready", "hello", "assign", "ack", "cancel"):
@@ -372,7 +374,7 @@ class SessionIO:
                        and isinstance(frame[key], int) and not isinstance(frame[key], bool)}
                 self.send(protocol.error_frame(protocol.INVALID, f"{kind}: {exc}", **ids))
         if batch:
-            self.worker.post(*batch)
+            worker.post(*batch)
 
     def _outcome(self, frame: dict):
         job_id, attempt = protocol.job_id_of(frame), protocol.attempt_of(frame)
@@ -397,8 +399,8 @@ class SessionIO:
                        error=error[:MAX_ERROR_TEXT].replace("\x00", ""), retryable=retryable)
 
     @staticmethod
-    def _progress(frame: dict) -> dict:
-        progress = {}
+    def _progress(frame: dict) -> dict[str, Any]:
+        progress: dict[str, Any] = {}
         for name in ("done", "total"):
             value = protocol.number_of(frame, name)
             if value is not None:

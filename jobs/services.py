@@ -22,7 +22,20 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import connection, transaction
-from django.db.models import BooleanField, Case, Count, DateTimeField, F, PositiveIntegerField, Q, TextField, Value, When
+from django.db.models import (
+    BooleanField,
+    Case,
+    Count,
+    DateTimeField,
+    F,
+    Field,
+    Model,
+    PositiveIntegerField,
+    Q,
+    TextField,
+    Value,
+    When,
+)
 from django.db.models.expressions import RawSQL
 from django.dispatch import Signal
 from django.utils import timezone
@@ -112,7 +125,14 @@ def _events(rows: Iterable[dict[str, Any]]) -> None:
 
 
 def _event_db(field_name: str, value: Any) -> Any:
-    return JobEvent._meta.get_field(field_name).get_db_prep_value(value, connection)
+    return _column(JobEvent, field_name).get_db_prep_value(value, connection)
+
+
+def _column(model: type[Model], name: str) -> Field:
+    """A model's concrete field (get_field may also return relations, which these names never are)."""
+    field = model._meta.get_field(name)
+    assert isinstance(field, Field), name
+    return field
 
 
 # --- Enqueue -----------------------------------------------------------------
@@ -194,7 +214,7 @@ def enqueue_many(
     if not checked:
         raise ValidationError("no URLs given")
     at = now()
-    fields = {name: Job._meta.get_field(name).default for name in
+    fields = {name: _column(Job, name).default for name in
               ("max_attempts", "max_interruptions")}
     table = connection.ops.quote_name(Job._meta.db_table)
     events = connection.ops.quote_name(JobEvent._meta.db_table)
@@ -266,7 +286,7 @@ def _json_value(value: Any) -> Any:
 
 def _db(field_name: str, value: Any) -> Any:
     """Adapt a Python value for a raw SQL parameter of Job.<field_name>."""
-    return Job._meta.get_field(field_name).get_db_prep_value(value, connection)
+    return _column(Job, field_name).get_db_prep_value(value, connection)
 
 
 def claim_jobs(
@@ -793,7 +813,8 @@ def re_lease_jobs(
     crawler's job by listing it.
     """
     at = at or now()
-    taken, refused = [], []
+    taken: list[tuple[int, int]] = []
+    refused: list[tuple[int, int]] = []
     with transaction.atomic():
         for job_id, attempt in running:
             won = (
