@@ -434,7 +434,6 @@ class _Assignment:
     assigned_at: float
     misses: int = 0
     active_at: float = 0.0  # last started/progress report (assignment time until then)
-    run_alone: bool = False  # a suspected poison job: nothing else is claimed while it runs
 
     def __post_init__(self):
         self.active_at = self.active_at or self.assigned_at
@@ -455,6 +454,7 @@ class _WorkerState:
     seen_due: bool = True
     seen_at: float = 0.0
     poll_at: float = 0.0
+    suspects: set[int] = field(default_factory=set)  # run_alone jobs: nothing else is claimed while one runs
     stale: int = 0  # stale outcomes from this session so far
     stale_limit: int = STALE_FLOOD_BASE
 
@@ -720,7 +720,8 @@ class SessionWorker(threading.Thread):
             state.progress_written = {k: v for k, v in state.progress_written.items() if now - v < 2}
         while state.want_dispatch and not self.ended and self.io.failure is None:
             free = state.slots - len(state.outstanding)
-            if free <= 0 or any(assignment.run_alone for assignment in state.outstanding.values()):
+            state.suspects = {job_id for job_id in state.suspects if job_id in state.outstanding}
+            if free <= 0 or state.suspects:
                 state.want_dispatch = False  # full, or running a suspect alone
                 break
             limit = min(free, MAX_CLAIM_BATCH)
@@ -728,7 +729,9 @@ class SessionWorker(threading.Thread):
                                   alone=not state.outstanding)
             at = time.monotonic()
             for job in claimed:
-                state.outstanding[job.id] = _Assignment(job.attempt, at, run_alone=job.run_alone)
+                state.outstanding[job.id] = _Assignment(job.attempt, at)
+                if job.run_alone:
+                    state.suspects.add(job.id)
             if claimed:
                 self.io.send(*({"type": "assign", "job_id": job.id, "attempt": job.attempt, "url": job.url,
                                 "payload": job.payload} for job in claimed))
