@@ -7,6 +7,7 @@ not at the one the chaos processes use.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -177,7 +178,7 @@ class UnixProxy:
         while not self._stop.is_set():
             try:
                 client, _ = self._server.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -279,6 +280,17 @@ class Processes:
         self.started.append(proc)
         return proc
 
+    def script(self, path: str, *args: str, name: str) -> subprocess.Popen:
+        """Start a Python script (not manage.py) with the same environment, logged like the others."""
+        log_path = self.folder / f"{name}-{len(self.started):03d}.log"
+        with open(log_path, "wb") as out:
+            proc = subprocess.Popen([sys.executable, path, *args], cwd=ROOT, env=self.env,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        proc.log_path = str(log_path)  # type: ignore[attr-defined]
+        proc.name = name  # type: ignore[attr-defined]
+        self.started.append(proc)
+        return proc
+
     def run(self, *args: str, name: str, timeout: float) -> str:
         """Run a manage.py command to completion; raise with its output if it fails."""
         proc = self.manage(*args, name=name)
@@ -287,7 +299,7 @@ class Processes:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
-            raise AssertionError(f"manage.py {' '.join(args)} took over {timeout} s:\n{tail(proc.log_path)}")
+            raise AssertionError(f"manage.py {' '.join(args)} took over {timeout} s:\n{tail(proc.log_path)}") from None
         if code != 0:
             raise AssertionError(f"manage.py {' '.join(args)} exited {code}:\n{tail(proc.log_path)}")
         return Path(proc.log_path).read_text(errors="replace")
@@ -303,7 +315,10 @@ class Processes:
 
     @staticmethod
     def terminate(proc: subprocess.Popen, timeout: float = 10.0) -> int | None:
-        """SIGCONT + SIGTERM, wait; SIGKILL after the deadline. Returns the exit status (None if it had to be killed)."""
+        """SIGCONT + SIGTERM, wait; SIGKILL after the deadline.
+
+        Returns the exit status (None if it had to be killed).
+        """
         if proc.poll() is not None:
             return proc.returncode
         try:
@@ -529,3 +544,121 @@ def count_in_logs(paths: list[str], needles: list[str]) -> dict[str, int]:
 def describe(proc: subprocess.Popen) -> dict[str, Any]:
     return {"pid": proc.pid, "name": getattr(proc, "name", "?"), "returncode": proc.poll(),
             "log": getattr(proc, "log_path", None)}
+
+
+# --- the hostile crawler: what it says it did, and what the database says it could not do ------------
+
+STALE_AUDIT_PER_SESSION = 100  # bus/session.py: the stale outcomes of one session audited one by one
+
+
+def hostile_stats(path: Path) -> tuple[dict[str, int], list[dict]]:
+    """The hostile crawler's per-session JSON lines, summed; and the lines that show a finding."""
+    totals: Counter = Counter()
+    findings = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        stats = json.loads(line)
+        totals["sessions"] += 1
+        totals[f"mode_{stats.get('mode')}"] += 1
+        for key, value in stats.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "pid":
+                totals[key] += value
+        if "crashed_holding" in stats:
+            totals["crashes"] += 1
+            totals[f"crashes_{stats.get('crash')}"] += 1
+        if any(key in stats for key in ("stolen", "flood_not_closed", "trickle_survived")):
+            findings.append(stats)
+    return dict(totals), findings
+
+
+@dataclass
+class HostileVerdict:
+    sessions: int = 0
+    too_many_stale: int = 0  # hostile sessions closed with that error
+    summarised: int = 0  # hostile sessions whose close reason sums up unaudited stale outcomes
+    stale_events: int = 0  # audit events written for the hostile sessions
+    max_stale_per_session: int = 0
+    hostile_outcomes: int = 0  # outcomes recorded from hostile sessions (of jobs it was assigned)
+    hostile_claims: int = 0
+    suspects: int = 0  # jobs that reached max_interruptions in company (run alone next)
+    suspects_by_hostile: int = 0  # ... of which at the end of a hostile session
+    interruptions: dict[int, int] = field(default_factory=dict)  # interruptions -> jobs
+    problems: list[str] = field(default_factory=list)
+
+
+def _uuid_key(value: Any) -> str | None:
+    return None if value is None else uuid.UUID(str(value)).hex
+
+
+def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
+    """From the database alone: the hostile crawler's sessions recorded nothing that was not theirs.
+
+    - an outcome event's session and the session that claimed (or re-leased) that attempt are
+      sessions of the same crawler endpoint (outcome authority); for the hostile crawler: an
+      outcome from a hostile session is one of an attempt assigned to a hostile session;
+    - a re-lease to a session is of an attempt first claimed by a session of the same endpoint
+      (ready.running cannot take another crawler's job);
+    - at most STALE_AUDIT_PER_SESSION stale events per hostile session;
+    - no job ends failed (the honest crawlers finish every job; a crash holding many fails none).
+    """
+    verdict = HostileVerdict()
+    endpoint_of: dict[str, str] = {}
+    hostile: set[str] = set()
+    for session, endpoint, close_reason in db.query("SELECT session, endpoint, close_reason FROM bus_bussession"):
+        key = _uuid_key(session)
+        endpoint_of[key] = endpoint
+        if endpoint.endswith(endpoint_suffix):
+            hostile.add(key)
+            verdict.too_many_stale += "too_many_stale" in (close_reason or "")
+            verdict.summarised += "not audited one by one" in (close_reason or "")
+    verdict.sessions = len(hostile)
+    if not hostile:
+        verdict.problems.append(f"no bus session with an endpoint ending in {endpoint_suffix}")
+
+    def problem(text: str) -> None:
+        if len(verdict.problems) < 30:
+            verdict.problems.append(text)
+
+    claimed: dict[tuple[int, int], str | None] = {}
+    stale_per_session: Counter = Counter()
+    rows = db.query("SELECT job_id, id, kind, to_status, attempt, session, reason FROM jobs_jobevent "
+                    "WHERE kind IN ('claim', 're_lease', 'outcome', 'stale', 'interrupt') ORDER BY job_id, id")
+    for job_id, event_id, kind, to_status, attempt, session, reason in rows:
+        key = _uuid_key(session)
+        if kind == "claim":
+            claimed[(job_id, attempt)] = key
+            verdict.hostile_claims += key in hostile
+        elif kind == "stale":
+            if key in hostile:
+                stale_per_session[key] += 1
+        elif kind == "interrupt":
+            if "shared its session" in (reason or ""):
+                verdict.suspects += 1
+                verdict.suspects_by_hostile += key in hostile
+        else:  # outcome, re_lease: only from a session of the crawler the attempt was claimed by
+            owner = claimed.get((job_id, attempt))
+            if kind == "outcome" and key in hostile:
+                verdict.hostile_outcomes += 1
+            if key is None or owner is None:
+                problem(f"job {job_id}: {kind} #{event_id} attempt {attempt} session={key} but the attempt "
+                        f"was claimed by session {owner}")
+                continue
+            if endpoint_of.get(key) != endpoint_of.get(owner):
+                who = "the HOSTILE crawler" if key in hostile else "a crawler"
+                problem(f"job {job_id}: {kind} #{event_id} -> {to_status} for attempt {attempt} from {who} "
+                        f"(session {key}, {endpoint_of.get(key)}), but that attempt was claimed by session "
+                        f"{owner} ({endpoint_of.get(owner)}): "
+                        + ("an outcome recorded from a crawler that was never assigned it" if kind == "outcome"
+                           else "another crawler's job taken through ready.running"))
+    verdict.stale_events = sum(stale_per_session.values())
+    verdict.max_stale_per_session = max(stale_per_session.values(), default=0)
+    for key, count in stale_per_session.items():
+        if count > STALE_AUDIT_PER_SESSION:
+            problem(f"hostile session {key} has {count} stale audit events (the bound is {STALE_AUDIT_PER_SESSION})")
+    verdict.interruptions = dict(db.query("SELECT interruptions, count(*) FROM jobs_job GROUP BY interruptions"))
+    for job_id, error in db.query("SELECT id, error FROM jobs_job WHERE status = 'failed' ORDER BY id"):
+        problem(f"job {job_id} ended failed: {str(error)[:200]}")
+    return verdict

@@ -6,7 +6,12 @@ Faults (random choices seeded: CHAOS_SEED=N reuses them; the timing is the machi
 - one crawler SIGSTOPped for longer than 2 x HEARTBEAT_TIMEOUT, then SIGCONTed;
 - one connection cut from outside (crawler b sits behind an in-test Unix proxy);
 - runbus SIGKILLed twice and restarted (start-up recovery + lease sweeper);
-- PostgreSQL restarted once (PostgreSQL variant only: a private server).
+- PostgreSQL restarted once (PostgreSQL variant only: a private server);
+- a hostile crawler (tests/chaos/hostile_crawler.py) on a third endpoint, holding the
+  same valid token as the honest ones: it forges outcomes of jobs it was never assigned,
+  lists other crawlers' jobs in ready.running, floods stale outcomes until it is closed
+  (too_many_stale), trickles bytes without completing a frame, and crashes (process exit
+  or connection reset, no bye) holding up to 20 jobs, again and again, relisting them.
 
 The 5,000 jobs arrive in 10 waves of `manage.py enqueue --file` during the faults, so
 that every fault meets work in flight. The crawlers run with --resume-grace, so lost
@@ -14,7 +19,12 @@ sessions also produce late results (fencing rule 3) and stale acks.
 
 The invariant: every job terminal; each succeeded job has exactly one recorded
 outcome; failed jobs are poison (a final interrupt) or have one failed outcome;
-every trail replays through the state machine; no lease left.
+every trail replays through the state machine; no lease left. Since the hostile
+crawler (issue 9), also: every job succeeded (no job failed, as poison or otherwise);
+every recorded outcome and every re-lease came from a session of the endpoint that
+was assigned that attempt (none from the hostile crawler's sessions for another
+crawler's attempt); at most 100 stale audit events per hostile session; at least one
+hostile session closed for too_many_stale; no trickle that kept a session alive.
 
 Each variant runs on its own throwaway database (a temp SQLite file; a private
 PostgreSQL in a temp folder), not on pytest-django's test database, and only on
@@ -30,18 +40,22 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
 from tests import pg_instance
 from tests.chaos.harness import (
+    STALE_AUDIT_PER_SESSION,
     PostgresChaosDatabase,
     Processes,
     SqliteChaosDatabase,
     UnixProxy,
+    check_hostile,
     check_invariant,
     count_in_logs,
     format_verdict,
+    hostile_stats,
     live_session,
     log,
     remove_folder,
@@ -49,7 +63,6 @@ from tests.chaos.harness import (
     tail,
     wait_for_log,
 )
-
 
 # Jobs arrive in waves (one `manage.py enqueue --file` each, back to back) so that the faults
 # keep finding work in flight: the bus finishes 1,000 jobs in a few seconds here.
@@ -73,8 +86,13 @@ STOP_FOR = 2 * 2 * HEARTBEAT_TIMEOUT  # SIGSTOP: twice the silence that loses a 
 RESUME_GRACE = 2.0
 PG_DOWN = 2.0  # seconds PostgreSQL stays down in its restart
 
+HOSTILE_SCRIPT = str(Path(__file__).resolve().parent / "hostile_crawler.py")
+HOSTILE_CRASH_EXIT = 17  # hostile_crawler.CRASH_EXIT
+
 BUS_ENV = {
     "HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT),
+    # Every crawler, the hostile one included, holds the valid token: the hostile crawler is an insider.
+    "BUS_TOKEN": "chaos-shared-token-held-by-every-crawler",
     "BUS_BACKOFF_CAP": "0.5",
     "BUS_SWEEP_INTERVAL": "1",
     "LOG_LEVEL": "INFO",
@@ -121,9 +139,13 @@ class ChaosRun:
         self.crawlers: dict = {}
         self.bus = None
         self.sockets = {"a": str(self.folder / "a.sock"), "b": str(self.folder / "b-real.sock")}
-        self.endpoints = [self.sockets["a"], str(self.folder / "b.sock")]  # b through the proxy
+        self.hostile_socket = str(self.folder / "h.sock")
+        # b through the proxy; h is the hostile crawler's own endpoint
+        self.endpoints = [self.sockets["a"], str(self.folder / "b.sock"), self.hostile_socket]
+        self.hostile = None
+        self.hostile_exits: list[int | None] = []
         self.counts = {"crawler_kills": 0, "bus_kills": 0, "sigstops": 0, "cuts": 0, "pg_restarts": 0,
-                       "idle_one_offs": 0}
+                       "idle_one_offs": 0, "hostile_crashes": 0, "hostile_restarts": 0}
         self.timeline: list[str] = []
 
     # --- helpers --------------------------------------------------------------------------
@@ -145,6 +167,27 @@ class ChaosRun:
         self.crawlers[name] = proc
         return proc
 
+    def start_hostile(self):
+        proc = self.procs.script(HOSTILE_SCRIPT, "--listen", self.hostile_socket, "--max-id", str(JOBS),
+                                 "--seed", str(self.rng.randrange(1, 10**9)),
+                                 "--stats", str(self.folder / "hostile-stats.jsonl"),
+                                 "--assigned", str(self.folder / "hostile-assigned.txt"), name="hostile")
+        self.hostile = proc
+        return proc
+
+    def restart_hostile_if_gone(self) -> None:
+        """The hostile crawler exits by itself when it crashes on purpose (holding jobs): start it again."""
+        if self.hostile is None or self.hostile.poll() is None:
+            return
+        code = self.hostile.returncode
+        self.hostile_exits.append(code)
+        if code == HOSTILE_CRASH_EXIT:
+            self.counts["hostile_crashes"] += 1
+        else:  # anything else is a bug of the hostile crawler itself: shown in the report
+            self.note(f"hostile crawler exited {code}:\n{tail(self.hostile.log_path, 20)}")
+        self.counts["hostile_restarts"] += 1
+        self.start_hostile()
+
     def start_bus(self):
         args = ["runbus"]
         for endpoint in self.endpoints:
@@ -165,7 +208,10 @@ class ChaosRun:
             self.stop_everything()
             verdict = check_invariant(self.db)
             self.reasons = self.db.interrupt_reasons()
+            hostile = check_hostile(self.db, "/h.sock")
+            said, findings = hostile_stats(self.folder / "hostile-stats.jsonl")
             self.report(verdict, fault_seconds, drain_seconds)
+            self.report_hostile(hostile, said)
             assert drained, f"jobs still unfinished {DRAIN_TIMEOUT:.0f} s after the faults stopped: " \
                             f"{verdict.by_status}\n{self.diagnostics(verdict)}"
             assert verdict.ok, f"the invariant is broken:\n{self.diagnostics(verdict)}"
@@ -173,6 +219,7 @@ class ChaosRun:
             # The SIGSTOP hit a crawler holding jobs: the bus must have lost that session to silence.
             assert self.reasons.get("heartbeat timeout"), \
                 f"no job was requeued by a heartbeat timeout: {self.reasons}\n{self.diagnostics(verdict)}"
+            self.assert_hostile_contained(verdict, hostile, said, findings)
             ok = True
         finally:
             keep = os.environ.get("CHAOS_KEEP", "")
@@ -198,11 +245,14 @@ class ChaosRun:
         for name, proc in self.crawlers.items():
             assert wait_for_log(proc, "crawler.listening", timeout=60), \
                 f"crawler {name} did not start listening:\n{tail(proc.log_path)}"
+        self.start_hostile()
+        assert wait_for_log(self.hostile, "hostile.listening", timeout=30), \
+            f"the hostile crawler did not start listening:\n{tail(self.hostile.log_path)}"
         self.proxy = UnixProxy(self.endpoints[1], self.sockets["b"])
         self.start_bus()
         assert wait_for_log(self.bus, "bus.session_ready", timeout=60), \
             f"runbus made no session:\n{tail(self.bus.log_path)}"
-        self.note("crawlers a (direct) and b (behind the proxy) and runbus are up")
+        self.note("crawlers a (direct) and b (behind the proxy), the hostile crawler h and runbus are up")
 
     def enqueue_wave(self, number: int):
         """`manage.py enqueue --file` of one wave, in the background; returns the process."""
@@ -236,6 +286,7 @@ class ChaosRun:
                 break
             if t >= FAULT_PHASE and not one_offs and stopped is None and not waves and enqueuing is None:
                 break
+            self.restart_hostile_if_gone()
             if t - last_sample >= 0.25:
                 last_sample = t
                 unfinished = self.db.unfinished()
@@ -244,7 +295,8 @@ class ChaosRun:
                 enqueuing = (number, self.enqueue_wave(number))
             if enqueuing is not None and enqueuing[1].poll() is not None:
                 number, proc = enqueuing
-                assert proc.returncode == 0, f"enqueue of wave {number} exited {proc.returncode}:\n{tail(proc.log_path)}"
+                assert proc.returncode == 0, \
+                    f"enqueue of wave {number} exited {proc.returncode}:\n{tail(proc.log_path)}"
                 enqueuing, landed = None, landed + 1
                 if number in ONE_OFFS and (ONE_OFFS[number] != "pg_restart" or self.kind == "postgresql"):
                     one_off_due = t  # armed: goes off once the wave is being worked on
@@ -317,6 +369,11 @@ class ChaosRun:
             time.sleep(0.05)
         if stopped is not None:  # never leave a process stopped
             stopped[1].send_signal(signal.SIGCONT)
+        # The hostile crawler stops with the faults (SIGTERM: it finishes what it holds, says bye).
+        self.restart_hostile_if_gone()
+        code = Processes.terminate(self.hostile, timeout=10)
+        self.hostile_exits.append(code)
+        self.note(f"hostile crawler stopped (exit {code})")
         missing = one_offs + [f"wave {number}" for number, _ in waves]
         if enqueuing is not None:
             missing.append(f"wave {enqueuing[0]} (still enqueuing)")
@@ -376,6 +433,50 @@ class ChaosRun:
             f"  verdict: {'OK' if verdict.ok else 'BROKEN'}",
         ]
         print("\n".join(lines), flush=True)
+
+    def report_hostile(self, hostile, said: dict) -> None:
+        modes = {k[5:]: v for k, v in said.items() if k.startswith("mode_")}
+        lines = [
+            f"  hostile crawler: sessions={said.get('sessions', 0)} {modes} crashes holding jobs="
+            f"{said.get('crashes', 0)} (process exits {self.counts['hostile_crashes']}, connection resets "
+            f"{said.get('crashes_reset', 0)}) exit codes={self.hostile_exits}",
+            f"    forged={said.get('forged', 0)} (stale {said.get('forged_stale', 0)}, acked recorded as "
+            f"already recorded {said.get('forged_acked_recorded', 0)}, unacked {said.get('forged_unacked', 0)}) "
+            f"flood_sent={said.get('flood_sent', 0)} stale_acks={said.get('acks_stale', 0)} "
+            f"foreign_acked_recorded={said.get('foreign_acked_recorded', 0)}",
+            f"    listed_foreign={said.get('listed_foreign', 0)} cancelled={said.get('listed_cancelled', 0)} "
+            f"stolen={said.get('stolen', 0)} relisted_own={said.get('relisted_own', 0)} "
+            f"relisted_kept={said.get('relisted_kept', 0)} "
+            f"crashed_holding={said.get('crashed_holding', 0)} finished_own={said.get('finished_own', 0)} "
+            f"lone_finished={said.get('lone_finished', 0)}",
+            f"    trickles closed after {said.get('trickle_closed_after', 0):.1f}s in total, "
+            f"survived={said.get('trickle_survived', 0)}",
+            f"  database: hostile sessions={hostile.sessions} closed too_many_stale={hostile.too_many_stale} "
+            f"summarised={hostile.summarised} stale_events={hostile.stale_events} "
+            f"(max {hostile.max_stale_per_session}/session) hostile_claims={hostile.hostile_claims} "
+            f"hostile_outcomes={hostile.hostile_outcomes} suspects={hostile.suspects} "
+            f"(after a hostile session {hostile.suspects_by_hostile}) jobs by interruptions={hostile.interruptions}",
+            f"  hostile verdict: {'OK' if not hostile.problems else 'BROKEN'}",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def assert_hostile_contained(self, verdict, hostile, said: dict, findings: list[dict]) -> None:
+        """What one crawler holding a valid token must not have achieved (issue 9), from the database
+        (and, for what leaves no row, from what the hostile crawler saw on the wire)."""
+        where = f"\n{self.diagnostics(verdict)}"
+        assert not hostile.problems, "the hostile crawler got through:\n  " + "\n  ".join(hostile.problems) + where
+        assert verdict.by_status == {"succeeded": JOBS} and verdict.poison == 0, \
+            f"not every job succeeded exactly once: {verdict.by_status}, poison={verdict.poison}{where}"
+        assert not findings, f"the hostile crawler reports what it got away with: {findings}{where}"
+        # It did what it came for (the sessions follow a fixed cycle: each behaviour comes up early).
+        assert hostile.sessions >= 7 and said.get("sessions", 0) >= 7, (hostile.sessions, said)
+        assert said.get("forged_stale", 0) > 0, said
+        assert said.get("listed_foreign", 0) > 0 and said.get("stolen", 0) == 0, said
+        assert hostile.too_many_stale >= 1 and said.get("too_many_stale", 0) >= 1, (hostile.too_many_stale, said)
+        assert hostile.max_stale_per_session <= STALE_AUDIT_PER_SESSION, hostile.max_stale_per_session
+        assert said.get("trickle_closed_after", 0) > 0 and not said.get("trickle_survived"), said
+        assert said.get("crashes", 0) >= 1, f"the hostile crawler never crashed holding jobs: {said}"
+        assert all(code in (HOSTILE_CRASH_EXIT, 0) for code in self.hostile_exits), self.hostile_exits
 
     def diagnostics(self, verdict) -> str:
         parts = [format_verdict(verdict), "timeline:", *self.timeline]
@@ -481,3 +582,61 @@ def test_invariant_checker_flags_broken_trails(tmp_path, jobs, events, expected)
     verdict = check_invariant(_trail_db(tmp_path, jobs, events))
     assert not verdict.ok
     assert any(expected in text for text in verdict.problems), format_verdict(verdict)
+
+
+# --- the hostile crawler's checker (fast): it must catch what it is there to catch -----------------
+
+HONEST, HOSTILE, HOSTILE_LATER = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222", \
+    "33333333-3333-4333-8333-333333333333"
+
+
+def _hostile_db(tmp_path, events: list[tuple], failed: bool = False) -> SqliteChaosDatabase:
+    import sqlite3
+    import uuid
+
+    db = SqliteChaosDatabase(tmp_path)
+    conn = sqlite3.connect(db.path)
+    conn.executescript(
+        "CREATE TABLE bus_bussession (session TEXT PRIMARY KEY, endpoint TEXT, close_reason TEXT);"
+        "CREATE TABLE jobs_job (id INTEGER PRIMARY KEY, status TEXT, error TEXT, interruptions INT);"
+        "CREATE TABLE jobs_jobevent (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INT, kind TEXT,"
+        " to_status TEXT, attempt INT, session TEXT, reason TEXT);"
+    )
+    conn.executemany("INSERT INTO bus_bussession VALUES (?, ?, ?)", [
+        (uuid.UUID(HONEST).hex, "unix:/tmp/x/a.sock", ""),
+        (uuid.UUID(HOSTILE).hex, "unix:/tmp/x/h.sock", "too_many_stale: 1200 stale outcomes"),
+        (uuid.UUID(HOSTILE_LATER).hex, "unix:/tmp/x/h.sock", ""),
+    ])
+    conn.execute("INSERT INTO jobs_job VALUES (1, ?, '', 0)", ("failed" if failed else "succeeded",))
+    conn.executemany("INSERT INTO jobs_jobevent (job_id, kind, to_status, attempt, session, reason)"
+                     " VALUES (?, ?, ?, ?, ?, '')",
+                     [(job, kind, to, attempt, session and uuid.UUID(session).hex) for job, kind, to, attempt, session
+                      in events])
+    conn.commit()
+    conn.close()
+    return db
+
+
+def test_hostile_checker_accepts_its_own_jobs_and_a_resend_after_reconnect(tmp_path):
+    db = _hostile_db(tmp_path, [
+        (1, "claim", "running", 1, HOSTILE), (1, "interrupt", "queued", 1, HOSTILE),
+        (1, "outcome", "succeeded", 1, HOSTILE_LATER),  # rule 3: a later session of the same endpoint
+    ] + [(1, "stale", "", 1, HOSTILE)] * 100)
+    verdict = check_hostile(db, "/h.sock")
+    assert not verdict.problems, verdict.problems
+    assert (verdict.sessions, verdict.too_many_stale, verdict.hostile_outcomes) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("events, failed, expected", [
+    ([(1, "claim", "running", 1, HONEST), (1, "outcome", "succeeded", 1, HOSTILE)], False,
+     "an outcome recorded from a crawler that was never assigned it"),
+    ([(1, "claim", "running", 1, HONEST), (1, "interrupt", "queued", 1, HONEST),
+      (1, "re_lease", "running", 1, HOSTILE), (1, "outcome", "succeeded", 1, HONEST)], False,
+     "another crawler's job taken through ready.running"),
+    ([(1, "claim", "running", 1, HONEST), (1, "outcome", "succeeded", 1, HONEST)]
+     + [(1, "stale", "", 1, HOSTILE)] * 101, False, "101 stale audit events"),
+    ([(1, "claim", "running", 1, HOSTILE), (1, "interrupt", "failed", 1, HOSTILE)], True, "ended failed"),
+])
+def test_hostile_checker_flags_what_got_through(tmp_path, events, failed, expected):
+    verdict = check_hostile(_hostile_db(tmp_path, events, failed=failed), "/h.sock")
+    assert any(expected in text for text in verdict.problems), verdict.problems
