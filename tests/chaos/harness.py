@@ -82,15 +82,16 @@ class ChaosDatabase:
         """Running jobs leased to a bus session (its UUID as text)."""
         value = uuid.UUID(session)
         stored = value.hex if self.kind == "sqlite" else str(value)  # Django's UUIDField: char(32) / uuid
-        return self.query(
-            f"SELECT count(*) FROM jobs_job WHERE status = 'running' AND lease_session = '{stored}'"
-        )[0][0]
+        return self.query(f"SELECT count(*) FROM jobs_job WHERE status = 'running' AND lease_session = '{stored}'")[0][
+            0
+        ]
 
     def interrupt_reasons(self) -> dict[str, int]:
         """Interrupt events by the start of their reason (up to the first ':' or '(')."""
         counts: Counter = Counter()
-        for reason, n in self.query("SELECT reason, count(*) FROM jobs_jobevent WHERE kind = 'interrupt' "
-                                    "GROUP BY reason"):
+        for reason, n in self.query(
+            "SELECT reason, count(*) FROM jobs_jobevent WHERE kind = 'interrupt' GROUP BY reason"
+        ):
             counts[re.sub(r"\d+", "N", reason.split(":")[0].split("(")[0].strip()[:60])] += n
         return dict(counts)
 
@@ -133,8 +134,9 @@ class PostgresChaosDatabase(ChaosDatabase):
         import psycopg2
 
         if self._conn is None:
-            self._conn = psycopg2.connect(host="127.0.0.1", port=self.server.port, user="postgres",
-                                          dbname=self.name, connect_timeout=5)
+            self._conn = psycopg2.connect(
+                host="127.0.0.1", port=self.server.port, user="postgres", dbname=self.name, connect_timeout=5
+            )
             self._conn.autocommit = True
         return self._conn
 
@@ -195,8 +197,9 @@ class UnixProxy:
                 self._pairs.append((client, upstream))
                 self.connections += 1
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink, client, upstream), daemon=True,
-                                 name="chaos-proxy-pump").start()
+                threading.Thread(
+                    target=self._pump, args=(source, sink, client, upstream), daemon=True, name="chaos-proxy-pump"
+                ).start()
 
     def _pump(self, source, sink, client, upstream) -> None:
         try:
@@ -265,16 +268,27 @@ class Processes:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         for name in ("BUS_ENDPOINTS", "SUPERVISOR_SOCKET_PATH", "SOCKET_PATH", "BUS_NODE", "BUS_TOKEN"):
             env.pop(name, None)
-        env.update(DEBUG="true", SECRET_KEY="jobsite-chaos-tests-only", DATABASE_URL=database_url,
-                   BUS_AUTOSTART="false", PYTHONUNBUFFERED="1")
+        env.update(
+            DEBUG="true",
+            SECRET_KEY="jobsite-chaos-tests-only",
+            DATABASE_URL=database_url,
+            BUS_AUTOSTART="false",
+            PYTHONUNBUFFERED="1",
+        )
         env.update(extra_env)
         self.env = env
 
     def manage(self, *args: str, name: str) -> subprocess.Popen:
         path = self.folder / f"{name}-{len(self.started):03d}.log"
         with open(path, "wb") as out:
-            proc = subprocess.Popen([sys.executable, MANAGE, *args], cwd=ROOT, env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, MANAGE, *args],
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         proc.log_path = str(path)  # type: ignore[attr-defined]
         proc.name = name  # type: ignore[attr-defined]
         self.started.append(proc)
@@ -284,8 +298,14 @@ class Processes:
         """Start a Python script (not manage.py) with the same environment, logged like the others."""
         log_path = self.folder / f"{name}-{len(self.started):03d}.log"
         with open(log_path, "wb") as out:
-            proc = subprocess.Popen([sys.executable, path, *args], cwd=ROOT, env=self.env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, path, *args],
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         proc.log_path = str(log_path)  # type: ignore[attr-defined]
         proc.name = name  # type: ignore[attr-defined]
         self.started.append(proc)
@@ -471,8 +491,11 @@ def check_invariant(db: ChaosDatabase, max_problems: int = 50) -> Verdict:
                 problem(job_id, f"event #{event_id} of unknown kind {kind!r}")
                 continue
             if from_status != state:
-                problem(job_id, f"event #{event_id} {kind} starts from {from_status or '(new)'!r} "
-                                f"but the job was {state or '(new)'!r}")
+                problem(
+                    job_id,
+                    f"event #{event_id} {kind} starts from {from_status or '(new)'!r} "
+                    f"but the job was {state or '(new)'!r}",
+                )
             if to_status not in allowed.get(from_status, ()):
                 problem(job_id, f"event #{event_id} {kind} {from_status or '(new)'}->{to_status} is not a legal move")
             if kind == "claim":
@@ -542,8 +565,12 @@ def count_in_logs(paths: list[str], needles: list[str]) -> dict[str, int]:
 
 
 def describe(proc: subprocess.Popen) -> dict[str, Any]:
-    return {"pid": proc.pid, "name": getattr(proc, "name", "?"), "returncode": proc.poll(),
-            "log": getattr(proc, "log_path", None)}
+    return {
+        "pid": proc.pid,
+        "name": getattr(proc, "name", "?"),
+        "returncode": proc.poll(),
+        "log": getattr(proc, "log_path", None),
+    }
 
 
 # --- the hostile crawler: what it says it did, and what the database says it could not do ------------
@@ -624,8 +651,10 @@ def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
 
     claimed: dict[tuple[int, int], str | None] = {}
     stale_per_session: Counter = Counter()
-    rows = db.query("SELECT job_id, id, kind, to_status, attempt, session, reason FROM jobs_jobevent "
-                    "WHERE kind IN ('claim', 're_lease', 'outcome', 'stale', 'interrupt') ORDER BY job_id, id")
+    rows = db.query(
+        "SELECT job_id, id, kind, to_status, attempt, session, reason FROM jobs_jobevent "
+        "WHERE kind IN ('claim', 're_lease', 'outcome', 'stale', 'interrupt') ORDER BY job_id, id"
+    )
     for job_id, event_id, kind, to_status, attempt, session, reason in rows:
         key = _uuid_key(session)
         if kind == "claim":
@@ -643,16 +672,23 @@ def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
             if kind == "outcome" and key in hostile:
                 verdict.hostile_outcomes += 1
             if key is None or owner is None:
-                problem(f"job {job_id}: {kind} #{event_id} attempt {attempt} session={key} but the attempt "
-                        f"was claimed by session {owner}")
+                problem(
+                    f"job {job_id}: {kind} #{event_id} attempt {attempt} session={key} but the attempt "
+                    f"was claimed by session {owner}"
+                )
                 continue
             if endpoint_of.get(key) != endpoint_of.get(owner):
                 who = "the HOSTILE crawler" if key in hostile else "a crawler"
-                problem(f"job {job_id}: {kind} #{event_id} -> {to_status} for attempt {attempt} from {who} "
-                        f"(session {key}, {endpoint_of.get(key)}), but that attempt was claimed by session "
-                        f"{owner} ({endpoint_of.get(owner)}): "
-                        + ("an outcome recorded from a crawler that was never assigned it" if kind == "outcome"
-                           else "another crawler's job taken through ready.running"))
+                problem(
+                    f"job {job_id}: {kind} #{event_id} -> {to_status} for attempt {attempt} from {who} "
+                    f"(session {key}, {endpoint_of.get(key)}), but that attempt was claimed by session "
+                    f"{owner} ({endpoint_of.get(owner)}): "
+                    + (
+                        "an outcome recorded from a crawler that was never assigned it"
+                        if kind == "outcome"
+                        else "another crawler's job taken through ready.running"
+                    )
+                )
     verdict.stale_events = sum(stale_per_session.values())
     verdict.max_stale_per_session = max(stale_per_session.values(), default=0)
     for key, count in stale_per_session.items():

@@ -183,8 +183,14 @@ class Session:
         for job_id in list(job_ids):
             attempt = self.held.pop(job_id, None)
             if attempt is not None:
-                frames.append({"type": "done", "job_id": job_id, "attempt": attempt,
-                               "result": {"by": "hostile", "truth": "whatever it likes"}})
+                frames.append(
+                    {
+                        "type": "done",
+                        "job_id": job_id,
+                        "attempt": attempt,
+                        "result": {"by": "hostile", "truth": "whatever it likes"},
+                    }
+                )
         if not frames:
             return
         self.send(*frames)
@@ -192,7 +198,8 @@ class Session:
         self.pump(5, until=lambda: all(pair in self.acks for pair in pairs))
         self.stats["finished_own"] = self.stats.get("finished_own", 0) + len(frames)
         self.stats["finished_own_stale"] = self.stats.get("finished_own_stale", 0) + sum(
-            self.acks.get(pair) == "stale" for pair in pairs)
+            self.acks.get(pair) == "stale" for pair in pairs
+        )
 
     def freeze(self, slots: int) -> None:
         """Stop new assignments: `capacity`, then wait for the ack of a probe outcome sent after it.
@@ -203,8 +210,10 @@ class Session:
         """
         self.probes += 1
         probe = (PROBE_JOB, self.probes)
-        self.send({"type": "capacity", "slots": slots},
-                  {"type": "done", "job_id": probe[0], "attempt": probe[1], "result": {}})
+        self.send(
+            {"type": "capacity", "slots": slots},
+            {"type": "done", "job_id": probe[0], "attempt": probe[1], "result": {}},
+        )
         self.pump(10, until=lambda: probe in self.acks)
 
     def end_cleanly(self, reason: str) -> None:
@@ -237,8 +246,15 @@ class Session:
             if self.hostile.rng.random() < 0.5:
                 frames.append({"type": "done", "job_id": job_id, "attempt": attempt, "result": {"forged": True}})
             else:
-                frames.append({"type": "failed", "job_id": job_id, "attempt": attempt, "error": "forged",
-                               "retryable": self.hostile.rng.random() < 0.5})
+                frames.append(
+                    {
+                        "type": "failed",
+                        "job_id": job_id,
+                        "attempt": attempt,
+                        "error": "forged",
+                        "retryable": self.hostile.rng.random() < 0.5,
+                    }
+                )
         for pair in pairs:
             self.acks.pop(pair, None)
         self.send(*frames)
@@ -250,8 +266,9 @@ class Session:
         self.stats["forged_stale"] = self.stats.get("forged_stale", 0) + statuses.count("stale")
         self.stats["forged_unacked"] = self.stats.get("forged_unacked", 0) + statuses.count("none")
         # An assign crossing a forged guess of the same pair makes it its own (recorded by rule 1): not a forgery.
-        recorded = [pair for pair, status in zip(pairs, statuses)
-                    if status == "recorded" and pair not in self.hostile.assigned]
+        recorded = [
+            pair for pair, status in zip(pairs, statuses) if status == "recorded" and pair not in self.hostile.assigned
+        ]
         self.stats["forged_acked_recorded"] = self.stats.get("forged_acked_recorded", 0) + len(recorded)
 
     def steal(self, pairs: list[tuple[int, int]]) -> None:
@@ -282,11 +299,16 @@ class Session:
         self.handshake(slots=0, running=[])
         sent = 0
         try:
-            while sent < FLOOD_CAP and "too_many_stale" not in self.errors \
-                    and self.stats.get("acks_stale", 0) <= FLOOD_UNCLOSED:
+            while (
+                sent < FLOOD_CAP
+                and "too_many_stale" not in self.errors
+                and self.stats.get("acks_stale", 0) <= FLOOD_UNCLOSED
+            ):
                 pairs = self.forged_pairs(200)
-                frames = [{"type": "failed", "job_id": j, "attempt": a, "error": "flood", "retryable": False}
-                          for j, a in pairs]
+                frames = [
+                    {"type": "failed", "job_id": j, "attempt": a, "error": "flood", "retryable": False}
+                    for j, a in pairs
+                ]
                 self.send(*frames)
                 sent += len(frames)
                 self.pump(0.02)
@@ -313,8 +335,9 @@ class Session:
         self.stats["trickle_held"] = len(self.held)
         self.beating = False
         started = time.monotonic()
-        line = protocol.encode_frame(protocol.heartbeat_frame(running=[[j, a] for j, a in self.held.items()],
-                                                              padding="x" * 400))[:-1]  # never the newline
+        line = protocol.encode_frame(
+            protocol.heartbeat_frame(running=[[j, a] for j, a in self.held.items()], padding="x" * 400)
+        )[:-1]  # never the newline
         self.partial = True
         try:
             for byte in line:

@@ -144,8 +144,16 @@ class ChaosRun:
         self.endpoints = [self.sockets["a"], str(self.folder / "b.sock"), self.hostile_socket]
         self.hostile = None
         self.hostile_exits: list[int | None] = []
-        self.counts = {"crawler_kills": 0, "bus_kills": 0, "sigstops": 0, "cuts": 0, "pg_restarts": 0,
-                       "idle_one_offs": 0, "hostile_crashes": 0, "hostile_restarts": 0}
+        self.counts = {
+            "crawler_kills": 0,
+            "bus_kills": 0,
+            "sigstops": 0,
+            "cuts": 0,
+            "pg_restarts": 0,
+            "idle_one_offs": 0,
+            "hostile_crashes": 0,
+            "hostile_restarts": 0,
+        }
         self.timeline: list[str] = []
 
     # --- helpers --------------------------------------------------------------------------
@@ -161,17 +169,39 @@ class ChaosRun:
         return self.deadline - time.monotonic()
 
     def start_crawler(self, name: str):
-        proc = self.procs.manage("runcrawler", "--listen", self.sockets[name], "--slots", str(SLOTS), "--noop",
-                                 "--noop-delay-ms", "0-50", "--resume-grace", str(RESUME_GRACE),
-                                 "--name", f"chaos-{name}", name=f"crawler-{name}")
+        proc = self.procs.manage(
+            "runcrawler",
+            "--listen",
+            self.sockets[name],
+            "--slots",
+            str(SLOTS),
+            "--noop",
+            "--noop-delay-ms",
+            "0-50",
+            "--resume-grace",
+            str(RESUME_GRACE),
+            "--name",
+            f"chaos-{name}",
+            name=f"crawler-{name}",
+        )
         self.crawlers[name] = proc
         return proc
 
     def start_hostile(self):
-        proc = self.procs.script(HOSTILE_SCRIPT, "--listen", self.hostile_socket, "--max-id", str(JOBS),
-                                 "--seed", str(self.rng.randrange(1, 10**9)),
-                                 "--stats", str(self.folder / "hostile-stats.jsonl"),
-                                 "--assigned", str(self.folder / "hostile-assigned.txt"), name="hostile")
+        proc = self.procs.script(
+            HOSTILE_SCRIPT,
+            "--listen",
+            self.hostile_socket,
+            "--max-id",
+            str(JOBS),
+            "--seed",
+            str(self.rng.randrange(1, 10**9)),
+            "--stats",
+            str(self.folder / "hostile-stats.jsonl"),
+            "--assigned",
+            str(self.folder / "hostile-assigned.txt"),
+            name="hostile",
+        )
         self.hostile = proc
         return proc
 
@@ -212,13 +242,16 @@ class ChaosRun:
             said, findings = hostile_stats(self.folder / "hostile-stats.jsonl")
             self.report(verdict, fault_seconds, drain_seconds)
             self.report_hostile(hostile, said)
-            assert drained, f"jobs still unfinished {DRAIN_TIMEOUT:.0f} s after the faults stopped: " \
-                            f"{verdict.by_status}\n{self.diagnostics(verdict)}"
+            assert drained, (
+                f"jobs still unfinished {DRAIN_TIMEOUT:.0f} s after the faults stopped: "
+                f"{verdict.by_status}\n{self.diagnostics(verdict)}"
+            )
             assert verdict.ok, f"the invariant is broken:\n{self.diagnostics(verdict)}"
             assert verdict.jobs == JOBS, f"expected {JOBS} jobs, found {verdict.jobs}"
             # The SIGSTOP hit a crawler holding jobs: the bus must have lost that session to silence.
-            assert self.reasons.get("heartbeat timeout"), \
+            assert self.reasons.get("heartbeat timeout"), (
                 f"no job was requeued by a heartbeat timeout: {self.reasons}\n{self.diagnostics(verdict)}"
+            )
             self.assert_hostile_contained(verdict, hostile, said, findings)
             ok = True
         finally:
@@ -243,15 +276,18 @@ class ChaosRun:
         for name in self.sockets:
             self.start_crawler(name)
         for name, proc in self.crawlers.items():
-            assert wait_for_log(proc, "crawler.listening", timeout=60), \
+            assert wait_for_log(proc, "crawler.listening", timeout=60), (
                 f"crawler {name} did not start listening:\n{tail(proc.log_path)}"
+            )
         self.start_hostile()
-        assert wait_for_log(self.hostile, "hostile.listening", timeout=30), \
+        assert wait_for_log(self.hostile, "hostile.listening", timeout=30), (
             f"the hostile crawler did not start listening:\n{tail(self.hostile.log_path)}"
+        )
         self.proxy = UnixProxy(self.endpoints[1], self.sockets["b"])
         self.start_bus()
-        assert wait_for_log(self.bus, "bus.session_ready", timeout=60), \
+        assert wait_for_log(self.bus, "bus.session_ready", timeout=60), (
             f"runbus made no session:\n{tail(self.bus.log_path)}"
+        )
         self.note("crawlers a (direct) and b (behind the proxy), the hostile crawler h and runbus are up")
 
     def enqueue_wave(self, number: int):
@@ -269,8 +305,7 @@ class ChaosRun:
         """
         rng = self.rng
         t0 = time.monotonic()
-        one_offs = [what for _, what in sorted(ONE_OFFS.items())
-                    if what != "pg_restart" or self.kind == "postgresql"]
+        one_offs = [what for _, what in sorted(ONE_OFFS.items()) if what != "pg_restart" or self.kind == "postgresql"]
         waves = [(number, number * WAVE_EVERY) for number in range(1, WAVES)]  # wave 0 was set-up's
         enqueuing = None  # (number, proc)
         landed = 1  # waves whose jobs are in the database
@@ -295,8 +330,9 @@ class ChaosRun:
                 enqueuing = (number, self.enqueue_wave(number))
             if enqueuing is not None and enqueuing[1].poll() is not None:
                 number, proc = enqueuing
-                assert proc.returncode == 0, \
+                assert proc.returncode == 0, (
                     f"enqueue of wave {number} exited {proc.returncode}:\n{tail(proc.log_path)}"
+                )
                 enqueuing, landed = None, landed + 1
                 if number in ONE_OFFS and (ONE_OFFS[number] != "pg_restart" or self.kind == "postgresql"):
                     one_off_due = t  # armed: goes off once the wave is being worked on
@@ -363,8 +399,9 @@ class ChaosRun:
                 Processes.kill(old)
                 self.counts["crawler_kills"] += 1
                 new = self.start_crawler(name)
-                self.note(f"SIGKILL crawler {name} (pid {old.pid}); restarted as pid {new.pid} "
-                          f"[{unfinished} unfinished]")
+                self.note(
+                    f"SIGKILL crawler {name} (pid {old.pid}); restarted as pid {new.pid} [{unfinished} unfinished]"
+                )
                 next_kill = t + rng.uniform(1, 3)
             time.sleep(0.05)
         if stopped is not None:  # never leave a process stopped
@@ -414,8 +451,10 @@ class ChaosRun:
 
     def report(self, verdict, fault_seconds: float, drain_seconds: float) -> None:
         bus_logs = [p.log_path for p in self.procs.started if p.name == "runbus"]
-        found = count_in_logs(bus_logs, ["level=error", "exc=", "bus.db_error", "bus.heartbeat_timeout",
-                                         "bus.recovered_session", "bus.re_leased"])
+        found = count_in_logs(
+            bus_logs,
+            ["level=error", "exc=", "bus.db_error", "bus.heartbeat_timeout", "bus.recovered_session", "bus.re_leased"],
+        )
         lines = [
             f"CHAOS {self.kind}: seed={self.seed} duration={self.elapsed():.1f}s "
             f"(faults {fault_seconds:.1f}s, drain {drain_seconds:.1f}s)",
@@ -465,8 +504,9 @@ class ChaosRun:
         (and, for what leaves no row, from what the hostile crawler saw on the wire)."""
         where = f"\n{self.diagnostics(verdict)}"
         assert not hostile.problems, "the hostile crawler got through:\n  " + "\n  ".join(hostile.problems) + where
-        assert verdict.by_status == {"succeeded": JOBS} and verdict.poison == 0, \
+        assert verdict.by_status == {"succeeded": JOBS} and verdict.poison == 0, (
             f"not every job succeeded exactly once: {verdict.by_status}, poison={verdict.poison}{where}"
+        )
         assert not findings, f"the hostile crawler reports what it got away with: {findings}{where}"
         # It did what it came for (the sessions follow a fixed cycle: each behaviour comes up early).
         assert hostile.sessions >= 7 and said.get("sessions", 0) >= 7, (hostile.sessions, said)
@@ -482,17 +522,21 @@ class ChaosRun:
         parts = [format_verdict(verdict), "timeline:", *self.timeline]
         bus_logs = [p for p in self.procs.started if p.name == "runbus"]
         for proc in bus_logs[-3:]:
-            parts.append(f"--- tail of {proc.log_path} (pid {proc.pid}, exit {proc.returncode}), "
-                         "per-job stale lines left out ---")
+            parts.append(
+                f"--- tail of {proc.log_path} (pid {proc.pid}, exit {proc.returncode}), "
+                "per-job stale lines left out ---"
+            )
             parts.append(tail(proc.log_path, 30, skip=("event=outcome.stale",)))
         return "\n".join(parts)
 
     def tear_down(self, keep: bool) -> None:
         errors = []
-        for step in (lambda: self.proxy and self.proxy.stop(),
-                     lambda: self.procs and self.procs.stop_all(),
-                     lambda: self.db and self.db.close(),
-                     lambda: self.server and self.server.destroy()):
+        for step in (
+            lambda: self.proxy and self.proxy.stop(),
+            lambda: self.procs and self.procs.stop_all(),
+            lambda: self.db and self.db.close(),
+            lambda: self.server and self.server.destroy(),
+        ):
             try:
                 step()
             except Exception as exc:  # keep tearing down; report at the end
@@ -519,10 +563,14 @@ def _trail_db(tmp_path, jobs: dict[int, tuple], events: list[tuple]) -> SqliteCh
         "CREATE TABLE jobs_jobevent (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INT, kind TEXT,"
         " from_status TEXT, to_status TEXT, attempt INT, actor TEXT, reason TEXT);"
     )
-    conn.executemany("INSERT INTO jobs_job VALUES (?, ?, ?, ?, ?, ?, ?)",
-                     [(job_id, *row) for job_id, row in jobs.items()])
-    conn.executemany("INSERT INTO jobs_jobevent (job_id, kind, from_status, to_status, attempt, actor, reason)"
-                     " VALUES (?, ?, ?, ?, ?, 'test', '')", events)
+    conn.executemany(
+        "INSERT INTO jobs_job VALUES (?, ?, ?, ?, ?, ?, ?)", [(job_id, *row) for job_id, row in jobs.items()]
+    )
+    conn.executemany(
+        "INSERT INTO jobs_jobevent (job_id, kind, from_status, to_status, attempt, actor, reason)"
+        " VALUES (?, ?, ?, ?, ?, 'test', '')",
+        events,
+    )
     conn.commit()
     conn.close()
     return db
@@ -530,19 +578,29 @@ def _trail_db(tmp_path, jobs: dict[int, tuple], events: list[tuple]) -> SqliteCh
 
 GOOD_TRAILS = [
     # 1: claimed, interrupted, claimed again, done
-    (1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
-    (1, "interrupt", "running", "queued", 1), (1, "claim", "queued", "running", 2),
-    (1, "stale", "", "", 1), (1, "outcome", "running", "succeeded", 2),
+    (1, "enqueue", "", "queued", 0),
+    (1, "claim", "queued", "running", 1),
+    (1, "interrupt", "running", "queued", 1),
+    (1, "claim", "queued", "running", 2),
+    (1, "stale", "", "", 1),
+    (1, "outcome", "running", "succeeded", 2),
     # 2: interrupted, late result recorded while queued (rule 3)
-    (2, "enqueue", "", "queued", 0), (2, "claim", "queued", "running", 1),
-    (2, "interrupt", "running", "queued", 1), (2, "outcome", "queued", "succeeded", 1),
+    (2, "enqueue", "", "queued", 0),
+    (2, "claim", "queued", "running", 1),
+    (2, "interrupt", "running", "queued", 1),
+    (2, "outcome", "queued", "succeeded", 1),
     # 3: poison
-    (3, "enqueue", "", "queued", 0), (3, "claim", "queued", "running", 1),
-    (3, "interrupt", "running", "queued", 1), (3, "re_lease", "queued", "running", 1),
+    (3, "enqueue", "", "queued", 0),
+    (3, "claim", "queued", "running", 1),
+    (3, "interrupt", "running", "queued", 1),
+    (3, "re_lease", "queued", "running", 1),
     (3, "interrupt", "running", "failed", 1),
 ]
-GOOD_JOBS = {1: ("succeeded", 2, 1, 2, None, None), 2: ("succeeded", 1, 1, 1, None, None),
-             3: ("failed", 1, 2, None, None, None)}
+GOOD_JOBS = {
+    1: ("succeeded", 2, 1, 2, None, None),
+    2: ("succeeded", 1, 1, 1, None, None),
+    3: ("failed", 1, 2, None, None, None),
+}
 
 
 def test_invariant_checker_accepts_good_trails(tmp_path):
@@ -551,33 +609,82 @@ def test_invariant_checker_accepts_good_trails(tmp_path):
     assert verdict.poison == 1 and verdict.interruptions == 4 and verdict.events["stale"] == 1
 
 
-@pytest.mark.parametrize("jobs, events, expected", [
-    ({1: ("running", 1, 0, None, "s", "t")},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1)], "not terminal"),
-    ({1: ("succeeded", 1, 0, 1, "s", "t")},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
-      (1, "outcome", "running", "succeeded", 1)], "still has a lease"),
-    ({1: ("succeeded", 2, 1, 2, None, None)},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
-      (1, "outcome", "running", "succeeded", 1), (1, "claim", "succeeded", "running", 2),
-      (1, "outcome", "running", "succeeded", 2)], "not a legal move"),
-    ({1: ("succeeded", 1, 1, 1, None, None)},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
-      (1, "interrupt", "running", "queued", 1), (1, "claim", "queued", "running", 1),
-      (1, "outcome", "running", "succeeded", 1)], "does not increase"),
-    ({1: ("succeeded", 1, 0, 1, None, None)},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
-      (1, "outcome", "queued", "succeeded", 1)], "starts from 'queued' but the job was 'running'"),
-    ({1: ("queued", 1, 1, None, None, None)},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1)], "last event leads to running"),
-    ({1: ("failed", 1, 0, None, None, None)},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
-      (1, "interrupt", "running", "failed", 1)], "interruptions=0 but 1 interrupt events"),
-    ({1: ("succeeded", 2, 1, 2, None, None)},
-     [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1),
-      (1, "interrupt", "running", "queued", 1), (1, "claim", "queued", "running", 2),
-      (1, "outcome", "running", "queued", 2), (1, "outcome", "queued", "succeeded", 1)], "latest claim is 2"),
-])
+@pytest.mark.parametrize(
+    "jobs, events, expected",
+    [
+        (
+            {1: ("running", 1, 0, None, "s", "t")},
+            [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1)],
+            "not terminal",
+        ),
+        (
+            {1: ("succeeded", 1, 0, 1, "s", "t")},
+            [
+                (1, "enqueue", "", "queued", 0),
+                (1, "claim", "queued", "running", 1),
+                (1, "outcome", "running", "succeeded", 1),
+            ],
+            "still has a lease",
+        ),
+        (
+            {1: ("succeeded", 2, 1, 2, None, None)},
+            [
+                (1, "enqueue", "", "queued", 0),
+                (1, "claim", "queued", "running", 1),
+                (1, "outcome", "running", "succeeded", 1),
+                (1, "claim", "succeeded", "running", 2),
+                (1, "outcome", "running", "succeeded", 2),
+            ],
+            "not a legal move",
+        ),
+        (
+            {1: ("succeeded", 1, 1, 1, None, None)},
+            [
+                (1, "enqueue", "", "queued", 0),
+                (1, "claim", "queued", "running", 1),
+                (1, "interrupt", "running", "queued", 1),
+                (1, "claim", "queued", "running", 1),
+                (1, "outcome", "running", "succeeded", 1),
+            ],
+            "does not increase",
+        ),
+        (
+            {1: ("succeeded", 1, 0, 1, None, None)},
+            [
+                (1, "enqueue", "", "queued", 0),
+                (1, "claim", "queued", "running", 1),
+                (1, "outcome", "queued", "succeeded", 1),
+            ],
+            "starts from 'queued' but the job was 'running'",
+        ),
+        (
+            {1: ("queued", 1, 1, None, None, None)},
+            [(1, "enqueue", "", "queued", 0), (1, "claim", "queued", "running", 1)],
+            "last event leads to running",
+        ),
+        (
+            {1: ("failed", 1, 0, None, None, None)},
+            [
+                (1, "enqueue", "", "queued", 0),
+                (1, "claim", "queued", "running", 1),
+                (1, "interrupt", "running", "failed", 1),
+            ],
+            "interruptions=0 but 1 interrupt events",
+        ),
+        (
+            {1: ("succeeded", 2, 1, 2, None, None)},
+            [
+                (1, "enqueue", "", "queued", 0),
+                (1, "claim", "queued", "running", 1),
+                (1, "interrupt", "running", "queued", 1),
+                (1, "claim", "queued", "running", 2),
+                (1, "outcome", "running", "queued", 2),
+                (1, "outcome", "queued", "succeeded", 1),
+            ],
+            "latest claim is 2",
+        ),
+    ],
+)
 def test_invariant_checker_flags_broken_trails(tmp_path, jobs, events, expected):
     verdict = check_invariant(_trail_db(tmp_path, jobs, events))
     assert not verdict.ok
@@ -586,8 +693,11 @@ def test_invariant_checker_flags_broken_trails(tmp_path, jobs, events, expected)
 
 # --- the hostile crawler's checker (fast): it must catch what it is there to catch -----------------
 
-HONEST, HOSTILE, HOSTILE_LATER = "11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222", \
-    "33333333-3333-4333-8333-333333333333"
+HONEST, HOSTILE, HOSTILE_LATER = (
+    "11111111-1111-4111-8111-111111111111",
+    "22222222-2222-4222-8222-222222222222",
+    "33333333-3333-4333-8333-333333333333",
+)
 
 
 def _hostile_db(tmp_path, events: list[tuple], failed: bool = False) -> SqliteChaosDatabase:
@@ -602,41 +712,66 @@ def _hostile_db(tmp_path, events: list[tuple], failed: bool = False) -> SqliteCh
         "CREATE TABLE jobs_jobevent (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INT, kind TEXT,"
         " to_status TEXT, attempt INT, session TEXT, reason TEXT);"
     )
-    conn.executemany("INSERT INTO bus_bussession VALUES (?, ?, ?)", [
-        (uuid.UUID(HONEST).hex, "unix:/tmp/x/a.sock", ""),
-        (uuid.UUID(HOSTILE).hex, "unix:/tmp/x/h.sock", "too_many_stale: 1200 stale outcomes"),
-        (uuid.UUID(HOSTILE_LATER).hex, "unix:/tmp/x/h.sock", ""),
-    ])
+    conn.executemany(
+        "INSERT INTO bus_bussession VALUES (?, ?, ?)",
+        [
+            (uuid.UUID(HONEST).hex, "unix:/tmp/x/a.sock", ""),
+            (uuid.UUID(HOSTILE).hex, "unix:/tmp/x/h.sock", "too_many_stale: 1200 stale outcomes"),
+            (uuid.UUID(HOSTILE_LATER).hex, "unix:/tmp/x/h.sock", ""),
+        ],
+    )
     conn.execute("INSERT INTO jobs_job VALUES (1, ?, '', 0)", ("failed" if failed else "succeeded",))
-    conn.executemany("INSERT INTO jobs_jobevent (job_id, kind, to_status, attempt, session, reason)"
-                     " VALUES (?, ?, ?, ?, ?, '')",
-                     [(job, kind, to, attempt, session and uuid.UUID(session).hex) for job, kind, to, attempt, session
-                      in events])
+    conn.executemany(
+        "INSERT INTO jobs_jobevent (job_id, kind, to_status, attempt, session, reason) VALUES (?, ?, ?, ?, ?, '')",
+        [(job, kind, to, attempt, session and uuid.UUID(session).hex) for job, kind, to, attempt, session in events],
+    )
     conn.commit()
     conn.close()
     return db
 
 
 def test_hostile_checker_accepts_its_own_jobs_and_a_resend_after_reconnect(tmp_path):
-    db = _hostile_db(tmp_path, [
-        (1, "claim", "running", 1, HOSTILE), (1, "interrupt", "queued", 1, HOSTILE),
-        (1, "outcome", "succeeded", 1, HOSTILE_LATER),  # rule 3: a later session of the same endpoint
-    ] + [(1, "stale", "", 1, HOSTILE)] * 100)
+    db = _hostile_db(
+        tmp_path,
+        [
+            (1, "claim", "running", 1, HOSTILE),
+            (1, "interrupt", "queued", 1, HOSTILE),
+            (1, "outcome", "succeeded", 1, HOSTILE_LATER),  # rule 3: a later session of the same endpoint
+        ]
+        + [(1, "stale", "", 1, HOSTILE)] * 100,
+    )
     verdict = check_hostile(db, "/h.sock")
     assert not verdict.problems, verdict.problems
     assert (verdict.sessions, verdict.too_many_stale, verdict.hostile_outcomes) == (2, 1, 1)
 
 
-@pytest.mark.parametrize("events, failed, expected", [
-    ([(1, "claim", "running", 1, HONEST), (1, "outcome", "succeeded", 1, HOSTILE)], False,
-     "an outcome recorded from a crawler that was never assigned it"),
-    ([(1, "claim", "running", 1, HONEST), (1, "interrupt", "queued", 1, HONEST),
-      (1, "re_lease", "running", 1, HOSTILE), (1, "outcome", "succeeded", 1, HONEST)], False,
-     "another crawler's job taken through ready.running"),
-    ([(1, "claim", "running", 1, HONEST), (1, "outcome", "succeeded", 1, HONEST)]
-     + [(1, "stale", "", 1, HOSTILE)] * 101, False, "101 stale audit events"),
-    ([(1, "claim", "running", 1, HOSTILE), (1, "interrupt", "failed", 1, HOSTILE)], True, "ended failed"),
-])
+@pytest.mark.parametrize(
+    "events, failed, expected",
+    [
+        (
+            [(1, "claim", "running", 1, HONEST), (1, "outcome", "succeeded", 1, HOSTILE)],
+            False,
+            "an outcome recorded from a crawler that was never assigned it",
+        ),
+        (
+            [
+                (1, "claim", "running", 1, HONEST),
+                (1, "interrupt", "queued", 1, HONEST),
+                (1, "re_lease", "running", 1, HOSTILE),
+                (1, "outcome", "succeeded", 1, HONEST),
+            ],
+            False,
+            "another crawler's job taken through ready.running",
+        ),
+        (
+            [(1, "claim", "running", 1, HONEST), (1, "outcome", "succeeded", 1, HONEST)]
+            + [(1, "stale", "", 1, HOSTILE)] * 101,
+            False,
+            "101 stale audit events",
+        ),
+        ([(1, "claim", "running", 1, HOSTILE), (1, "interrupt", "failed", 1, HOSTILE)], True, "ended failed"),
+    ],
+)
 def test_hostile_checker_flags_what_got_through(tmp_path, events, failed, expected):
     verdict = check_hostile(_hostile_db(tmp_path, events, failed=failed), "/h.sock")
     assert any(expected in text for text in verdict.problems), verdict.problems
