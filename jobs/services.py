@@ -456,13 +456,17 @@ def reset_running_jobs(
                 target.order_by("id").values("id", "lease_session").select_for_update().query.sql_with_params()
             )
             # held.n: how many jobs the job's session held when it was interrupted.
+            # Without an id or lease filter the target holds every running job
+            # of its sessions, so it is counted itself (no second scan).
+            whole_sessions = job_ids is None and lease_expired_before is None
+            held_sql = "SELECT lease_session, count(*) AS n FROM target GROUP BY lease_session" if whole_sessions \
+                else f"""SELECT h.lease_session, count(*) AS n FROM {table} AS h
+                         WHERE h.status = 'running'
+                           AND h.lease_session = ANY(ARRAY(SELECT DISTINCT lease_session FROM target))
+                         GROUP BY h.lease_session"""
             sql = f"""
                 WITH target AS ({target_sql}),
-                held AS (
-                    SELECT h.lease_session, count(*) AS n FROM {table} AS h
-                    WHERE h.status = 'running' AND h.lease_session IN (SELECT lease_session FROM target)
-                    GROUP BY h.lease_session
-                ),
+                held AS ({held_sql}),
                 moved AS (
                     UPDATE {table} AS j SET
                         interruptions = j.interruptions + 1,
