@@ -634,9 +634,13 @@ def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
     verdict = HostileVerdict()
     endpoint_of: dict[str, str] = {}
     hostile: set[str] = set()
-    for session, endpoint, close_reason in db.query("SELECT session, endpoint, close_reason FROM bus_bussession"):
+    connected_at: dict[str, Any] = {}
+    for session, endpoint, close_reason, connected in db.query(
+        "SELECT session, endpoint, close_reason, connected_at FROM bus_bussession"
+    ):
         key = _uuid_key(session)
         endpoint_of[key] = endpoint
+        connected_at[key] = connected
         if endpoint.endswith(endpoint_suffix):
             hostile.add(key)
             verdict.too_many_stale += "too_many_stale" in (close_reason or "")
@@ -688,6 +692,26 @@ def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
                         if kind == "outcome"
                         else "another crawler's job taken through ready.running"
                     )
+                )
+            elif (
+                kind == "outcome"
+                and key != owner
+                and connected_at.get(key) is not None
+                and connected_at.get(owner) is not None
+                and connected_at[key] < connected_at[owner]
+            ):
+                # PROTOCOL.md rule 1: "leased to this session or to an EARLIER session with the same
+                # crawler endpoint (a resend after a reconnect)". An outcome from a session older than
+                # the one the attempt was claimed by was sent before that attempt existed: it cannot be
+                # about that attempt (a guess of the next attempt number), yet it was recorded.
+                who = "the HOSTILE crawler's" if key in hostile else "a crawler's"
+                problem(
+                    f"job {job_id}: outcome #{event_id} -> {to_status} for attempt {attempt} recorded from "
+                    f"{who} session {key} (connected {connected_at.get(key)}), which is OLDER than session "
+                    f"{owner} (connected {connected_at.get(owner)}) that attempt {attempt} was claimed by: an "
+                    "outcome sent before its attempt existed was recorded against it (product bug: "
+                    "jobs/services.py _stale_reason accepts any session of the same endpoint, not only "
+                    "the holder or a later one)"
                 )
     verdict.stale_events = sum(stale_per_session.values())
     verdict.max_stale_per_session = max(stale_per_session.values(), default=0)

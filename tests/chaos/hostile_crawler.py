@@ -8,7 +8,8 @@ the bus opens gets one of these behaviours, in a fixed cycle (the numbers in the
 - forge:   lists other crawlers' jobs in `ready.running` (random ids, attempts 1..3),
            sends `done`/`failed` for job ids it was never assigned, then finishes the
            jobs it was really assigned (with a result of its own) and says `bye`;
-- flood:   sends made-up outcomes until the bus closes it with `too_many_stale`;
+- flood:   sends made-up outcomes until the bus closes it with `too_many_stale`, a
+           quarter of them ahead of time (attempt 1 of the jobs it is likely to get next);
 - trickle: takes jobs, then sends bytes one at a time without ever completing a
            frame, and times how long the bus takes to give up on it;
 - crash:   takes 20 slots, lists the jobs of its previous crash in `ready.running`,
@@ -154,6 +155,22 @@ class Session:
         elif kind == "bye":
             raise Closed("bye from the bus")
 
+    def drain(self) -> None:
+        """After a failed send: read what the bus had sent before it closed (its error frame, say)."""
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and self.selector.select(0.2):
+            try:
+                data = self.sock.recv(256 * 1024)
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                for frame in self.reader.feed(data):
+                    self.handle(frame)
+            except (Closed, protocol.FrameError):
+                return
+
     def handshake(self, slots: int, running: list[tuple[int, int]]) -> None:
         self.send({"type": "welcome", "protocol": 1, "crawler": "chaos-hostile", "nonce": protocol.new_nonce()})
         hello = None
@@ -239,6 +256,21 @@ class Session:
                 pairs.append(pair)
         return pairs
 
+    def ahead_pairs(self, count: int) -> list[tuple[int, int]]:
+        """Outcomes ahead of time: attempt 1 of jobs just above the highest id it was ever assigned.
+
+        Not yet claimed when sent (so never assigned to it): they must be stale. They are the
+        jobs its next session is likely to be assigned, so they probe whether an outcome sent
+        before an attempt existed can be recorded against it later.
+        """
+        top = max((job_id for job_id, _ in self.hostile.assigned), default=0)
+        rng, pairs = self.hostile.rng, []
+        while len(pairs) < count:
+            pair = (min(self.hostile.max_id, top + rng.randint(1, 150)), 1)
+            if pair not in self.hostile.assigned and pair[0] not in self.held:
+                pairs.append(pair)
+        return pairs
+
     def forge(self, pairs: list[tuple[int, int]]) -> list[str]:
         """Send made-up outcomes for `pairs`, wait for their acks; return the statuses."""
         frames = []
@@ -304,7 +336,7 @@ class Session:
                 and "too_many_stale" not in self.errors
                 and self.stats.get("acks_stale", 0) <= FLOOD_UNCLOSED
             ):
-                pairs = self.forged_pairs(200)
+                pairs = self.forged_pairs(150) + self.ahead_pairs(50)
                 frames = [
                     {"type": "failed", "job_id": j, "attempt": a, "error": "flood", "retryable": False}
                     for j, a in pairs
@@ -314,7 +346,7 @@ class Session:
                 self.pump(0.02)
             self.pump(5, until=lambda: "too_many_stale" in self.errors)
         except Closed:
-            pass
+            self.drain()  # a send can fail before the bus's last frames (acks, the error) are read
         self.stats["flood_sent"] = sent
         if "too_many_stale" in self.errors:
             self.stats["too_many_stale"] = 1

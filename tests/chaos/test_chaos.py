@@ -707,17 +707,18 @@ def _hostile_db(tmp_path, events: list[tuple], failed: bool = False) -> SqliteCh
     db = SqliteChaosDatabase(tmp_path)
     conn = sqlite3.connect(db.path)
     conn.executescript(
-        "CREATE TABLE bus_bussession (session TEXT PRIMARY KEY, endpoint TEXT, close_reason TEXT);"
+        "CREATE TABLE bus_bussession (session TEXT PRIMARY KEY, endpoint TEXT, close_reason TEXT,"
+        " connected_at TEXT);"
         "CREATE TABLE jobs_job (id INTEGER PRIMARY KEY, status TEXT, error TEXT, interruptions INT);"
         "CREATE TABLE jobs_jobevent (id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INT, kind TEXT,"
         " to_status TEXT, attempt INT, session TEXT, reason TEXT);"
     )
     conn.executemany(
-        "INSERT INTO bus_bussession VALUES (?, ?, ?)",
+        "INSERT INTO bus_bussession VALUES (?, ?, ?, ?)",
         [
-            (uuid.UUID(HONEST).hex, "unix:/tmp/x/a.sock", ""),
-            (uuid.UUID(HOSTILE).hex, "unix:/tmp/x/h.sock", "too_many_stale: 1200 stale outcomes"),
-            (uuid.UUID(HOSTILE_LATER).hex, "unix:/tmp/x/h.sock", ""),
+            (uuid.UUID(HONEST).hex, "unix:/tmp/x/a.sock", "", "2026-01-01 00:00:00.000000"),
+            (uuid.UUID(HOSTILE).hex, "unix:/tmp/x/h.sock", "too_many_stale: 1200", "2026-01-01 00:00:01.000000"),
+            (uuid.UUID(HOSTILE_LATER).hex, "unix:/tmp/x/h.sock", "", "2026-01-01 00:00:02.000000"),
         ],
     )
     conn.execute("INSERT INTO jobs_job VALUES (1, ?, '', 0)", ("failed" if failed else "succeeded",))
@@ -770,6 +771,8 @@ def test_hostile_checker_accepts_its_own_jobs_and_a_resend_after_reconnect(tmp_p
             "101 stale audit events",
         ),
         ([(1, "claim", "running", 1, HOSTILE), (1, "interrupt", "failed", 1, HOSTILE)], True, "ended failed"),
+        # An outcome sent by an older session of the same endpoint, before the attempt existed.
+        ([(1, "claim", "running", 1, HOSTILE_LATER), (1, "outcome", "failed", 1, HOSTILE)], True, "OLDER than session"),
     ],
 )
 def test_hostile_checker_flags_what_got_through(tmp_path, events, failed, expected):
