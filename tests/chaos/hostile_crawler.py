@@ -331,6 +331,15 @@ class Session:
         self.handshake(slots=0, running=[])
         sent = 0
         try:
+            # One burst past the limit, then outcomes ahead of time for the next thousand ids: the bus
+            # reads both before it closes the session, and still records the second part afterwards.
+            top = max((job_id for job_id, _ in self.hostile.assigned), default=0)
+            ahead = [(job_id, 1) for job_id in range(top + 1, min(self.hostile.max_id, top + 1000) + 1)]
+            pairs = self.forged_pairs(1100) + [pair for pair in ahead if pair not in self.hostile.assigned]
+            self.send(
+                *({"type": "failed", "job_id": j, "attempt": a, "error": "flood", "retryable": False} for j, a in pairs)
+            )
+            sent += len(pairs)
             while (
                 sent < FLOOD_CAP
                 and "too_many_stale" not in self.errors
