@@ -69,6 +69,9 @@ class Job(models.Model):
     # The crawler endpoint the latest attempt was assigned to (kept after the
     # lease ends): only that crawler may record the attempt's outcome.
     crawler = models.CharField(max_length=500, blank=True, default="", db_default="")
+    # The session the latest attempt was claimed by (a re-lease keeps it): a
+    # session of the same crawler older than it never speaks for the attempt.
+    attempt_session = models.UUIDField(null=True, blank=True)
     # A suspected poison job: it reached max_interruptions but was never alone
     # in a session that died, so it runs alone once before any verdict.
     run_alone = models.BooleanField(default=False, db_default=False)

@@ -42,7 +42,7 @@ from django.utils import timezone
 
 from jobsite.logging import kv
 
-from .models import EventKind, Job, JobEvent, Status
+from .models import BusSession, EventKind, Job, JobEvent, Status
 from .outcomes import Outcome  # noqa: F401  (re-exported: services.Outcome)
 
 log = logging.getLogger("jobs.services")
@@ -337,7 +337,7 @@ def _claim(
                 claimed AS (
                     UPDATE {table} AS j SET status = 'running', attempt = j.attempt + 1,
                         lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
-                        updated_at = %s, run_after = NULL, progress = NULL
+                        attempt_session = %s, updated_at = %s, run_after = NULL, progress = NULL
                     FROM picked WHERE j.id = picked.id
                     RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority
                 ),
@@ -348,8 +348,8 @@ def _claim(
                 SELECT id, attempt, url, payload, run_alone FROM claimed ORDER BY priority DESC, id
             """
             params = (
-                *picked_params, values["session"], values["until"], values["at"], crawler, values["at"],
-                values["at"], values["session"], actor,
+                *picked_params, values["session"], values["until"], values["at"], crawler, values["session"],
+                values["at"], values["at"], values["session"], actor,
             )
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
@@ -359,11 +359,12 @@ def _claim(
             sql = f"""
                 UPDATE {table} SET status = 'running', attempt = attempt + 1,
                     lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
-                    updated_at = %s, run_after = NULL, progress = NULL
+                    attempt_session = %s, updated_at = %s, run_after = NULL, progress = NULL
                 WHERE id IN ({picked_sql})
                 RETURNING id, attempt, url, payload, run_alone, priority
             """
-            params = (values["session"], values["until"], values["at"], crawler, values["at"], *picked_params)
+            params = (values["session"], values["until"], values["at"], crawler, values["session"], values["at"],
+                      *picked_params)
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 returned = cursor.fetchall()
@@ -612,7 +613,7 @@ def record_outcomes(
     with transaction.atomic():
         ids = sorted({outcome.job_id for outcome in outcomes})
         fields = ("id", "status", "attempt", "outcome_attempt", "failures", "max_attempts", "error",
-                  "lease_session", "crawler")
+                  "lease_session", "crawler", "attempt_session")
         jobs = {
             row["id"]: row
             for row in Job.objects.select_for_update().filter(_id_in(ids)).order_by("id").values(*fields)
@@ -627,13 +628,14 @@ def record_outcomes(
         changed: dict[int, Job] = {}
         events: list[dict[str, Any]] = []
         requeued = False
+        ages = _session_ages(session, jobs.values())
         for outcome in outcomes:
             job = jobs.get(outcome.job_id)
             pair = (outcome.job_id, outcome.attempt)
             if job is not None and (job["outcome_attempt"] == outcome.attempt or pair in recorded_before):
                 acks.append(RECORDED)  # rule 2: a resend
                 continue
-            why = _stale_reason(job, outcome, session=session, crawler=crawler)
+            why = _stale_reason(job, outcome, session=session, crawler=crawler, ages=ages)
             if why:
                 acks.append(STALE)
                 if audit_left > 0:
@@ -684,8 +686,32 @@ def record_outcomes(
     return acks
 
 
-def _stale_reason(job: dict[str, Any] | None, outcome: Outcome, *, session: UUID | None, crawler: str) -> str:
-    """Why `session` (of `crawler`) may not record `outcome` for `job` (rules 1, 3 and 4); "" if it may."""
+def _session_ages(session: UUID | None, jobs: Iterable[dict[str, Any]]) -> dict[UUID, datetime]:
+    """When `session` and the sessions that claimed the attempts of `jobs` connected, where it matters.
+
+    Only needed for outcomes from a session that does not hold the job's
+    lease (resends after a reconnect, and forgeries): one query, and none at
+    all when every job is leased to `session`.
+    """
+    others = {job["attempt_session"] for job in jobs
+              if job["lease_session"] != session and job["attempt_session"] not in (None, session)}
+    if session is None or not others:
+        return {}
+    return dict(BusSession.objects.filter(session__in=[session, *others]).values_list("session", "connected_at"))
+
+
+def _stale_reason(
+    job: dict[str, Any] | None, outcome: Outcome, *, session: UUID | None, crawler: str,
+    ages: dict[UUID, datetime],
+) -> str:
+    """Why `session` (of `crawler`) may not record `outcome` for `job` (rules 1, 3 and 4); "" if it may.
+
+    The crawler an attempt was given to speaks for it through the session
+    that claimed it or any later session (a resend after a reconnect), never
+    through an older one: an older session's backlog, processed after the
+    session closed, cannot answer for an attempt that did not exist when it
+    was sent. Sessions are ordered by when they connected (BusSession).
+    """
     if job is None:
         return "unknown job"
     # Attempt 0 was never assigned (a job's first claim makes it 1), so an
@@ -694,12 +720,14 @@ def _stale_reason(job: dict[str, Any] | None, outcome: Outcome, *, session: UUID
         return f"job is at attempt {job['attempt']} ({job['status']})"
     if job["status"] not in (Status.RUNNING, Status.QUEUED):
         return f"job is {job['status']}"
-    same_crawler = job["crawler"] == crawler  # the bus always names it: its endpoint
-    if job["status"] == Status.RUNNING and (job["lease_session"] == session or same_crawler):
+    if job["status"] == Status.RUNNING and job["lease_session"] == session:
         return ""
-    if job["status"] == Status.QUEUED and same_crawler:
-        return ""
-    return f"attempt {outcome.attempt} was assigned to another crawler"
+    if job["crawler"] != crawler:  # the bus always names it: its endpoint
+        return f"attempt {outcome.attempt} was assigned to another crawler"
+    claimed_by = job["attempt_session"]
+    if claimed_by in ages and session in ages and ages[session] < ages[claimed_by]:
+        return f"attempt {outcome.attempt} was claimed by a later session of this crawler ({claimed_by})"
+    return ""
 
 
 def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:

@@ -15,9 +15,9 @@ def test_an_outcome_the_database_refuses_fails_its_job_instead_of_stalling_the_s
     store = DjangoStore(heartbeat_timeout=30)
     session = uuid.uuid4()
     good, bad = services.enqueue_many(urls=["https://example.com/a", "https://example.com/b"], actor="test")
-    services.claim_jobs(session=session, limit=2, lease_seconds=60)
+    services.claim_jobs(session=session, limit=2, lease_seconds=60, crawler="unix:/x")
 
-    acks = store.record_outcomes(session=session, outcomes=[
+    acks = store.record_outcomes(session=session, endpoint="unix:/x", audit_stale=100, outcomes=[
         services.Outcome(job_id=good.id, attempt=1, succeeded=True, result={"title": "fine"}),
         # PostgreSQL's jsonb refuses \u0000: a DataError every time it is retried.
         services.Outcome(job_id=bad.id, attempt=1, succeeded=True, result={"title": "nul \u0000 here"}),

@@ -20,10 +20,13 @@ by, or re-leased to, is the reporting session or older than it).
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from jobs import services
+from jobs.models import BusSession
 from jobs.services import RECORDED, STALE, Outcome
 
 pytestmark = pytest.mark.django_db
@@ -53,6 +56,10 @@ def test_an_outcome_sent_before_its_attempt_existed_is_not_recorded():
     """Session E (ended) reports attempt 1 of a job that was only later claimed by session C."""
     job = services.enqueue(url="https://example.com/b", actor="test")
     older, newer = uuid.uuid4(), uuid.uuid4()
+    # The bus writes each session's row before it handles any frame of it.
+    connected = timezone.now()
+    for session, at in ((older, connected - timedelta(seconds=5)), (newer, connected)):
+        BusSession.objects.create(session=session, node="bus:1", endpoint=ENDPOINT, connected_at=at)
     # E never held the job. A first outcome from E, while the job is still queued at attempt 0, is stale:
     assert services.record_outcomes(session=older, outcomes=[failed(job.id, 1)], crawler=ENDPOINT) == [STALE]
     # The next session of the same endpoint is assigned attempt 1...
