@@ -709,9 +709,8 @@ def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
                     f"job {job_id}: outcome #{event_id} -> {to_status} for attempt {attempt} recorded from "
                     f"{who} session {key} (connected {connected_at.get(key)}), which is OLDER than session "
                     f"{owner} (connected {connected_at.get(owner)}) that attempt {attempt} was claimed by: an "
-                    "outcome sent before its attempt existed was recorded against it (product bug: "
-                    "jobs/services.py _stale_reason accepts any session of the same endpoint, not only "
-                    "the holder or a later one)"
+                    "outcome sent before its attempt existed was recorded against it (the session-order "
+                    "check of jobs/services.py _stale_reason, see tests/chaos/test_outcome_before_attempt.py)"
                 )
     verdict.stale_events = sum(stale_per_session.values())
     verdict.max_stale_per_session = max(stale_per_session.values(), default=0)

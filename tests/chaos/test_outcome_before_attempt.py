@@ -10,11 +10,10 @@ held that attempt and sent its outcome before the attempt existed.
 
 PROTOCOL.md rule 1 records an outcome from the session holding the job "or from an
 earlier session with the same crawler endpoint (a resend after a reconnect)": the
-reporting session must be the holder or a later one, never an older one. jobs/services.py
-`_stale_reason` checks only the endpoint. The first test below (a real resend from the
-older session that held the attempt) must keep passing; the second fails until the
-services also fence by session order (for instance: the session the attempt was claimed
-by, or re-leased to, is the reporting session or older than it).
+reporting session must be the holder or a later one, never an older one. The services
+checked only the endpoint then; since 3b8de6f they also order sessions (Job.attempt_session,
+BusSession.connected_at). The first test (a real resend from the older session that held
+the attempt) must keep passing; the second is the finding.
 """
 
 from __future__ import annotations
