@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from .endpoints import parse_endpoint
 
 
 @register()
-def check_bus_settings(app_configs, **kwargs):
-    problems = []
+def check_bus_settings(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+    problems: list[CheckMessage] = []
     for text in settings.BUS_ENDPOINTS:
         if parse_endpoint(text).is_tcp and not settings.BUS_TOKEN:
             problems.append(Error(

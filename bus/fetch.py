@@ -308,7 +308,9 @@ class Fetcher:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError) as exc:
             raise FetchError(f"cannot resolve {host!r}: {_describe(exc)}", retryable=True) from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        # A TCP lookup answers AF_INET and AF_INET6 only, whose sockaddr starts with the address text;
+        # the (int, bytes) sockaddr in the type is that of other families.
+        addresses = list(dict.fromkeys(info[4][0] for info in infos if isinstance(info[4][0], str)))
         if self.allow_private:
             return addresses
         allowed = [address for address in addresses if address_refusal(address) is None]
@@ -337,7 +339,9 @@ class Fetcher:
                 conn.connect()
             except ssl.SSLCertVerificationError as exc:
                 conn.close()
-                raise FetchError(f"TLS certificate of {host!r} rejected: {exc.verify_message}", retryable=False) from None
+                raise FetchError(
+                    f"TLS certificate of {host!r} rejected: {exc.verify_message}", retryable=False
+                ) from None
             except OSError as exc:
                 conn.close()
                 error = exc
@@ -380,13 +384,13 @@ class Fetcher:
     def _remaining(self, deadline: float) -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise socket.timeout(f"total timeout of {self.total_timeout:g} s exceeded")
+            raise TimeoutError(f"total timeout of {self.total_timeout:g} s exceeded")
         return min(self.timeout, remaining)
 
 
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no address"
-    if isinstance(exc, (socket.timeout, TimeoutError)):
+    if isinstance(exc, TimeoutError):  # socket.timeout is an alias of it
         return f"timed out ({exc})" if str(exc) else "timed out"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -8,9 +8,11 @@ its status or lease.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
@@ -36,6 +38,9 @@ CHANGELIST_FIELDS = (
 
 URL_COLUMN_LENGTH = 60
 
+# Set on a Job whose edit save_model could not write (no longer queued): read by log_change and response_change.
+NOT_SAVED = "_not_saved"
+
 
 def format_duration(duration: timedelta) -> str:
     """A compact, sortable-looking duration: 45s, 3m 05s, 2h 03m, 4d 02h."""
@@ -60,8 +65,9 @@ class JobChangeList(ChangeList):
 class JobForm(forms.ModelForm):
     """Holds an edited job to the rules enqueue applies (http/https URL, payload a JSON object...)."""
 
-    def clean(self) -> dict:
-        cleaned = super().clean()
+    def clean(self) -> dict[str, Any]:
+        super().clean()  # ModelForm.clean returns self.cleaned_data (its stub says it may be None)
+        cleaned = self.cleaned_data
         try:
             services.validate_job_spec(
                 url=cleaned.get("url", self.instance.url),
@@ -172,7 +178,7 @@ class JobAdmin(admin.ModelAdmin):
     def session_link(self, job: Job) -> str:
         if job.lease_session is None:
             return "-"
-        url = reverse("admin:bus_bussession_change", args=[job.lease_session])
+        url = reverse("admin:jobs_bussession_change", args=[job.lease_session])
         return format_html('<a href="{}" title="{}">{}</a>', url, job.lease_session, str(job.lease_session)[:8])
 
     @admin.display(description="running for", ordering="-started_at")
@@ -235,7 +241,7 @@ class JobAdmin(admin.ModelAdmin):
         return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Job | None = None) -> list[str]:
-        shown = [name for _, options in self.fieldsets for name in options["fields"]]
+        shown = flatten_fieldsets(self.fieldsets)
         if obj is not None and obj.status == Status.QUEUED:
             return [name for name in shown if name not in EDITABLE_WHILE_QUEUED]
         return shown
@@ -251,18 +257,18 @@ class JobAdmin(admin.ModelAdmin):
             **{name: getattr(obj, name) for name in edited}, updated_at=services.now(),
         )
         if not updated:
-            obj._not_saved = True  # read by log_change and response_change
+            setattr(obj, NOT_SAVED, True)
             self.message_user(
                 request, f"Job {obj.pk} is no longer queued, so it was not changed.", messages.ERROR,
             )
 
     def log_change(self, request: HttpRequest, obj: Job, message):
-        if getattr(obj, "_not_saved", False):
+        if getattr(obj, NOT_SAVED, False):
             return None
         return super().log_change(request, obj, message)
 
     def response_change(self, request: HttpRequest, obj: Job):
-        if getattr(obj, "_not_saved", False):
+        if getattr(obj, NOT_SAVED, False):
             return HttpResponseRedirect(request.path)
         return super().response_change(request, obj)
 

@@ -94,7 +94,7 @@ def job_list(request: HttpRequest) -> JsonResponse:
     page = selectors.job_page(status=status, url=url, before=before, limit=limit)
     next_url = None
     if page.next_cursor is not None:
-        params = {k: v for k, v in (("status", status), ("url", url)) if v}
+        params: dict[str, str | int] = {k: v for k, v in (("status", status), ("url", url)) if v}
         next_url = request.path + "?" + urlencode({**params, "limit": limit, "before": page.next_cursor})
     return JsonResponse({"jobs": [job_summary(job) for job in page.jobs], "next": next_url})
 

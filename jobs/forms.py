@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from django import forms
 
 MAX_LINES = 10_000
@@ -48,15 +50,17 @@ class BulkActionForm(forms.Form):
     action = forms.ChoiceField(choices=list(ACTIONS.items()))
     next = forms.CharField(required=False)
 
-    def clean(self) -> dict:
-        cleaned = super().clean()
+    def clean(self) -> dict[str, Any]:
+        super().clean()  # Form.clean returns self.cleaned_data (its stub says it may be None)
+        cleaned = self.cleaned_data
         texts = self.data.getlist("job") if hasattr(self.data, "getlist") else []
         if not texts:
             raise forms.ValidationError("Select at least one job.")
         if len(texts) > MAX_BULK:
             raise forms.ValidationError(f"At most {MAX_BULK} jobs at once.")
-        job_ids = [parse_id(text) for text in texts]
-        if None in job_ids:
+        parsed = [parse_id(text) for text in texts]
+        job_ids = [job_id for job_id in parsed if job_id is not None]
+        if len(job_ids) < len(parsed):
             raise forms.ValidationError("Job ids are whole numbers.")
         # Any id is accepted: the services skip jobs that are not in a state the action applies to.
         cleaned["job_ids"] = sorted(set(job_ids))

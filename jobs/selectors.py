@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from django.conf import settings
@@ -316,6 +317,7 @@ def job_page(
     backwards = before is None and after is not None
     if cursor_id is not None:
         names = [name for name, _ in order]
+        values: dict[str, Any] | None
         if names == ["id"]:
             values = {"id": cursor_id}
         else:

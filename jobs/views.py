@@ -188,8 +188,11 @@ def job_actions(request: HttpRequest) -> HttpResponse:
                                            require_https=request.is_secure()):
         back = reverse("jobs:list")
     if not form.is_valid():
-        for problem in form.errors.get("__all__", []) + form.errors.get("action", []):
-            messages.error(request, problem)
+        # The texts an ErrorList iterates over, which its stub types as ValidationError | str.
+        errors = form.errors.as_data()
+        for error in errors.get("__all__", []) + errors.get("action", []):
+            for problem in error.messages:
+                messages.error(request, problem)
         return HttpResponseRedirect(back)
     username = request.user.get_username()
     report = run_action(action=form.cleaned_data["action"], job_ids=form.cleaned_data["job_ids"],
