@@ -6,13 +6,12 @@ lives at /admin/jobs/bussession/ and its URL names are admin:jobs_bussession_*.
 
 from __future__ import annotations
 
-import copy
 import uuid
 
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.urls import URLPattern, reverse
+from django.urls import reverse
 from django.utils.html import format_html
 
 from .models import BusSession
@@ -38,18 +37,6 @@ class BusSessionAdmin(admin.ModelAdmin):
     search_help_text = "A session UUID, or part of a node, endpoint or crawler name."
     actions = None
     show_full_result_count = False
-
-    def get_urls(self) -> list[URLPattern]:
-        # The names from before the model moved (admin:bus_bussession_*) still resolve, to the same
-        # pages, until every link uses admin:jobs_bussession_*.
-        urls = super().get_urls()
-        aliases = []
-        for url in urls:
-            if isinstance(url, URLPattern) and url.name and url.name.startswith("jobs_bussession_"):
-                alias = copy.copy(url)
-                alias.name = "bus_" + url.name.removeprefix("jobs_")
-                aliases.append(alias)
-        return [*urls, *aliases]
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[BusSession], search_term: str

@@ -91,7 +91,7 @@ def test_changelist_shows_operator_columns_and_running_time(admin_client, runnin
         assert header in page
     assert "https://example.com/page/0" in page
     assert str(session)[:8] in page
-    assert reverse("admin:bus_bussession_change", args=[session]) in page
+    assert reverse("admin:jobs_bussession_change", args=[session]) in page
     assert "3m 05s" in page
 
 
@@ -351,7 +351,7 @@ def test_bus_session_list_shows_health_columns_and_filters_by_state(admin_client
         session=uuid.uuid4(), node="host:2", endpoint="tcp:10.0.0.2:9000", state="lost", slots=1,
         connected_at=timezone.now(), closed_at=timezone.now(), close_reason="heartbeat timeout",
     )
-    url = reverse("admin:bus_bussession_changelist")
+    url = reverse("admin:jobs_bussession_changelist")
     response = admin_client.get(url)
     assert response.status_code == 200
     page = response.content.decode()
@@ -366,11 +366,11 @@ def test_bus_session_list_shows_health_columns_and_filters_by_state(admin_client
 
 
 def test_bus_session_admin_cannot_add_change_or_delete(admin_client, bus_session):
-    assert admin_client.get(reverse("admin:bus_bussession_add")).status_code == 403
-    assert admin_client.get(reverse("admin:bus_bussession_delete", args=[bus_session.pk])).status_code == 403
-    response = admin_client.get(reverse("admin:bus_bussession_change", args=[bus_session.pk]))
+    assert admin_client.get(reverse("admin:jobs_bussession_add")).status_code == 403
+    assert admin_client.get(reverse("admin:jobs_bussession_delete", args=[bus_session.pk])).status_code == 403
+    response = admin_client.get(reverse("admin:jobs_bussession_change", args=[bus_session.pk]))
     assert response.status_code == 200  # viewing is allowed
     assert set(response.context["adminform"].form.fields) == set()
-    admin_client.post(reverse("admin:bus_bussession_change", args=[bus_session.pk]), {"node": "forged"})
+    admin_client.post(reverse("admin:jobs_bussession_change", args=[bus_session.pk]), {"node": "forged"})
     bus_session.refresh_from_db()
     assert bus_session.node == "host:1"
