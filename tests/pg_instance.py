@@ -106,7 +106,7 @@ class PrivatePostgres:
         self.stop("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
 
-    def __enter__(self) -> "PrivatePostgres":
+    def __enter__(self) -> PrivatePostgres:
         self.start()
         return self
 

@@ -43,7 +43,9 @@ def test_claim_increments_the_attempt_and_sets_the_lease(session_a):
 
     [claimed] = services.claim_jobs(session=session_a, limit=1, lease_seconds=90, at=at)
 
-    assert (claimed.id, claimed.attempt, claimed.url, claimed.payload) == (job.id, 4, "https://example.com/x", {"depth": 2})
+    assert (claimed.id, claimed.attempt, claimed.url, claimed.payload) == (
+        job.id, 4, "https://example.com/x", {"depth": 2},
+    )
     job.refresh_from_db()
     assert job.status == Status.RUNNING
     assert job.attempt == 4
@@ -174,7 +176,8 @@ def test_re_lease_gives_a_requeued_job_back_to_the_crawler_still_running_it(sess
         Status.QUEUED, Status.RUNNING, 1, session_b,
     )
     # Its outcome is then recorded normally (rule 1).
-    assert services.record_outcome(session=session_b, outcome=Outcome(job_id=job.id, attempt=1, succeeded=True)) == "recorded"
+    outcome = Outcome(job_id=job.id, attempt=1, succeeded=True)
+    assert services.record_outcome(session=session_b, outcome=outcome) == "recorded"
 
 
 def test_re_lease_refuses_jobs_taken_since_finished_or_unknown(session_a, session_b):

@@ -122,7 +122,8 @@ def test_concurrent_claims_and_resets_never_share_lose_or_double_count_a_job(tra
         "job_id", "kind", "to_status", "attempt", "session"
     ):
         trail[event[0]].append(event[1:])
-    jobs_now = {job["id"]: job for job in Job.objects.values("id", "status", "attempt", "interruptions", "lease_session")}
+    columns = ("id", "status", "attempt", "interruptions", "lease_session")
+    jobs_now = {job["id"]: job for job in Job.objects.values(*columns)}
     for job_id in job_ids:
         events = trail[job_id]
         assert events[0][0] == EventKind.ENQUEUE, (job_id, events)

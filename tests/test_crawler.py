@@ -73,7 +73,7 @@ class BusClient:
         self.sock.settimeout(remaining)
         try:
             data = self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return time.monotonic() < deadline
         except ConnectionResetError:
             data = b""
@@ -143,9 +143,9 @@ def crawlers(short_socket_path):
         return crawler
 
     yield start
-    for crawler, thread in started:
+    for crawler, _ in started:
         crawler.stop()
-    for crawler, thread in started:
+    for _, thread in started:
         thread.join(15)
         assert not thread.is_alive(), "the crawler did not stop"
 

@@ -194,8 +194,8 @@ def test_listen_refuses_a_path_where_another_process_listens(short_socket_path):
 
 def test_listen_takes_over_after_the_listener_was_killed(short_socket_path):
     other = subprocess.Popen(
-        [sys.executable, "-c", f"import socket, time; s = socket.socket(socket.AF_UNIX); s.bind({short_socket_path!r}); "
-         "s.listen(); time.sleep(60)"],
+        [sys.executable, "-c", "import socket, time; s = socket.socket(socket.AF_UNIX); "
+         f"s.bind({short_socket_path!r}); s.listen(); time.sleep(60)"],
     )
     try:
         endpoint = parse_endpoint(short_socket_path)

@@ -573,7 +573,10 @@ def test_enqueue_queues_every_line_and_links_the_new_jobs(operator_client):
 def test_enqueue_shows_invalid_lines_with_reasons_and_queues_nothing(operator_client):
     response = operator_client.post(
         reverse("jobs:new"),
-        {"urls": "https://example.com/ok\n\nnot a url\nftp://example.com/file\nhttps://example.com/fine", "priority": "1"},
+        {
+            "urls": "https://example.com/ok\n\nnot a url\nftp://example.com/file\nhttps://example.com/fine",
+            "priority": "1",
+        },
     )
     assert response.status_code == 200
     assert not Job.objects.exists() and not JobEvent.objects.exists()

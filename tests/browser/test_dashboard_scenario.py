@@ -88,8 +88,10 @@ def test_operator_watches_jobs_finish_and_the_dashboard_follow_a_killed_crawler(
         work.fill("#enqueue-form textarea[name=urls]", "\n".join(local_web.url(f"/slow/{n}") for n in (1, 2, 3)))
         work.click("#enqueue-submit")
         expect(work.locator("#messages .message.success")).to_contain_text("Queued 3 jobs")
-        slow_ids = [int(href.rstrip("/").rsplit("/", 1)[1]) for href in
-                    work.locator("#messages a[href^='/jobs/'][href$='/']").evaluate_all("els => els.map(e => e.getAttribute('href'))")]
+        hrefs = work.locator("#messages a[href^='/jobs/'][href$='/']").evaluate_all(
+            "els => els.map(e => e.getAttribute('href'))"
+        )
+        slow_ids = [int(href.rstrip("/").rsplit("/", 1)[1]) for href in hrefs]
         assert len(slow_ids) == 3, slow_ids
 
         # A third tab follows one of them, live as well.
@@ -130,7 +132,9 @@ def test_operator_watches_jobs_finish_and_the_dashboard_follow_a_killed_crawler(
         expect(count("succeeded")).to_have_attribute("data-count", "6", timeout=WATCH_MS)
         expect(count("running")).to_have_attribute("data-count", "0")
         expect(count("queued")).to_have_attribute("data-count", "0")
-        new_connected = dashboard.locator(f"#sessions tr[data-session-state='connected']:not([data-session='{first_session}'])")
+        new_connected = dashboard.locator(
+            f"#sessions tr[data-session-state='connected']:not([data-session='{first_session}'])"
+        )
         expect(new_connected).to_have_count(1)
         expect(new_connected).to_have_attribute("data-display-state", "connected")
         expect(old_row).to_have_attribute("data-display-state", re.compile(r"^(lost|closed)$"))
