@@ -43,8 +43,11 @@ def _server_connection(url: str):
 
     parts = urlsplit(url)
     conn = psycopg2.connect(
-        host=parts.hostname or "127.0.0.1", port=parts.port or 5432, user=parts.username or "postgres",
-        password=parts.password, dbname=(parts.path or "/postgres").lstrip("/") or "postgres",
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        user=parts.username or "postgres",
+        password=parts.password,
+        dbname=(parts.path or "/postgres").lstrip("/") or "postgres",
     )
     conn.autocommit = True
     return conn

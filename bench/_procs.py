@@ -86,32 +86,59 @@ class Procs:
         env = dict(os.environ)
         for name in ("BUS_ENDPOINTS", "SUPERVISOR_SOCKET_PATH", "SOCKET_PATH", "LOG_LEVEL", "BUS_AUTOSTART"):
             env.pop(name, None)
-        env.update(DATABASE_URL=self.database_url, DEBUG="true", PYTHONUNBUFFERED="1",
-                   SECRET_KEY="jobsite-bench-not-secret", BUS_AUTOSTART="true")
+        env.update(
+            DATABASE_URL=self.database_url,
+            DEBUG="true",
+            PYTHONUNBUFFERED="1",
+            SECRET_KEY="jobsite-bench-not-secret",
+            BUS_AUTOSTART="true",
+        )
         env.update({key: str(value) for key, value in extra.items()})
         return env
 
-    def start(self, argv: list[str], *, env: dict | None = None, name: str = "proc",
-              new_session: bool = False, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    def start(
+        self,
+        argv: list[str],
+        *,
+        env: dict | None = None,
+        name: str = "proc",
+        new_session: bool = False,
+        stdin=subprocess.DEVNULL,
+    ) -> subprocess.Popen:
         log = open(self.folder / f"{name}-{len(self.started)}.log", "wb")
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env or self.env(), stdin=stdin, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=new_session)
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env or self.env(),
+            stdin=stdin,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
         log.close()
         proc.log_path = log.name  # type: ignore[attr-defined]
         proc.own_group = new_session  # type: ignore[attr-defined]
         self.started.append(proc)
         return proc
 
-    def manage(self, *args: str, env: dict | None = None, new_session: bool = False,
-               python_args: Sequence[str] = ()) -> subprocess.Popen:
-        return self.start([sys.executable, *python_args, str(ROOT / "manage.py"), *args], env=env, name=args[0],
-                          new_session=new_session)
+    def manage(
+        self, *args: str, env: dict | None = None, new_session: bool = False, python_args: Sequence[str] = ()
+    ) -> subprocess.Popen:
+        return self.start(
+            [sys.executable, *python_args, str(ROOT / "manage.py"), *args],
+            env=env,
+            name=args[0],
+            new_session=new_session,
+        )
 
     def held_crawler(self, path: str, slots: int) -> subprocess.Popen:
         """tests/crawler_peer.py as a process: it takes `slots` assignments and holds them unanswered."""
         # stdin is a pipe that stays open: the peer select()s on it for commands.
-        return self.start([sys.executable, str(ROOT / "tests" / "crawler_peer.py"), "--listen", path,
-                           "--slots", str(slots)], name="held", stdin=subprocess.PIPE)
+        return self.start(
+            [sys.executable, str(ROOT / "tests" / "crawler_peer.py"), "--listen", path, "--slots", str(slots)],
+            name="held",
+            stdin=subprocess.PIPE,
+        )
 
     def log_text(self, proc: subprocess.Popen) -> str:
         return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
@@ -163,14 +190,18 @@ class Poller:
         parts = urlsplit(database_url)
         if parts.scheme.startswith("sqlite"):
             self.vendor = "sqlite"
-            self.conn = sqlite3.connect(database_url[len("sqlite:///"):], isolation_level=None, timeout=20)
+            self.conn = sqlite3.connect(database_url[len("sqlite:///") :], isolation_level=None, timeout=20)
         else:
             import psycopg2
 
             self.vendor = "postgresql"
-            self.conn = psycopg2.connect(host=parts.hostname or "127.0.0.1", port=parts.port or 5432,
-                                         user=parts.username or "postgres", password=parts.password,
-                                         dbname=parts.path.lstrip("/"))
+            self.conn = psycopg2.connect(
+                host=parts.hostname or "127.0.0.1",
+                port=parts.port or 5432,
+                user=parts.username or "postgres",
+                password=parts.password,
+                dbname=parts.path.lstrip("/"),
+            )
             self.conn.autocommit = True
         self.cursor = self.conn.cursor()
 
@@ -234,8 +265,12 @@ def empty_tables() -> None:
 def parser_for(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--db", choices=(*BACKENDS, "both"), default="both")
-    parser.add_argument("--postgres", default=DEFAULT_POSTGRES_URL, metavar="URL",
-                        help=f"PostgreSQL server for the throwaway database (default {DEFAULT_POSTGRES_URL})")
+    parser.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES_URL,
+        metavar="URL",
+        help=f"PostgreSQL server for the throwaway database (default {DEFAULT_POSTGRES_URL})",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs (their folder is printed)")
     return parser
 

@@ -81,8 +81,14 @@ class Reader(threading.Thread):
                             with self.cond:
                                 self.assigned[frame["job_id"]] = (at, frame["attempt"])
                                 self.cond.notify_all()
-                            peer.send({"type": "done", "job_id": frame["job_id"], "attempt": frame["attempt"],
-                                       "result": {"bench": True}})
+                            peer.send(
+                                {
+                                    "type": "done",
+                                    "job_id": frame["job_id"],
+                                    "attempt": frame["attempt"],
+                                    "result": {"bench": True},
+                                }
+                            )
                         elif frame["type"] == "ack":
                             with self.cond:
                                 self.acked.add(frame["job_id"])
@@ -113,8 +119,11 @@ def run_backend(args) -> int:
 
         sys.setswitchinterval(0.0005)
         label = backend_label(connection.vendor)
-        print(f"# bus_assign_latency on {label}: {args.samples} samples (+{args.warmup} warm-up), gaps 20-100 ms; "
-              f"{load_line()}", flush=True)
+        print(
+            f"# bus_assign_latency on {label}: {args.samples} samples (+{args.warmup} warm-up), gaps 20-100 ms; "
+            f"{load_line()}",
+            flush=True,
+        )
         procs = Procs(url, keep_logs=args.keep_logs)
         peer = CrawlerPeer(procs.socket_path(), name="bench-latency")
         reader = None
@@ -139,8 +148,10 @@ def run_backend(args) -> int:
                 reader.wait(lambda: job.id in reader.acked, timeout, f"the ack of job {job.id}")
                 time.sleep(rng.uniform(0.02, 0.1))
             total = args.warmup + args.samples
-            check(Job.objects.filter(status="succeeded", attempt=1).count() == total,
-                  f"not all {total} jobs succeeded at attempt 1")
+            check(
+                Job.objects.filter(status="succeeded", attempt=1).count() == total,
+                f"not all {total} jobs succeeded at attempt 1",
+            )
             check(len(reader.assigned) == total, "a job was assigned twice or an unknown job was assigned")
         except CheckFailed as exc:
             print(f"CHECK FAILED ({label}): {exc}", flush=True)
@@ -153,10 +164,14 @@ def run_backend(args) -> int:
             peer.shutdown()
         p50, p99 = percentile(samples, 50), percentile(samples, 99)
         ok = p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS
-        print(f"# min {min(samples):.1f} ms, p90 {percentile(samples, 90):.1f} ms, max {max(samples):.1f} ms",
-              flush=True)
-        print(f"enqueue-to-assign latency ({label}, {len(samples)} samples): p50 {p50:.1f} ms, p99 {p99:.1f} ms  "
-              f"target p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms  {verdict(ok)}", flush=True)
+        print(
+            f"# min {min(samples):.1f} ms, p90 {percentile(samples, 90):.1f} ms, max {max(samples):.1f} ms", flush=True
+        )
+        print(
+            f"enqueue-to-assign latency ({label}, {len(samples)} samples): p50 {p50:.1f} ms, p99 {p99:.1f} ms  "
+            f"target p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms  {verdict(ok)}",
+            flush=True,
+        )
         print(f"# {label} done; {load_line()}", flush=True)
     return 0
 

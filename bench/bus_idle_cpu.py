@@ -43,8 +43,9 @@ def backend_pids(poller: Poller) -> list[int]:
     """PostgreSQL backends of the benchmark database other than the poller's own."""
     if poller.vendor != "postgresql":
         return []
-    poller.cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                          "AND pid <> pg_backend_pid()")
+    poller.cursor.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
     return [row[0] for row in poller.cursor.fetchall()]
 
 
@@ -63,8 +64,10 @@ def run_backend(args) -> int:
         from django.db import connection
 
         label = backend_label(connection.vendor)
-        print(f"# bus_idle_cpu on {label}: {args.seconds:g} s after {args.settle:g} s of start-up; {load_line()}",
-              flush=True)
+        print(
+            f"# bus_idle_cpu on {label}: {args.seconds:g} s after {args.settle:g} s of start-up; {load_line()}",
+            flush=True,
+        )
         connection.close()
         procs = Procs(url, keep_logs=args.keep_logs)
         poller = Poller(url)
@@ -74,16 +77,22 @@ def run_backend(args) -> int:
             time.sleep(0.5)
             started = time.monotonic()
             runbus = procs.manage("runbus", "--endpoint", sock)
-            wait_for(lambda: poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'") == 1,
-                     timeout=30, interval=0.1, what="the bus session to connect")
+            wait_for(
+                lambda: poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'") == 1,
+                timeout=30,
+                interval=0.1,
+                what="the bus session to connect",
+            )
             time.sleep(max(0.0, started + args.settle - time.monotonic()))
             pids = backend_pids(poller)
             cpu_before, db_before, wall_before = proc_cpu_seconds(runbus.pid), cpu_of(pids), time.monotonic()
             time.sleep(args.seconds)
             cpu_after, db_after, wall_after = proc_cpu_seconds(runbus.pid), cpu_of(pids), time.monotonic()
             check(runbus.poll() is None, "runbus exited")
-            check(poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'") == 1,
-                  "the session did not stay connected")
+            check(
+                poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'") == 1,
+                "the session did not stay connected",
+            )
         except CheckFailed as exc:
             print(f"CHECK FAILED ({label}): {exc}", flush=True)
             return 1
@@ -93,10 +102,16 @@ def run_backend(args) -> int:
         wall = wall_after - wall_before
         percent = (cpu_after - cpu_before) / wall * 100
         if pids:
-            print(f"# PostgreSQL backends of the bus ({len(pids)}): {(db_after - db_before) / wall * 100:.2f} % "
-                  f"of a core over the same {wall:.1f} s", flush=True)
-        print(f"idle runbus CPU ({label}): {percent:.2f} % of a core ({cpu_after - cpu_before:.2f} s CPU in "
-              f"{wall:.1f} s)  target <= {TARGET_PERCENT:g} %  {verdict(percent <= TARGET_PERCENT)}", flush=True)
+            print(
+                f"# PostgreSQL backends of the bus ({len(pids)}): {(db_after - db_before) / wall * 100:.2f} % "
+                f"of a core over the same {wall:.1f} s",
+                flush=True,
+            )
+        print(
+            f"idle runbus CPU ({label}): {percent:.2f} % of a core ({cpu_after - cpu_before:.2f} s CPU in "
+            f"{wall:.1f} s)  target <= {TARGET_PERCENT:g} %  {verdict(percent <= TARGET_PERCENT)}",
+            flush=True,
+        )
         print(f"# {label} done; {load_line()}", flush=True)
     return 0
 

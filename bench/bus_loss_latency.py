@@ -50,8 +50,11 @@ def run_backend(args) -> int:
         from django.db import connection
 
         label = backend_label(connection.vendor)
-        print(f"# bus_loss_latency on {label}: {args.jobs} held jobs, {args.trials} trials, poll every "
-              f"{args.interval} ms; {load_line()}", flush=True)
+        print(
+            f"# bus_loss_latency on {label}: {args.jobs} held jobs, {args.trials} trials, poll every "
+            f"{args.interval} ms; {load_line()}",
+            flush=True,
+        )
         enqueue_jobs(args.jobs, max_interruptions=args.trials + 10)
         procs = Procs(url, keep_logs=args.keep_logs)
         poller = Poller(url)
@@ -62,8 +65,12 @@ def run_backend(args) -> int:
             runbus = procs.manage("runbus", "--endpoint", sock, env=procs.env(BUS_BACKOFF_CAP="0.5"))
             interval = args.interval / 1000
             for trial in range(1, args.trials + 1):
-                wait_for(lambda: poller.count("running") == args.jobs, timeout=60, interval=0.02,
-                         what=f"{args.jobs} jobs running (trial {trial})")
+                wait_for(
+                    lambda: poller.count("running") == args.jobs,
+                    timeout=60,
+                    interval=0.02,
+                    what=f"{args.jobs} jobs running (trial {trial})",
+                )
                 time.sleep(0.2)  # let the bus settle after its claim
                 killed_at = time.perf_counter()
                 os.kill(crawler.pid, signal.SIGKILL)
@@ -79,8 +86,10 @@ def run_backend(args) -> int:
                 crawler.wait(5)
                 check(poller.count("running") == 0, f"trial {trial}: jobs still running")
                 events = int(poller.scalar("SELECT count(*) FROM jobs_jobevent WHERE kind = 'interrupt'"))
-                check(events == trial * args.jobs, f"trial {trial}: {events} interrupt events, "
-                                                   f"expected {trial * args.jobs}")
+                check(
+                    events == trial * args.jobs,
+                    f"trial {trial}: {events} interrupt events, expected {trial * args.jobs}",
+                )
                 check(runbus.poll() is None, "runbus exited")
                 if args.verbose:
                     print(f"#   trial {trial}: {samples[-1]:.1f} ms", flush=True)
@@ -89,8 +98,13 @@ def run_backend(args) -> int:
                 if trial < args.trials:
                     crawler = procs.held_crawler(sock, args.jobs)
             log = procs.log_text(runbus)
-            bus_ms = [float(part.split("=", 1)[1]) for line in log.splitlines() if "bus.session_ended" in line
-                      for part in line.split() if part.startswith("ms=")]
+            bus_ms = [
+                float(part.split("=", 1)[1])
+                for line in log.splitlines()
+                if "bus.session_ended" in line
+                for part in line.split()
+                if part.startswith("ms=")
+            ]
         except CheckFailed as exc:
             print(f"CHECK FAILED ({label}): {exc}", flush=True)
             return 1
@@ -100,11 +114,17 @@ def run_backend(args) -> int:
         p50, p99, worst = percentile(samples, 50), percentile(samples, 99), max(samples)
         print(f"# trials (ms): {', '.join(f'{s:.1f}' for s in samples)}", flush=True)
         if bus_ms:
-            print(f"# the bus's own end_session time (log ms=): p50 {percentile(bus_ms, 50):.1f} ms, "
-                  f"max {max(bus_ms):.1f} ms", flush=True)
-        print(f"loss-to-requeue latency ({label}, {args.jobs} jobs, {len(samples)} trials): p50 {p50:.1f} ms, "
-              f"p99 {p99:.1f} ms, max {worst:.1f} ms  target p99 <= {TARGET_P99_MS:.0f} ms  "
-              f"{verdict(p99 <= TARGET_P99_MS)}", flush=True)
+            print(
+                f"# the bus's own end_session time (log ms=): p50 {percentile(bus_ms, 50):.1f} ms, "
+                f"max {max(bus_ms):.1f} ms",
+                flush=True,
+            )
+        print(
+            f"loss-to-requeue latency ({label}, {args.jobs} jobs, {len(samples)} trials): p50 {p50:.1f} ms, "
+            f"p99 {p99:.1f} ms, max {worst:.1f} ms  target p99 <= {TARGET_P99_MS:.0f} ms  "
+            f"{verdict(p99 <= TARGET_P99_MS)}",
+            flush=True,
+        )
         print(f"# {label} done; {load_line()}", flush=True)
     return 0
 

@@ -87,8 +87,11 @@ def run_backend(args) -> int:
                 times = [one_start(procs, kind) for _ in range(args.runs)]
                 figure = statistics.median(times)
                 runs = ", ".join(f"{t:.2f}" for t in times)
-                print(f"process start to hello, {kind} ({label}): {figure:.2f} s  target <= {TARGET_S} s  "
-                      f"{verdict(figure <= TARGET_S)}  (runs: {runs} s; {load_line()})", flush=True)
+                print(
+                    f"process start to hello, {kind} ({label}): {figure:.2f} s  target <= {TARGET_S} s  "
+                    f"{verdict(figure <= TARGET_S)}  (runs: {runs} s; {load_line()})",
+                    flush=True,
+                )
         except CheckFailed as exc:
             print(f"CHECK FAILED ({label}): {exc}", flush=True)
             return 1

@@ -66,10 +66,18 @@ def one_run(url: str, args) -> tuple[float, float, str]:
         env = procs.env(LOG_LEVEL=args.log_level)
         procs.manage("runcrawler", "--listen", sock, "--slots", str(args.slots), "--noop", env=env)
         time.sleep(0.05)
-        runbus = procs.manage("runbus", "--endpoint", sock, env=env,
-                              python_args=((str(Path(__file__).with_name("_procs.py")), "--profile-threads",
-                                            str(procs.folder / "profile")) if args.profile else ())
-                              + ((args.wrap,) if args.wrap else ()))
+        runbus = procs.manage(
+            "runbus",
+            "--endpoint",
+            sock,
+            env=env,
+            python_args=(
+                (str(Path(__file__).with_name("_procs.py")), "--profile-threads", str(procs.folder / "profile"))
+                if args.profile
+                else ()
+            )
+            + ((args.wrap,) if args.wrap else ()),
+        )
         deadline = time.monotonic() + args.timeout
         done_at = None
         while time.monotonic() < deadline:
@@ -79,14 +87,18 @@ def one_run(url: str, args) -> tuple[float, float, str]:
             if runbus.poll() is not None:
                 raise CheckFailed(f"runbus exited with {runbus.returncode}:\n{procs.log_text(runbus)[-2000:]}")
             time.sleep(POLL_INTERVAL)
-        check(done_at is not None, f"not all {args.jobs} jobs succeeded within {args.timeout} s "
-                                   f"(succeeded: {poller.count('succeeded')})")
+        check(
+            done_at is not None,
+            f"not all {args.jobs} jobs succeeded within {args.timeout} s (succeeded: {poller.count('succeeded')})",
+        )
         first_claim = poller.scalar("SELECT min(at) FROM jobs_jobevent WHERE kind = 'claim'")
         last_finish = poller.scalar("SELECT max(finished_at) FROM jobs_job")
         check(poller.count("succeeded") == args.jobs, "succeeded count")
         check(int(poller.scalar("SELECT count(*) FROM jobs_job WHERE attempt <> 1")) == 0, "a job ran twice")
-        check(int(poller.scalar("SELECT count(*) FROM jobs_jobevent WHERE kind = 'claim'")) == args.jobs,
-              "one claim event per job")
+        check(
+            int(poller.scalar("SELECT count(*) FROM jobs_jobevent WHERE kind = 'claim'")) == args.jobs,
+            "one claim event per job",
+        )
         start = _timestamp(first_claim)
         polled = args.jobs / (done_at - start)
         stamped = args.jobs / (_timestamp(last_finish) - start)
@@ -107,16 +119,21 @@ def run_backend(args) -> int:
 
         vendor = connection.vendor
         label = backend_label(vendor)
-        print(f"# bus_throughput on {label}: {args.jobs} jobs, runcrawler --noop --slots {args.slots}, "
-              f"one session; {load_line()}", flush=True)
+        print(
+            f"# bus_throughput on {label}: {args.jobs} jobs, runcrawler --noop --slots {args.slots}, "
+            f"one session; {load_line()}",
+            flush=True,
+        )
         rates, stamped_rates = [], []
         try:
             for number in range(1, args.runs + 1):
                 rate, stamped, _ = one_run(url, args)
                 rates.append(rate)
                 stamped_rates.append(stamped)
-                print(f"#   run {number}: {rate:,.0f} jobs/s (bus timestamps: {stamped:,.0f} jobs/s); "
-                      f"{load_line()}", flush=True)
+                print(
+                    f"#   run {number}: {rate:,.0f} jobs/s (bus timestamps: {stamped:,.0f} jobs/s); {load_line()}",
+                    flush=True,
+                )
         except CheckFailed as exc:
             print(f"CHECK FAILED ({label}): {exc}", flush=True)
             return 1
@@ -124,8 +141,11 @@ def run_backend(args) -> int:
         target = TARGET_JOBS_S.get(vendor)
         runs = ", ".join(f"{r:,.0f}" for r in rates)
         if target:
-            print(f"end-to-end throughput ({label}): {figure:,.0f} jobs/s  target >= {target:,.0f} jobs/s  "
-                  f"{verdict(figure >= target)}  (runs: {runs})", flush=True)
+            print(
+                f"end-to-end throughput ({label}): {figure:,.0f} jobs/s  target >= {target:,.0f} jobs/s  "
+                f"{verdict(figure >= target)}  (runs: {runs})",
+                flush=True,
+            )
         else:
             print(f"end-to-end throughput ({label}): {figure:,.0f} jobs/s  (no target)  (runs: {runs})", flush=True)
         print(f"# {label} done; {load_line()}", flush=True)
@@ -139,10 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a run may take at most")
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of runbus and runcrawler (default INFO)")
-    parser.add_argument("--profile", action="store_true",
-                        help="profile every thread of runbus with cProfile (keeps the .prof files)")
-    parser.add_argument("--wrap", metavar="SCRIPT", default=None,
-                        help="experiments: start runbus as `python SCRIPT manage.py runbus ...` (SCRIPT runs argv[1:])")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile every thread of runbus with cProfile (keeps the .prof files)"
+    )
+    parser.add_argument(
+        "--wrap",
+        metavar="SCRIPT",
+        default=None,
+        help="experiments: start runbus as `python SCRIPT manage.py runbus ...` (SCRIPT runs argv[1:])",
+    )
     args = parser.parse_args(argv)
     return per_backend(args, __file__, argv, run_backend)
 

@@ -53,7 +53,7 @@ def insert_events(job_id: int, count: int) -> None:
         series = "SELECT n FROM generate_series(1, %s) AS n"
         uuid = "md5(n::text)::uuid"
     else:
-        series = ("WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < %s) SELECT n FROM s")
+        series = "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < %s) SELECT n FROM s"
         uuid = "'6f1c2a4e-0000-4000-8000-000000000001'"
     with connection.cursor() as cursor:
         cursor.execute(
@@ -107,8 +107,11 @@ def run_backend(args: argparse.Namespace) -> int:
         job = services.enqueue_many(urls=["https://example.com/flooded"], priority=0, actor="bench")[0]
         start = time.perf_counter()
         insert_events(job.pk, args.events)
-        print(f"{connection.vendor}: {args.events:,} events on job {job.pk} inserted in "
-              f"{time.perf_counter() - start:.1f} s; {describe_machine()}", flush=True)
+        print(
+            f"{connection.vendor}: {args.events:,} events on job {job.pk} inserted in "
+            f"{time.perf_counter() - start:.1f} s; {describe_machine()}",
+            flush=True,
+        )
         try:
             pages = [
                 ("job page /jobs/<id>/", f"/jobs/{job.pk}/", selectors.MAX_EVENTS),
@@ -122,8 +125,11 @@ def run_backend(args: argparse.Namespace) -> int:
                 old = services.enqueue_many(urls=["https://example.com/old"], priority=0, actor="bench")[0]
                 insert_events(old.pk, args.old_events)
                 jobs.admin.INLINE_EVENTS = 10**9  # the old page: every event an inline row
-                report(f"old admin change page, every event a row, {args.old_events:,} events",
-                       timed(client, f"/admin/jobs/job/{old.pk}/change/", min(args.runs, 3)), None)
+                report(
+                    f"old admin change page, every event a row, {args.old_events:,} events",
+                    timed(client, f"/admin/jobs/job/{old.pk}/change/", min(args.runs, 3)),
+                    None,
+                )
         except CheckFailed as exc:
             print(f"  CHECK FAILED: {exc}", flush=True)
             return 1
@@ -135,10 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", choices=(*BACKENDS, "both"), default="both")
     parser.add_argument("--events", type=int, default=100_000, help="events on the job (default 100000)")
     parser.add_argument("--runs", type=int, default=5, help="timed fetches per page; the median is reported")
-    parser.add_argument("--old-events", type=int, default=2_000,
-                        help="events for the old uncapped admin page, 0 to skip (default 2000)")
-    parser.add_argument("--postgres", default=DEFAULT_POSTGRES_URL, metavar="URL",
-                        help=f"PostgreSQL server for the throwaway database (default {DEFAULT_POSTGRES_URL})")
+    parser.add_argument(
+        "--old-events", type=int, default=2_000, help="events for the old uncapped admin page, 0 to skip (default 2000)"
+    )
+    parser.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES_URL,
+        metavar="URL",
+        help=f"PostgreSQL server for the throwaway database (default {DEFAULT_POSTGRES_URL})",
+    )
     args = parser.parse_args(argv)
     if min(args.events, args.runs) < 1 or args.old_events < 0:
         parser.error("--events and --runs must be >= 1, --old-events >= 0")
@@ -147,8 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # so that a SIGTERM reaches the child, which then drops its database
     status = 0
     for backend in BACKENDS:
-        child = [sys.executable, __file__, "--db", backend, "--events", str(args.events), "--runs", str(args.runs),
-                 "--old-events", str(args.old_events), "--postgres", args.postgres]
+        child = [
+            sys.executable,
+            __file__,
+            "--db",
+            backend,
+            "--events",
+            str(args.events),
+            "--runs",
+            str(args.runs),
+            "--old-events",
+            str(args.old_events),
+            "--postgres",
+            args.postgres,
+        ]
         process = subprocess.Popen(child)
         try:
             status = max(status, process.wait())

@@ -74,8 +74,19 @@ REASONS = {
 
 def held_peer(procs: Procs, path: str, slots: int) -> subprocess.Popen:
     """tests/crawler_peer.py holding its assignments, with heartbeats (so leases are renewed until the kill)."""
-    return procs.start([sys.executable, str(ROOT / "tests" / "crawler_peer.py"), "--listen", path,
-                        "--slots", str(slots), "--heartbeat"], name="held", stdin=subprocess.PIPE)
+    return procs.start(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "crawler_peer.py"),
+            "--listen",
+            path,
+            "--slots",
+            str(slots),
+            "--heartbeat",
+        ],
+        name="held",
+        stdin=subprocess.PIPE,
+    )
 
 
 def last_event_id(poller: Poller) -> int:
@@ -89,16 +100,22 @@ def interrupts_since(poller: Poller, mark: int) -> int:
 def check_trial(poller: Poller, mark: int, jobs: int, variant: str, trial: int) -> None:
     poller.cursor.execute(
         "SELECT reason, count(*) FROM jobs_jobevent WHERE kind = 'interrupt' AND id > %s GROUP BY reason"
-        if poller.vendor == "postgresql" else
-        "SELECT reason, count(*) FROM jobs_jobevent WHERE kind = 'interrupt' AND id > ? GROUP BY reason", (mark,))
+        if poller.vendor == "postgresql"
+        else "SELECT reason, count(*) FROM jobs_jobevent WHERE kind = 'interrupt' AND id > ? GROUP BY reason",
+        (mark,),
+    )
     reasons = dict(poller.cursor.fetchall())
     total = sum(reasons.values())
     check(total == jobs, f"{variant} trial {trial}: {total} interrupt events, expected {jobs} ({reasons})")
     wrong = {reason: n for reason, n in reasons.items() if not reason.startswith(REASONS[variant])}
     check(not wrong, f"{variant} trial {trial}: requeued by an unexpected path: {wrong}")
-    dup = int(poller.scalar(
-        "SELECT count(*) FROM (SELECT job_id FROM jobs_jobevent WHERE kind = 'interrupt' AND id > %s "
-        "GROUP BY job_id HAVING count(*) > 1) AS d", (mark,)))
+    dup = int(
+        poller.scalar(
+            "SELECT count(*) FROM (SELECT job_id FROM jobs_jobevent WHERE kind = 'interrupt' AND id > %s "
+            "GROUP BY job_id HAVING count(*) > 1) AS d",
+            (mark,),
+        )
+    )
     check(dup == 0, f"{variant} trial {trial}: {dup} jobs interrupted twice")
 
 
@@ -122,9 +139,11 @@ def startup_breakdown(log: str, started_wall: float) -> str:
     """Where the restarted bus's time went, from its own log: process start -> bus.connected / bus.started /
     bus.recovered_session (the start-up recovery's log line, written after its commit)."""
     times = _log_times(log)
-    parts = [f"{event.split('.', 1)[1]} +{(times[event] - started_wall) * 1000:.0f} ms"
-             for event in ("bus.connected", "bus.session_ready", "bus.started", "bus.recovered_session")
-             if event in times]
+    parts = [
+        f"{event.split('.', 1)[1]} +{(times[event] - started_wall) * 1000:.0f} ms"
+        for event in ("bus.connected", "bus.session_ready", "bus.started", "bus.recovered_session")
+        if event in times
+    ]
     return "log: " + ", ".join(parts)
 
 
@@ -148,11 +167,18 @@ def run_other_bus(procs: Procs, poller: Poller, args, variant: str) -> list[tupl
     samples: list[tuple[float, str]] = []
     interval = args.interval / 1000
     try:
-        wait_for(lambda: int(poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'")) >= 2,
-                 timeout=60, what="both buses connected")
+        wait_for(
+            lambda: int(poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'")) >= 2,
+            timeout=60,
+            what="both buses connected",
+        )
         for trial in range(1, args.trials + 1):
-            wait_for(lambda: poller.count("running") == args.jobs, timeout=60, interval=0.02,
-                     what=f"{args.jobs} jobs running ({variant} trial {trial})")
+            wait_for(
+                lambda: poller.count("running") == args.jobs,
+                timeout=60,
+                interval=0.02,
+                what=f"{args.jobs} jobs running ({variant} trial {trial})",
+            )
             time.sleep(args.settle)
             check(bus_b.poll() is None, "bus B exited")
             mark = last_event_id(poller)
@@ -168,8 +194,9 @@ def run_other_bus(procs: Procs, poller: Poller, args, variant: str) -> list[tupl
                 now = time.perf_counter()
                 if queued == args.jobs:
                     break
-                check(now < deadline, f"{variant} trial {trial}: only {queued} of {args.jobs} queued 30 s after "
-                                      "the kill")
+                check(
+                    now < deadline, f"{variant} trial {trial}: only {queued} of {args.jobs} queued 30 s after the kill"
+                )
                 time.sleep(interval)
             samples.append((now - killed_at, f"{os.getloadavg()[0]:.1f}"))
             check_trial(poller, mark, args.jobs, variant, trial)
@@ -198,8 +225,12 @@ def run_restart(procs: Procs, poller: Poller, args) -> list[tuple[float, float, 
     interval = args.interval / 1000
     try:
         for trial in range(1, args.trials + 1):
-            wait_for(lambda: poller.count("running") == args.jobs, timeout=60, interval=0.02,
-                     what=f"{args.jobs} jobs running (restart trial {trial})")
+            wait_for(
+                lambda: poller.count("running") == args.jobs,
+                timeout=60,
+                interval=0.02,
+                what=f"{args.jobs} jobs running (restart trial {trial})",
+            )
             time.sleep(args.settle)
             mark = last_event_id(poller)
             load = os.getloadavg()[0]
@@ -215,8 +246,9 @@ def run_restart(procs: Procs, poller: Poller, args) -> list[tuple[float, float, 
                 now = time.perf_counter()
                 if done >= args.jobs:
                     break
-                check(now < deadline, f"restart trial {trial}: only {done} of {args.jobs} requeued 30 s after "
-                                      "the restart")
+                check(
+                    now < deadline, f"restart trial {trial}: only {done} of {args.jobs} requeued 30 s after the restart"
+                )
                 time.sleep(interval)
             samples.append((now - started_at, now - killed_at, f"{os.getloadavg()[0]:.1f}"))
             check_trial(poller, mark, args.jobs, "restart", trial)
@@ -227,9 +259,12 @@ def run_restart(procs: Procs, poller: Poller, args) -> list[tuple[float, float, 
                     if "bus.recovered_session" in procs.log_text(bus_a):
                         break
                     time.sleep(0.05)
-                print(f"#   restart trial {trial}: {samples[-1][0]:.3f} s after its start "
-                      f"({samples[-1][1]:.3f} s after the kill; load {load:.1f} at the kill); "
-                      f"{startup_breakdown(procs.log_text(bus_a), started_wall)}", flush=True)
+                print(
+                    f"#   restart trial {trial}: {samples[-1][0]:.3f} s after its start "
+                    f"({samples[-1][1]:.3f} s after the kill; load {load:.1f} at the kill); "
+                    f"{startup_breakdown(procs.log_text(bus_a), started_wall)}",
+                    flush=True,
+                )
     finally:
         for proc in (bus_a, peer1):
             procs.stop(proc)
@@ -243,9 +278,12 @@ def run_backend(args) -> int:
         from django.db import connection
 
         label = backend_label(connection.vendor)
-        print(f"# fault_bus_death on {label}: {args.jobs} held jobs, {args.trials} trials per variant, poll every "
-              f"{args.interval:g} ms; HEARTBEAT_TIMEOUT={HEARTBEAT_TIMEOUT:g} s (lease {LEASE:g} s), "
-              f"BUS_SWEEP_INTERVAL={SWEEP_INTERVAL:g} s; {load_line()}", flush=True)
+        print(
+            f"# fault_bus_death on {label}: {args.jobs} held jobs, {args.trials} trials per variant, poll every "
+            f"{args.interval:g} ms; HEARTBEAT_TIMEOUT={HEARTBEAT_TIMEOUT:g} s (lease {LEASE:g} s), "
+            f"BUS_SWEEP_INTERVAL={SWEEP_INTERVAL:g} s; {load_line()}",
+            flush=True,
+        )
         enqueue_jobs(args.jobs, max_interruptions=10 * args.trials + 10)
         procs = Procs(url, keep_logs=args.keep_logs)
         poller = Poller(url)
@@ -267,29 +305,41 @@ def run_backend(args) -> int:
         finally:
             poller.close()
             procs.stop_all()
-        expected = {"same-host": f"expected <= BUS_SWEEP_INTERVAL ({SWEEP_INTERVAL:g} s)",
-                    "explicit": f"expected <= 2 x HEARTBEAT_TIMEOUT + BUS_SWEEP_INTERVAL "
-                                f"({LEASE + SWEEP_INTERVAL:g} s)"}
+        expected = {
+            "same-host": f"expected <= BUS_SWEEP_INTERVAL ({SWEEP_INTERVAL:g} s)",
+            "explicit": f"expected <= 2 x HEARTBEAT_TIMEOUT + BUS_SWEEP_INTERVAL ({LEASE + SWEEP_INTERVAL:g} s)",
+        }
         for variant, samples in results.items():
             if variant == "restart":
                 starts = [s[0] for s in samples]
                 kills = [s[1] for s in samples]
-                print(f"# restart trials, start -> requeued (s): {', '.join(f'{s:.3f}' for s in starts)}; "
-                      f"kill -> requeued: {', '.join(f'{s:.3f}' for s in kills)}; "
-                      f"load after each: {', '.join(s[2] for s in samples)}", flush=True)
+                print(
+                    f"# restart trials, start -> requeued (s): {', '.join(f'{s:.3f}' for s in starts)}; "
+                    f"kill -> requeued: {', '.join(f'{s:.3f}' for s in kills)}; "
+                    f"load after each: {', '.join(s[2] for s in samples)}",
+                    flush=True,
+                )
                 worst = max(starts)
-                print(f"restarted bus ({label}, BUS_NODE kept, {args.jobs} jobs, {len(starts)} trials): its start to "
-                      f"all requeued median {median(starts):.3f} s, max {worst:.3f} s  target <= "
-                      f"{TARGET_RESTART:g} s after its start  {verdict(worst <= TARGET_RESTART)}", flush=True)
+                print(
+                    f"restarted bus ({label}, BUS_NODE kept, {args.jobs} jobs, {len(starts)} trials): its start to "
+                    f"all requeued median {median(starts):.3f} s, max {worst:.3f} s  target <= "
+                    f"{TARGET_RESTART:g} s after its start  {verdict(worst <= TARGET_RESTART)}",
+                    flush=True,
+                )
             else:
                 values = [s[0] for s in samples]
-                print(f"# {variant} trials, kill -> all queued (s): {', '.join(f'{s:.3f}' for s in values)}; "
-                      f"load after each: {', '.join(s[1] for s in samples)}", flush=True)
+                print(
+                    f"# {variant} trials, kill -> all queued (s): {', '.join(f'{s:.3f}' for s in values)}; "
+                    f"load after each: {', '.join(s[1] for s in samples)}",
+                    flush=True,
+                )
                 worst = max(values)
-                print(f"other bus requeues, {variant} node ids ({label}, {args.jobs} jobs, {len(values)} trials): "
-                      f"kill to all queued median {median(values):.3f} s, max {worst:.3f} s ({expected[variant]})  "
-                      f"target <= lease expiry + 2 s = {TARGET_OTHER_BUS:g} s  {verdict(worst <= TARGET_OTHER_BUS)}",
-                      flush=True)
+                print(
+                    f"other bus requeues, {variant} node ids ({label}, {args.jobs} jobs, {len(values)} trials): "
+                    f"kill to all queued median {median(values):.3f} s, max {worst:.3f} s ({expected[variant]})  "
+                    f"target <= lease expiry + 2 s = {TARGET_OTHER_BUS:g} s  {verdict(worst <= TARGET_OTHER_BUS)}",
+                    flush=True,
+                )
         print(f"# {label} done; {load_line()}", flush=True)
     return status
 
@@ -299,10 +349,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--interval", type=float, default=5.0, help="poll interval in ms (default 5)")
-    parser.add_argument("--settle", type=float, default=1.5,
-                        help="seconds between all jobs running and the kill (default 1.5: past one heartbeat)")
-    parser.add_argument("--variants", nargs="+", choices=("same-host", "explicit", "restart"),
-                        default=["same-host", "explicit", "restart"])
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=1.5,
+        help="seconds between all jobs running and the kill (default 1.5: past one heartbeat)",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("same-host", "explicit", "restart"),
+        default=["same-host", "explicit", "restart"],
+    )
     parser.add_argument("--verbose", action="store_true", help="print each trial")
     args = parser.parse_args(argv)
     return per_backend(args, __file__, argv, run_backend)

@@ -158,16 +158,22 @@ def run(args) -> int:
         url = server.database_url(DB_NAME)
         _django_setup(url)
         version = server._run("postgres", "--version").stdout.strip()
-        print(f"# fault_pg_restart on a private PostgreSQL ({version}, fsync off, port {server.port}): producer "
-              f"{args.rate:g} jobs/s in batches of {args.batch} for {args.seconds:g} s, restart at "
-              f"{args.restart_at:g} s; runcrawler --noop --slots {args.slots}; {load_line()}", flush=True)
+        print(
+            f"# fault_pg_restart on a private PostgreSQL ({version}, fsync off, port {server.port}): producer "
+            f"{args.rate:g} jobs/s in batches of {args.batch} for {args.seconds:g} s, restart at "
+            f"{args.restart_at:g} s; runcrawler --noop --slots {args.slots}; {load_line()}",
+            flush=True,
+        )
         procs = Procs(url, keep_logs=args.keep_logs)
         sock = procs.socket_path()
         crawler = procs.manage("runcrawler", "--listen", sock, "--slots", str(args.slots), "--noop")
         bus = procs.manage("runbus", "--endpoint", sock)
         poller = Poller(url)
-        wait_for(lambda: int(poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'")) == 1,
-                 timeout=60, what="the bus connected")
+        wait_for(
+            lambda: int(poller.scalar("SELECT count(*) FROM bus_bussession WHERE state = 'connected'")) == 1,
+            timeout=60,
+            what="the bus connected",
+        )
         poller.close()
         poller = None
 
@@ -193,8 +199,12 @@ def run(args) -> int:
         ids_table = "(SELECT unnest(%s::bigint[]) AS id)"
         drain_deadline = time.monotonic() + args.drain
         while True:
-            done = int(poller.scalar(f"SELECT count(*) FROM jobs_job j JOIN {ids_table} c USING (id) "
-                                     "WHERE j.status = 'succeeded'", (committed,)))
+            done = int(
+                poller.scalar(
+                    f"SELECT count(*) FROM jobs_job j JOIN {ids_table} c USING (id) WHERE j.status = 'succeeded'",
+                    (committed,),
+                )
+            )
             if done == len(committed) or time.monotonic() >= drain_deadline:
                 break
             time.sleep(0.5)
@@ -203,18 +213,24 @@ def run(args) -> int:
         check(crawler.poll() is None, f"runcrawler exited with {crawler.returncode}")
 
         lost = len(committed) - done
-        poller.cursor.execute(f"SELECT j.status, count(*) FROM jobs_job j JOIN {ids_table} c USING (id) "
-                              "GROUP BY j.status", (committed,))
+        poller.cursor.execute(
+            f"SELECT j.status, count(*) FROM jobs_job j JOIN {ids_table} c USING (id) GROUP BY j.status", (committed,)
+        )
         by_status = dict(poller.cursor.fetchall())
-        duplicates = int(poller.scalar(
-            "SELECT count(*) FROM (SELECT job_id FROM jobs_jobevent WHERE kind = 'outcome' "
-            "GROUP BY job_id HAVING count(*) > 1) AS d"))
+        duplicates = int(
+            poller.scalar(
+                "SELECT count(*) FROM (SELECT job_id FROM jobs_jobevent WHERE kind = 'outcome' "
+                "GROUP BY job_id HAVING count(*) > 1) AS d"
+            )
+        )
         total_jobs = int(poller.scalar("SELECT count(*) FROM jobs_job"))
         running = poller.count("running")
         interrupts = int(poller.scalar("SELECT count(*) FROM jobs_jobevent WHERE kind = 'interrupt'"))
         stale = int(poller.scalar("SELECT count(*) FROM jobs_jobevent WHERE kind = 'stale'"))
-        poller.cursor.execute("SELECT extract(epoch FROM finished_at) FROM jobs_job "
-                              "WHERE status = 'succeeded' AND finished_at IS NOT NULL")
+        poller.cursor.execute(
+            "SELECT extract(epoch FROM finished_at) FROM jobs_job "
+            "WHERE status = 'succeeded' AND finished_at IS NOT NULL"
+        )
         finished = [float(row[0]) for row in poller.cursor.fetchall()]
 
         window_start = began + args.warmup
@@ -231,32 +247,52 @@ def run(args) -> int:
         after = [t for t in finished if up_at + 5 <= t < min(produced_until, up_at + 15)]
         rate_after = len(after) / max(1e-9, min(produced_until, up_at + 15) - (up_at + 5))
 
-        print(f"# producer: {len(committed)} jobs committed in {producer.batches} batches "
-              f"({len(committed) / (produced_until - began):.0f} jobs/s over {produced_until - began:.1f} s); "
-              f"{producer.failures} failed attempts, {producer.found_after_failure} batches found committed after "
-              f"a failure, longest retry {producer.longest_retry:.2f} s; {total_jobs} jobs in the table", flush=True)
-        print(f"# restart at {restart_at - began:.2f} s: stop (fast) took {stopped_at - restart_at:.2f} s, "
-              f"start {up_at - stopped_at:.2f} s (down {up_at - restart_at:.2f} s); load {load_at_restart:.2f} "
-              f"at the restart", flush=True)
-        print(f"# succeeded/s: {rate_before:.0f} before the restart ({args.warmup:g} s to the restart), "
-              f"{rate_after:.0f} from 5 to 15 s after it was up; longest gap between outcomes "
-              f"{stall:.2f} s from {stall_from - restart_at:+.2f} s (longest in the steady window before: "
-              f"{steady_gap:.2f} s; outcomes are committed in batches with one finished_at each); first outcome "
-              f"after the stop at {(first_after - restart_at) if first_after else float('nan'):+.2f} s; "
-              f"drained {drained_at - produced_until:.1f} s "
-              f"after the producer stopped; statuses {by_status}; {interrupts} interrupt events, {stale} stale "
-              f"events", flush=True)
-        print(f"jobs lost (PostgreSQL restart under {args.rate:g} jobs/s, {len(committed)} committed): {lost}  "
-              f"target 0  {verdict(lost == 0)}", flush=True)
-        print(f"duplicates (jobs with more than one outcome event): {duplicates}  target 0  "
-              f"{verdict(duplicates == 0)}", flush=True)
+        print(
+            f"# producer: {len(committed)} jobs committed in {producer.batches} batches "
+            f"({len(committed) / (produced_until - began):.0f} jobs/s over {produced_until - began:.1f} s); "
+            f"{producer.failures} failed attempts, {producer.found_after_failure} batches found committed after "
+            f"a failure, longest retry {producer.longest_retry:.2f} s; {total_jobs} jobs in the table",
+            flush=True,
+        )
+        print(
+            f"# restart at {restart_at - began:.2f} s: stop (fast) took {stopped_at - restart_at:.2f} s, "
+            f"start {up_at - stopped_at:.2f} s (down {up_at - restart_at:.2f} s); load {load_at_restart:.2f} "
+            f"at the restart",
+            flush=True,
+        )
+        print(
+            f"# succeeded/s: {rate_before:.0f} before the restart ({args.warmup:g} s to the restart), "
+            f"{rate_after:.0f} from 5 to 15 s after it was up; longest gap between outcomes "
+            f"{stall:.2f} s from {stall_from - restart_at:+.2f} s (longest in the steady window before: "
+            f"{steady_gap:.2f} s; outcomes are committed in batches with one finished_at each); first outcome "
+            f"after the stop at {(first_after - restart_at) if first_after else float('nan'):+.2f} s; "
+            f"drained {drained_at - produced_until:.1f} s "
+            f"after the producer stopped; statuses {by_status}; {interrupts} interrupt events, {stale} stale "
+            f"events",
+            flush=True,
+        )
+        print(
+            f"jobs lost (PostgreSQL restart under {args.rate:g} jobs/s, {len(committed)} committed): {lost}  "
+            f"target 0  {verdict(lost == 0)}",
+            flush=True,
+        )
+        print(
+            f"duplicates (jobs with more than one outcome event): {duplicates}  target 0  {verdict(duplicates == 0)}",
+            flush=True,
+        )
         if back is None:
-            print(f"time until throughput is back (>= {BACK_FRACTION:.0%} of {rate_before:.0f} jobs/s in a 1 s "
-                  f"window): never  reported, no target", flush=True)
+            print(
+                f"time until throughput is back (>= {BACK_FRACTION:.0%} of {rate_before:.0f} jobs/s in a 1 s "
+                f"window): never  reported, no target",
+                flush=True,
+            )
         else:
-            print(f"time until throughput is back (>= {BACK_FRACTION:.0%} of {rate_before:.0f} jobs/s in a 1 s "
-                  f"window, from the restart): {back:.2f} s ({back - (up_at - restart_at):.2f} s after the server "
-                  f"was up)  reported, no target", flush=True)
+            print(
+                f"time until throughput is back (>= {BACK_FRACTION:.0%} of {rate_before:.0f} jobs/s in a 1 s "
+                f"window, from the restart): {back:.2f} s ({back - (up_at - restart_at):.2f} s after the server "
+                f"was up)  reported, no target",
+                flush=True,
+            )
         check(running == 0, f"{running} jobs still running after the drain")
         check(duplicates == 0, f"{duplicates} jobs have more than one outcome event")
         check(lost == 0, f"{lost} committed jobs did not succeed within {args.drain:g} s")

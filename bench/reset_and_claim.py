@@ -153,8 +153,10 @@ def reset_once(count: int) -> tuple[float, float]:
     check(counts.requeued == count and counts.failed == 0, f"reset returned {counts}, expected {count} requeued")
     check(Job.objects.queued().count() == count, "not every job is queued after the reset")
     check(Job.objects.running().count() == 0, "running jobs are left after the reset")
-    check(Job.objects.filter(interruptions=1, lease_session__isnull=True, started_at__isnull=True).count() == count,
-          "not every job counts exactly one interruption with its lease and started_at cleared")
+    check(
+        Job.objects.filter(interruptions=1, lease_session__isnull=True, started_at__isnull=True).count() == count,
+        "not every job counts exactly one interruption with its lease and started_at cleared",
+    )
     interrupts = JobEvent.objects.filter(kind=EventKind.INTERRUPT, actor="bench", reason="bench")
     check(interrupts.count() == count, f"{interrupts.count()} interrupt events, expected {count}")
     check(interrupts.values("job_id").distinct().count() == count, "an interrupt event is missing or doubled")
@@ -182,8 +184,10 @@ def claim_once(count: int) -> tuple[float, float]:
     check(Job.objects.queued().count() == 0, "queued jobs are left")
     check(Job.objects.running().filter(attempt=1).count() == count, "not every job is running at attempt 1")
     claims = JobEvent.objects.filter(kind=EventKind.CLAIM)
-    check(claims.count() == count and claims.values("job_id").distinct().count() == count,
-          "not exactly one claim event per job")
+    check(
+        claims.count() == count and claims.values("job_id").distinct().count() == count,
+        "not exactly one claim event per job",
+    )
     return elapsed, cpu
 
 
@@ -207,8 +211,11 @@ def run_backend(args: argparse.Namespace) -> int:
             target = RESET_TARGET_S[vendor]
             verdict = "OK" if median <= target else "MISSED"
             cpu = statistics.median(cpu for _, cpu in runs)
-            print(f"reset {args.jobs} running jobs ({vendor}): {median:.2f} s  target <= {target} s  {verdict}"
-                  f"  ({_runs(times, '{:.2f} s')}; CPU median {cpu:.2f} s)", flush=True)
+            print(
+                f"reset {args.jobs} running jobs ({vendor}): {median:.2f} s  target <= {target} s  {verdict}"
+                f"  ({_runs(times, '{:.2f} s')}; CPU median {cpu:.2f} s)",
+                flush=True,
+            )
 
             runs = [claim_once(args.claim_jobs) for _ in range(args.runs)]
             rates = [args.claim_jobs / wall for wall, _ in runs]
@@ -216,11 +223,17 @@ def run_backend(args: argparse.Namespace) -> int:
             target = CLAIM_TARGET_JOBS_S.get(vendor)
             verdict = ("OK" if median >= target else "MISSED") if target else "(no target)"
             target_text = f"target >= {target:,.0f} jobs/s  " if target else ""
-            cpu_rate = statistics.median(args.claim_jobs / cpu for _, cpu in runs if cpu > 0) if any(
-                cpu > 0 for _, cpu in runs) else 0.0
-            print(f"claim {args.claim_jobs} jobs in batches of {CLAIM_BATCH} ({vendor}): {median:,.0f} jobs/s  "
-                  f"{target_text}{verdict}  ({_runs(rates, '{:,.0f}')} jobs/s; "
-                  f"per CPU second {cpu_rate:,.0f} jobs)", flush=True)
+            cpu_rate = (
+                statistics.median(args.claim_jobs / cpu for _, cpu in runs if cpu > 0)
+                if any(cpu > 0 for _, cpu in runs)
+                else 0.0
+            )
+            print(
+                f"claim {args.claim_jobs} jobs in batches of {CLAIM_BATCH} ({vendor}): {median:,.0f} jobs/s  "
+                f"{target_text}{verdict}  ({_runs(rates, '{:,.0f}')} jobs/s; "
+                f"per CPU second {cpu_rate:,.0f} jobs)",
+                flush=True,
+            )
         except CheckFailed as exc:
             print(f"CHECK FAILED ({vendor}): {exc}", flush=True)
             return 1
@@ -234,8 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=100_000, help="running jobs to reset (default 100000)")
     parser.add_argument("--claim-jobs", type=int, default=50_000, help="queued jobs to claim (default 50000)")
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement; the median is reported")
-    parser.add_argument("--postgres", default=DEFAULT_POSTGRES_URL, metavar="URL",
-                        help=f"PostgreSQL server for the throwaway database (default {DEFAULT_POSTGRES_URL})")
+    parser.add_argument(
+        "--postgres",
+        default=DEFAULT_POSTGRES_URL,
+        metavar="URL",
+        help=f"PostgreSQL server for the throwaway database (default {DEFAULT_POSTGRES_URL})",
+    )
     args = parser.parse_args(argv)
     if min(args.jobs, args.claim_jobs, args.runs) < 1:
         parser.error("--jobs, --claim-jobs and --runs must be >= 1")
@@ -245,8 +262,20 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()  # so that a SIGTERM reaches the child, which then drops its database
     status = 0
     for backend in BACKENDS:
-        child = [sys.executable, __file__, "--db", backend, "--jobs", str(args.jobs),
-                 "--claim-jobs", str(args.claim_jobs), "--runs", str(args.runs), "--postgres", args.postgres]
+        child = [
+            sys.executable,
+            __file__,
+            "--db",
+            backend,
+            "--jobs",
+            str(args.jobs),
+            "--claim-jobs",
+            str(args.claim_jobs),
+            "--runs",
+            str(args.runs),
+            "--postgres",
+            args.postgres,
+        ]
         process = subprocess.Popen(child)
         try:
             status = max(status, process.wait())

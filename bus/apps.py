@@ -32,8 +32,10 @@ def server_process_kind(argv: list[str], environ: os._Environ | dict) -> str | N
             return command
         return None
     for name in SERVER_PROGRAMS:
-        if program == name or program.startswith(name + "-") or (
-            program in ("python", "python3", "__main__.py") and len(argv) > 1 and argv[1] == name
+        if (
+            program == name
+            or program.startswith(name + "-")
+            or (program in ("python", "python3", "__main__.py") and len(argv) > 1 and argv[1] == name)
         ):
             return name
     if program == "__main__.py" and any(name in sys.modules for name in SERVER_PROGRAMS):

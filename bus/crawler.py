@@ -153,8 +153,15 @@ class Crawler:
                 sock = endpoint.listen()
                 sock.setblocking(False)
                 listeners.append((endpoint, sock))
-                log.info(kv("crawler.listening", endpoint=endpoint, crawler=self.name, slots=self.slots,
-                            noop=self.noop or None))
+                log.info(
+                    kv(
+                        "crawler.listening",
+                        endpoint=endpoint,
+                        crawler=self.name,
+                        slots=self.slots,
+                        noop=self.noop or None,
+                    )
+                )
             if self.noop_delay:
                 timer_thread = threading.Thread(target=self._run_timers, name="crawler-noop-timers", daemon=True)
                 timer_thread.start()
@@ -252,8 +259,9 @@ class Crawler:
                 self._timer_cond.notify()
             return
         session.queue(encode_frame({"type": "started", "job_id": key[0], "attempt": key[1]}))
-        thread = threading.Thread(target=self._run_fetch, args=(job,), name=f"crawler-job-{key[0]}-{key[1]}",
-                                  daemon=True)
+        thread = threading.Thread(
+            target=self._run_fetch, args=(job,), name=f"crawler-job-{key[0]}-{key[1]}", daemon=True
+        )
         with self._lock:
             self._job_threads.add(thread)
         thread.start()
@@ -267,19 +275,37 @@ class Crawler:
         except FetchCancelled:
             outcome = None
         except FetchError as exc:
-            outcome = {"type": "failed", "job_id": job_id, "attempt": attempt, "error": str(exc)[:2000],
-                       "retryable": exc.retryable}
+            outcome = {
+                "type": "failed",
+                "job_id": job_id,
+                "attempt": attempt,
+                "error": str(exc)[:2000],
+                "retryable": exc.retryable,
+            }
         except Exception as exc:  # noqa: BLE001 - a crawler bug fails the job, it must not kill the thread silently
             log.exception(kv("crawler.job.crashed", job_id=job_id, attempt=attempt))
             # Not retryable: the same bug would fail every attempt.
-            outcome = {"type": "failed", "job_id": job_id, "attempt": attempt,
-                       "error": f"crawler error: {type(exc).__name__}: {exc}"[:2000], "retryable": False}
+            outcome = {
+                "type": "failed",
+                "job_id": job_id,
+                "attempt": attempt,
+                "error": f"crawler error: {type(exc).__name__}: {exc}"[:2000],
+                "retryable": False,
+            }
         finally:
             with self._lock:
                 self._job_threads.discard(threading.current_thread())
         if outcome is not None and self._finish(job, outcome):
-            log.info(kv("crawler.job.finished", job_id=job_id, attempt=attempt, outcome=outcome["type"],
-                        status=(outcome.get("result") or {}).get("status"), error=outcome.get("error")))
+            log.info(
+                kv(
+                    "crawler.job.finished",
+                    job_id=job_id,
+                    attempt=attempt,
+                    outcome=outcome["type"],
+                    status=(outcome.get("result") or {}).get("status"),
+                    error=outcome.get("error"),
+                )
+            )
 
     def _finish(self, job: _Job, outcome: dict[str, Any]) -> bool:
         """Keep the outcome until acked and send it now if the job's session is live."""
@@ -321,8 +347,9 @@ class Crawler:
                     self._timer_cond.wait(min(timeout, IDLE_TICK))
                     continue
             for job in due:
-                self._finish(job, {"type": "done", "job_id": job.key[0], "attempt": job.key[1],
-                                   "result": {"noop": True}})
+                self._finish(
+                    job, {"type": "done", "job_id": job.key[0], "attempt": job.key[1], "result": {"noop": True}}
+                )
 
     def _reap_timeout(self) -> float:
         return min(IDLE_TICK, self.resume_grace) if self.resume_grace > 0 else IDLE_TICK
@@ -333,9 +360,11 @@ class Crawler:
             return
         now = time.monotonic()
         with self._lock:
-            expired = [job for job in self._running.values()
-                       if job.session is None and job.orphaned_at is not None
-                       and now - job.orphaned_at >= self.resume_grace]
+            expired = [
+                job
+                for job in self._running.values()
+                if job.session is None and job.orphaned_at is not None and now - job.orphaned_at >= self.resume_grace
+            ]
             for job in expired:
                 del self._running[job.key]
         for job in expired:
@@ -350,8 +379,11 @@ class Crawler:
             resumed = [job for job in self._running.values() if job.session is None]
             for job in resumed:
                 job.session, job.orphaned_at = session, None
-            ready: dict[str, Any] = {"type": "ready", "slots": self.slots,
-                                     "running": [list(job.key) for job in resumed]}
+            ready: dict[str, Any] = {
+                "type": "ready",
+                "slots": self.slots,
+                "running": [list(job.key) for job in resumed],
+            }
             if self.token:
                 assert session.bus_session is not None  # set from hello before ready is sent
                 ready["auth"] = ready_proof(self.token, hello_nonce, session.bus_session)
@@ -479,8 +511,16 @@ class _Session:
             log.info(kv("crawler.session.closed", conn=self.label, session=self.bus_session, reason=self._closing))
 
     def _serve(self) -> None:
-        self.queue(encode_frame({"type": "welcome", "protocol": PROTOCOL_VERSION, "crawler": self.crawler.name,
-                                 "nonce": self._welcome_nonce}))
+        self.queue(
+            encode_frame(
+                {
+                    "type": "welcome",
+                    "protocol": PROTOCOL_VERSION,
+                    "crawler": self.crawler.name,
+                    "nonce": self._welcome_nonce,
+                }
+            )
+        )
         with selectors.DefaultSelector() as selector:
             selector.register(self.sock, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
@@ -522,15 +562,19 @@ class _Session:
             self._close("crawler stopping", {"type": "bye", "reason": "crawler stopping"})
         elif self._state == HANDSHAKE:
             if now >= self._handshake_by:
-                self._close("no hello in time",
-                            {"type": "bye", "reason": f"no hello within {self.crawler.handshake_timeout:g} s"})
+                self._close(
+                    "no hello in time",
+                    {"type": "bye", "reason": f"no hello within {self.crawler.handshake_timeout:g} s"},
+                )
         elif now - self._last_received >= 2 * self._heartbeat:
-            log.warning(kv("crawler.session.bus_silent", session=self.bus_session,
-                           silent_s=round(now - self._last_received, 3)))
+            log.warning(
+                kv("crawler.session.bus_silent", session=self.bus_session, silent_s=round(now - self._last_received, 3))
+            )
             self._close("bus silent", {"type": "bye", "reason": "heartbeat timeout: nothing from the bus"})
         elif now - self._last_sent >= self._heartbeat:
-            self.queue(encode_frame({"type": "heartbeat", "ts": time.time(),
-                                     "running": self.crawler._running_of(self)}))
+            self.queue(
+                encode_frame({"type": "heartbeat", "ts": time.time(), "running": self.crawler._running_of(self)})
+            )
 
     def _flush(self) -> None:
         with self._out_lock:
@@ -603,8 +647,9 @@ class _Session:
         elif kind == "bye":
             self._close(f"bye from the bus: {frame.get('reason')}")
         elif kind == "error":
-            log.warning(kv("crawler.session.bus_error", conn=self.label, code=frame.get("code"),
-                           message=frame.get("message")))
+            log.warning(
+                kv("crawler.session.bus_error", conn=self.label, code=frame.get("code"), message=frame.get("message"))
+            )
         elif kind == "heartbeat":
             pass
         elif kind in BUS_FRAME_TYPES:
@@ -615,8 +660,10 @@ class _Session:
     def _on_hello(self, frame: dict[str, Any]) -> None:
         protocol = frame.get("protocol")
         if protocol != PROTOCOL_VERSION or isinstance(protocol, bool):
-            self._close(f"unsupported protocol {protocol!r}", error_frame(
-                UNSUPPORTED_PROTOCOL, f"this crawler speaks protocol {PROTOCOL_VERSION}, not {protocol!r}"))
+            self._close(
+                f"unsupported protocol {protocol!r}",
+                error_frame(UNSUPPORTED_PROTOCOL, f"this crawler speaks protocol {PROTOCOL_VERSION}, not {protocol!r}"),
+            )
             return
         session = frame.get("session")
         try:
@@ -633,21 +680,42 @@ class _Session:
         if token:
             expected = hello_proof(token, self._welcome_nonce, session)
             if not proof_matches(expected, frame.get("auth")) or not nonce_ok(hello_nonce):
-                log.error(kv("crawler.session.unauthorized", conn=self.label, session=session,
-                             auth="missing" if frame.get("auth") is None else "wrong"))
+                log.error(
+                    kv(
+                        "crawler.session.unauthorized",
+                        conn=self.label,
+                        session=session,
+                        auth="missing" if frame.get("auth") is None else "wrong",
+                    )
+                )
                 self._close("unauthorized", error_frame(UNAUTHORIZED, "hello auth is missing or wrong"))
                 return
         elif frame.get("auth") is not None:
             log.error(kv("crawler.session.unauthorized", conn=self.label, session=session, auth="unexpected"))
-            self._close("unauthorized", error_frame(
-                UNAUTHORIZED, "the bus sent auth but this crawler has no token: configure the same BUS_TOKEN on both"))
+            self._close(
+                "unauthorized",
+                error_frame(
+                    UNAUTHORIZED,
+                    "the bus sent auth but this crawler has no token: configure the same BUS_TOKEN on both",
+                ),
+            )
             return
         self.bus_session = session
         self._heartbeat = max(float(heartbeat), MIN_HEARTBEAT)
         self._state = READY
         resumed, resent = self.crawler._session_ready(self, hello_nonce if isinstance(hello_nonce, str) else "")
-        log.info(kv("crawler.session.ready", conn=self.label, session=session, node=frame.get("node"),
-                    heartbeat=self._heartbeat, slots=self.crawler.slots, resumed=resumed, resent=resent))
+        log.info(
+            kv(
+                "crawler.session.ready",
+                conn=self.label,
+                session=session,
+                node=frame.get("node"),
+                heartbeat=self._heartbeat,
+                slots=self.crawler.slots,
+                resumed=resumed,
+                resent=resent,
+            )
+        )
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
         kind = frame["type"]
@@ -667,8 +735,15 @@ class _Session:
             elif kind == "bye":
                 self._close(f"bye from the bus: {frame.get('reason')}")
             elif kind == "error":
-                log.warning(kv("crawler.session.bus_error", session=self.bus_session, code=frame.get("code"),
-                               message=frame.get("message"), job_id=frame.get("job_id")))
+                log.warning(
+                    kv(
+                        "crawler.session.bus_error",
+                        session=self.bus_session,
+                        code=frame.get("code"),
+                        message=frame.get("message"),
+                        job_id=frame.get("job_id"),
+                    )
+                )
             elif kind == "hello":
                 raise FieldError("the handshake is already done")
             else:

@@ -352,21 +352,33 @@ class Fetcher:
         raise FetchError(f"cannot connect to {host}:{port}: {_describe(error)}", retryable=True)
 
     def _request(
-        self, conn: http.client.HTTPConnection, sock: socket.socket, target: str, deadline: float,
+        self,
+        conn: http.client.HTTPConnection,
+        sock: socket.socket,
+        target: str,
+        deadline: float,
         cancel: Cancellation,
     ) -> http.client.HTTPResponse:
         cancel.check()
         sock.settimeout(self._remaining(deadline))
-        conn.request("GET", target, headers={
-            "User-Agent": self.user_agent,
-            "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
-            "Accept-Encoding": "identity",  # the size cap counts the bytes we parse
-            "Connection": "close",
-        })
+        conn.request(
+            "GET",
+            target,
+            headers={
+                "User-Agent": self.user_agent,
+                "Accept": "text/html,application/xhtml+xml,*/*;q=0.8",
+                "Accept-Encoding": "identity",  # the size cap counts the bytes we parse
+                "Connection": "close",
+            },
+        )
         return conn.getresponse()
 
     def _read_body(
-        self, sock: socket.socket, response: http.client.HTTPResponse, deadline: float, cancel: Cancellation,
+        self,
+        sock: socket.socket,
+        response: http.client.HTTPResponse,
+        deadline: float,
+        cancel: Cancellation,
     ) -> tuple[bytes, bool]:
         body = bytearray()
         limit = self.max_bytes + 1  # one byte more tells whether the body was cut

@@ -16,7 +16,7 @@ import random
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from jobsite.logging import kv
 
@@ -72,9 +72,16 @@ class Bus:
         self.store = store
         self.explicit_node = bool(node)
         self.node = node or default_node()
-        self.config = SessionConfig(heartbeat_timeout=heartbeat_timeout, token=token, max_frame=max_frame,
-                                    node=self.node, poll_interval=poll_interval, stall_timeout=stall_timeout,
-                                    max_slots=max_slots, max_result=max_result)
+        self.config = SessionConfig(
+            heartbeat_timeout=heartbeat_timeout,
+            token=token,
+            max_frame=max_frame,
+            node=self.node,
+            poll_interval=poll_interval,
+            stall_timeout=stall_timeout,
+            max_slots=max_slots,
+            max_result=max_result,
+        )
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.sweep_interval = sweep_interval
         self.supervised = supervised
@@ -87,7 +94,7 @@ class Bus:
         self._workers: list[SessionWorker] = []
 
     @classmethod
-    def from_settings(cls, *, endpoints: list[str] | None = None, supervised: bool | None = None) -> "Bus":
+    def from_settings(cls, *, endpoints: list[str] | None = None, supervised: bool | None = None) -> Bus:
         from django.conf import settings
 
         from .store import DjangoStore
@@ -121,8 +128,9 @@ class Bus:
         jobs at once (if the database is unreachable, the sweeper retries).
         """
         try:
-            self.store.recover_dead_sessions(node=self.node, explicit_node=self.explicit_node,
-                                             heartbeat_timeout=self.config.heartbeat_timeout)
+            self.store.recover_dead_sessions(
+                node=self.node, explicit_node=self.explicit_node, heartbeat_timeout=self.config.heartbeat_timeout
+            )
         except Exception as exc:
             log.warning(kv("bus.recovery_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
         finally:
@@ -134,8 +142,15 @@ class Bus:
         self._spawn("bus-sweeper", self._sweep_loop)
         if self.supervised:
             self._spawn("bus-supervisor", self._watch_parent)
-        log.info(kv("bus.started", node=self.node, endpoints=",".join(map(str, self.endpoints)) or "none",
-                    heartbeat_timeout=self.config.heartbeat_timeout, supervised=self.supervised))
+        log.info(
+            kv(
+                "bus.started",
+                node=self.node,
+                endpoints=",".join(map(str, self.endpoints)) or "none",
+                heartbeat_timeout=self.config.heartbeat_timeout,
+                supervised=self.supervised,
+            )
+        )
 
     def run(self) -> int:
         """Run until stop() (or the supervisor goes away); return the exit status."""
@@ -208,13 +223,27 @@ class Bus:
                 sock = endpoint.connect(timeout=5.0)
             except OSError as exc:
                 delay = backoff_delay(failures, base=self.backoff_base, cap=self.backoff_cap)
-                log.warning(kv("bus.connect_failed", endpoint=endpoint, attempt=failures + 1,
-                               error=exc.__class__.__name__, detail=str(exc)[:200], retry_in=round(delay, 3)))
+                log.warning(
+                    kv(
+                        "bus.connect_failed",
+                        endpoint=endpoint,
+                        attempt=failures + 1,
+                        error=exc.__class__.__name__,
+                        detail=str(exc)[:200],
+                        retry_in=round(delay, 3),
+                    )
+                )
                 failures += 1
                 self.stop_event.wait(delay)
                 continue
-            io = SessionIO(sock=sock, endpoint=str(endpoint), config=self.config, store=self.store,
-                           stop=self.stop_event, on_worker=self._track_worker)
+            io = SessionIO(
+                sock=sock,
+                endpoint=str(endpoint),
+                config=self.config,
+                store=self.store,
+                stop=self.stop_event,
+                on_worker=self._track_worker,
+            )
             log.info(kv("bus.connected", endpoint=endpoint, session=io.session))
             with self._lock:
                 self._sessions[str(endpoint)] = io
@@ -252,13 +281,19 @@ class Bus:
             try:
                 if outage:
                     self.store.check_database()
-                    log.info(kv("bus.sweep_paused", seconds=2 * self.config.heartbeat_timeout,
-                                why="database back after an outage: live buses renew their leases first"))
+                    log.info(
+                        kv(
+                            "bus.sweep_paused",
+                            seconds=2 * self.config.heartbeat_timeout,
+                            why="database back after an outage: live buses renew their leases first",
+                        )
+                    )
                     outage = False
                     if self.stop_event.wait(2 * self.config.heartbeat_timeout):
                         return
-                self.store.recover_dead_sessions(node=self.node, explicit_node=self.explicit_node,
-                                                 heartbeat_timeout=self.config.heartbeat_timeout)
+                self.store.recover_dead_sessions(
+                    node=self.node, explicit_node=self.explicit_node, heartbeat_timeout=self.config.heartbeat_timeout
+                )
                 self.store.sweep_expired_leases()
                 wait = self.sweep_interval
             except Exception as exc:

@@ -23,9 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobsite.logging import kv
-
 from jobs.outcomes import Outcome
+from jobsite.logging import kv
 
 from . import protocol
 from .protocol import FieldError, FrameError
@@ -87,8 +86,16 @@ class _Ended(Exception):
 class SessionIO:
     """Runs one connected socket through the handshake and the steady state."""
 
-    def __init__(self, *, sock: socket.socket, endpoint: str, config: SessionConfig, store: Any,
-                 stop: threading.Event, on_worker=None):
+    def __init__(
+        self,
+        *,
+        sock: socket.socket,
+        endpoint: str,
+        config: SessionConfig,
+        store: Any,
+        stop: threading.Event,
+        on_worker=None,
+    ):
         self.sock = sock
         self.endpoint = endpoint
         self.config = config
@@ -236,8 +243,10 @@ class SessionIO:
             selector.close()
         frame = self._pending.pop(0)
         if frame["type"] == "error":
-            raise _Ended(f"crawler sent error during handshake: {frame.get('code')}: {str(frame.get('message'))[:200]}",
-                         unauthorized=frame.get("code") == protocol.UNAUTHORIZED)
+            raise _Ended(
+                f"crawler sent error during handshake: {frame.get('code')}: {str(frame.get('message'))[:200]}",
+                unauthorized=frame.get("code") == protocol.UNAUTHORIZED,
+            )
         if frame["type"] != expected:
             self._fail(protocol.BAD_FRAME, f"expected {expected}, got {frame['type'][:50]!r}")
         return frame
@@ -247,23 +256,38 @@ class SessionIO:
         welcome = self._next_handshake_frame("welcome", time.monotonic() + config.handshake_timeout)
         version = welcome.get("protocol")
         if isinstance(version, bool) or version != protocol.PROTOCOL_VERSION:  # true == 1 in Python, not on the wire
-            self._fail(protocol.UNSUPPORTED_PROTOCOL,
-                       f"this bus speaks protocol {protocol.PROTOCOL_VERSION}, not {str(welcome.get('protocol'))[:20]}")
+            self._fail(
+                protocol.UNSUPPORTED_PROTOCOL,
+                f"this bus speaks protocol {protocol.PROTOCOL_VERSION}, not {str(welcome.get('protocol'))[:20]}",
+            )
         if not protocol.nonce_ok(welcome.get("nonce")):
             self._fail(protocol.BAD_FRAME, "welcome.nonce must be a hex string of at least 32 characters")
         session = str(self.session)
         hello_nonce = protocol.new_nonce()
-        hello = {"type": "hello", "protocol": protocol.PROTOCOL_VERSION, "node": config.node, "session": session,
-                 "heartbeat": config.heartbeat_interval, "nonce": hello_nonce}
+        hello = {
+            "type": "hello",
+            "protocol": protocol.PROTOCOL_VERSION,
+            "node": config.node,
+            "session": session,
+            "heartbeat": config.heartbeat_interval,
+            "nonce": hello_nonce,
+        }
         if config.token:
             hello["auth"] = protocol.hello_proof(config.token, welcome["nonce"], session)
         self.send(hello)
         self._flush_for(config.handshake_timeout)
         ready = self._next_handshake_frame("ready", time.monotonic() + config.handshake_timeout)
-        if config.token and not protocol.proof_matches(protocol.ready_proof(config.token, hello_nonce, session),
-                                                       ready.get("auth")):
-            log.error(kv("bus.unauthorized", session=session, endpoint=self.endpoint,
-                         detail="the crawler's ready proof is missing or wrong (check BUS_TOKEN on both sides)"))
+        if config.token and not protocol.proof_matches(
+            protocol.ready_proof(config.token, hello_nonce, session), ready.get("auth")
+        ):
+            log.error(
+                kv(
+                    "bus.unauthorized",
+                    session=session,
+                    endpoint=self.endpoint,
+                    detail="the crawler's ready proof is missing or wrong (check BUS_TOKEN on both sides)",
+                )
+            )
             self._fail(protocol.UNAUTHORIZED, "missing or wrong ready.auth", unauthorized=True)
         try:
             slots = protocol.slots_of(ready)
@@ -271,9 +295,19 @@ class SessionIO:
         except FieldError as exc:
             self._fail(protocol.BAD_FRAME, f"ready: {exc}")
         name = welcome.get("crawler")
-        crawler = name.replace("\x00", "") if isinstance(name, str) else ""  # PostgreSQL text cannot hold NUL: the row would never be written
-        log.info(kv("bus.session_ready", session=session, endpoint=self.endpoint, crawler=crawler[:100],
-                    slots=slots, resumed=len(running)))
+        crawler = (
+            name.replace("\x00", "") if isinstance(name, str) else ""
+        )  # PostgreSQL text cannot hold NUL: the row would never be written
+        log.info(
+            kv(
+                "bus.session_ready",
+                session=session,
+                endpoint=self.endpoint,
+                crawler=crawler[:100],
+                slots=slots,
+                resumed=len(running),
+            )
+        )
         return {"crawler": crawler, "slots": slots, "running": running}
 
     def _steady_state(self) -> None:
@@ -298,16 +332,21 @@ class SessionIO:
                 now = time.monotonic()
                 silence = now - self.last_rx
                 if silence >= config.silence_limit:
-                    log.warning(kv("bus.heartbeat_timeout", session=self.session, endpoint=self.endpoint,
-                                   silence=round(silence, 3)))
+                    log.warning(
+                        kv(
+                            "bus.heartbeat_timeout",
+                            session=self.session,
+                            endpoint=self.endpoint,
+                            silence=round(silence, 3),
+                        )
+                    )
                     raise _Ended(f"heartbeat timeout: nothing heard for {silence:.1f} s", "timeout")
                 if now - self.last_tx >= config.heartbeat_interval:
                     self.send(protocol.heartbeat_frame())
                 self._flush()
                 if len(self._outbox) > MAX_OUTBOX_BYTES:
                     raise _Ended("the crawler does not read its frames (outbox over 64 MiB)")
-                timeout = min(1.0, config.heartbeat_interval - (now - self.last_tx),
-                              config.silence_limit - silence)
+                timeout = min(1.0, config.heartbeat_interval - (now - self.last_tx), config.silence_limit - silence)
                 # Backpressure: a crawler that floods frames faster than the
                 # database takes them is not read until the worker catches up
                 # (and is not timed out for the silence that causes).
@@ -353,13 +392,21 @@ class SessionIO:
                 elif kind == "started":
                     batch.append(("started", protocol.job_id_of(frame), protocol.attempt_of(frame)))
                 elif kind == "progress":
-                    batch.append(("progress", protocol.job_id_of(frame), protocol.attempt_of(frame),
-                                  self._progress(frame)))
+                    batch.append(
+                        ("progress", protocol.job_id_of(frame), protocol.attempt_of(frame), self._progress(frame))
+                    )
                 elif kind == "capacity":
                     batch.append(("capacity", protocol.slots_of(frame)))
                 elif kind == "error":
-                    log.warning(kv("bus.crawler_error", session=self.session, code=str(frame.get("code"))[:50],
-                                   message=str(frame.get("message"))[:300], job=frame.get("job_id")))
+                    log.warning(
+                        kv(
+                            "bus.crawler_error",
+                            session=self.session,
+                            code=str(frame.get("code"))[:50],
+                            message=str(frame.get("message"))[:300],
+                            job=frame.get("job_id"),
+                        )
+                    )
                 elif kind == "bye":
                     if batch:
                         worker.post(*batch)
@@ -370,8 +417,11 @@ class SessionIO:
                 else:
                     self.send(protocol.error_frame(protocol.UNKNOWN_TYPE, f"unknown frame type {kind[:50]!r}"))
             except FieldError as exc:
-                ids = {key: frame[key] for key in ("job_id", "attempt") if key in frame
-                       and isinstance(frame[key], int) and not isinstance(frame[key], bool)}
+                ids = {
+                    key: frame[key]
+                    for key in ("job_id", "attempt")
+                    if key in frame and isinstance(frame[key], int) and not isinstance(frame[key], bool)
+                }
                 self.send(protocol.error_frame(protocol.INVALID, f"{kind}: {exc}", **ids))
         if batch:
             worker.post(*batch)
@@ -385,8 +435,16 @@ class SessionIO:
             size = len(protocol.encode_frame(result)) - 1
             if size > self.config.max_result:
                 # Recorded all the same (the job did finish), with a marker instead of the result.
-                log.warning(kv("bus.result_too_large", session=self.session, job=job_id, attempt=attempt,
-                               bytes=size, limit=self.config.max_result))
+                log.warning(
+                    kv(
+                        "bus.result_too_large",
+                        session=self.session,
+                        job=job_id,
+                        attempt=attempt,
+                        bytes=size,
+                        limit=self.config.max_result,
+                    )
+                )
                 result = {"result_too_large": {"bytes": size, "limit": self.config.max_result}}
             return Outcome(job_id=job_id, attempt=attempt, succeeded=True, result=_without_nul(result))
         error = frame.get("error", "")
@@ -395,8 +453,13 @@ class SessionIO:
             raise FieldError("failed.error must be a string")
         if not isinstance(retryable, bool):
             raise FieldError("failed.retryable must be true or false")
-        return Outcome(job_id=job_id, attempt=attempt, succeeded=False,
-                       error=error[:MAX_ERROR_TEXT].replace("\x00", ""), retryable=retryable)
+        return Outcome(
+            job_id=job_id,
+            attempt=attempt,
+            succeeded=False,
+            error=error[:MAX_ERROR_TEXT].replace("\x00", ""),
+            retryable=retryable,
+        )
 
     @staticmethod
     def _progress(frame: dict) -> dict[str, Any]:
@@ -491,8 +554,14 @@ class SessionWorker(threading.Thread):
                     self._work()
                     delay = 0.05
                 except Exception as exc:  # database trouble: keep everything pending and retry
-                    log.warning(kv("bus.db_error", session=self.session, error=exc.__class__.__name__,
-                                   detail=str(exc).strip()[:300]))
+                    log.warning(
+                        kv(
+                            "bus.db_error",
+                            session=self.session,
+                            error=exc.__class__.__name__,
+                            detail=str(exc).strip()[:300],
+                        )
+                    )
                     self._reset_connection()
                     time.sleep(delay)
                     delay = min(delay * 2, 1.0)  # short: leases must be renewed soon after an outage
@@ -526,20 +595,36 @@ class SessionWorker(threading.Thread):
             try:
                 return call()
             except Exception as exc:
-                log.warning(kv("bus.db_error", session=self.session, during=what, error=exc.__class__.__name__,
-                               detail=str(exc).strip()[:300]))
+                log.warning(
+                    kv(
+                        "bus.db_error",
+                        session=self.session,
+                        during=what,
+                        error=exc.__class__.__name__,
+                        detail=str(exc).strip()[:300],
+                    )
+                )
                 self._reset_connection()
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
     def _start_session(self) -> None:
         io, welcome = self.io, self.welcome
-        self._retrying("open_session", lambda: self.store.open_session(
-            session=self.session, node=self.config.node, endpoint=io.endpoint, crawler=welcome["crawler"],
-            slots=welcome["slots"]))
+        self._retrying(
+            "open_session",
+            lambda: self.store.open_session(
+                session=self.session,
+                node=self.config.node,
+                endpoint=io.endpoint,
+                crawler=welcome["crawler"],
+                slots=welcome["slots"],
+            ),
+        )
         if welcome["running"]:
-            taken, refused = self._retrying("re_lease", lambda: self.store.re_lease(
-                session=self.session, endpoint=io.endpoint, running=welcome["running"]))
+            taken, refused = self._retrying(
+                "re_lease",
+                lambda: self.store.re_lease(session=self.session, endpoint=io.endpoint, running=welcome["running"]),
+            )
             now = time.monotonic()
             for job_id, attempt in taken:
                 self.state.outstanding[job_id] = _Assignment(attempt, now)
@@ -618,8 +703,11 @@ class SessionWorker(threading.Thread):
         if assignment and assignment.attempt == attempt:
             assignment.active_at = time.monotonic()
             return True
-        self.io.send(protocol.error_frame(protocol.STALE, "job is not leased to this session with that attempt",
-                                          job_id=job_id, attempt=attempt))
+        self.io.send(
+            protocol.error_frame(
+                protocol.STALE, "job is not leased to this session with that attempt", job_id=job_id, attempt=attempt
+            )
+        )
         return False
 
     def _reconcile(self, running: list[tuple[int, int]]) -> None:
@@ -657,10 +745,19 @@ class SessionWorker(threading.Thread):
         state = self.state
         state.stale += stale
         if state.stale > state.stale_limit and self.io.failure is None:
-            log.warning(kv("bus.stale_flood", session=self.session, endpoint=self.io.endpoint, stale=state.stale,
-                           limit=state.stale_limit))
-            self.io.fail(TOO_MANY_STALE, f"{state.stale} stale outcomes in this session (the limit is "
-                                         f"{state.stale_limit}): closing it")
+            log.warning(
+                kv(
+                    "bus.stale_flood",
+                    session=self.session,
+                    endpoint=self.io.endpoint,
+                    stale=state.stale,
+                    limit=state.stale_limit,
+                )
+            )
+            self.io.fail(
+                TOO_MANY_STALE,
+                f"{state.stale} stale outcomes in this session (the limit is {state.stale_limit}): closing it",
+            )
 
     def _work(self) -> None:
         """One pass over the pending database work; raises on database errors, keeping it pending."""
@@ -683,11 +780,19 @@ class SessionWorker(threading.Thread):
                 self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in cancel))
             state.reported_running = None
         if state.outcomes:
-            acks = store.record_outcomes(session=session, endpoint=self.io.endpoint, outcomes=state.outcomes,
-                                         audit_stale=max(0, STALE_AUDIT_PER_SESSION - state.stale))
+            acks = store.record_outcomes(
+                session=session,
+                endpoint=self.io.endpoint,
+                outcomes=state.outcomes,
+                audit_stale=max(0, STALE_AUDIT_PER_SESSION - state.stale),
+            )
             if not self.ended:  # the socket is gone otherwise; the crawler resends and gets "recorded"
-                self.io.send(*({"type": "ack", "job_id": o.job_id, "attempt": o.attempt, "status": ack}
-                               for o, ack in zip(state.outcomes, acks)))
+                self.io.send(
+                    *(
+                        {"type": "ack", "job_id": o.job_id, "attempt": o.attempt, "status": ack}
+                        for o, ack in zip(state.outcomes, acks)
+                    )
+                )
             self._count_stale(acks.count(STALE_ACK))  # after the acks: they go out before the error
             state.outcomes = []
         if self.ended:
@@ -698,10 +803,12 @@ class SessionWorker(threading.Thread):
             state.lost = []
         if state.stalled:
             reason = f"stalled: no progress reported for {self.config.stall_timeout:g} s"
-            counts = store.requeue_stalled(session=session, job_ids=[job_id for job_id, _ in state.stalled],
-                                           reason=reason)
-            self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt}
-                           for job_id, attempt in state.stalled))
+            counts = store.requeue_stalled(
+                session=session, job_ids=[job_id for job_id, _ in state.stalled], reason=reason
+            )
+            self.io.send(
+                *({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in state.stalled)
+            )
             log.info(kv("bus.stalled_jobs", session=session, jobs=len(state.stalled), counts=counts))
             state.stalled = []
         if state.seen_due or time.monotonic() - state.seen_at >= self.config.heartbeat_interval:
@@ -725,16 +832,25 @@ class SessionWorker(threading.Thread):
                 state.want_dispatch = False  # full, or running a suspect alone
                 break
             limit = min(free, MAX_CLAIM_BATCH)
-            claimed = store.claim(session=session, endpoint=self.io.endpoint, limit=limit,
-                                  alone=not state.outstanding)
+            claimed = store.claim(session=session, endpoint=self.io.endpoint, limit=limit, alone=not state.outstanding)
             at = time.monotonic()
             for job in claimed:
                 state.outstanding[job.id] = _Assignment(job.attempt, at)
                 if job.run_alone:
                     state.suspects.add(job.id)
             if claimed:
-                self.io.send(*({"type": "assign", "job_id": job.id, "attempt": job.attempt, "url": job.url,
-                                "payload": job.payload} for job in claimed))
+                self.io.send(
+                    *(
+                        {
+                            "type": "assign",
+                            "job_id": job.id,
+                            "attempt": job.attempt,
+                            "url": job.url,
+                            "payload": job.payload,
+                        }
+                        for job in claimed
+                    )
+                )
             state.want_dispatch = len(claimed) == limit and not claimed[0].run_alone
             if not self.inbox.empty():
                 break  # outcomes waiting: record and ack them before claiming more
@@ -746,8 +862,18 @@ class SessionWorker(threading.Thread):
             # The summary of what was not audited one by one (PROTOCOL.md: bounded audit).
             reason = f"{reason}; {unaudited} more stale outcomes from session {self.session} not audited one by one"
         started = time.monotonic()
-        counts = self._retrying("end_session", lambda: self.store.end_session(
-            session=self.session, reason=reason, cause=cause))
-        log.info(kv("bus.session_ended", session=self.session, endpoint=self.io.endpoint, reason=reason,
-                    cause=cause, requeued=getattr(counts, "requeued", None), failed=getattr(counts, "failed", None),
-                    ms=round((time.monotonic() - started) * 1000, 1)))
+        counts = self._retrying(
+            "end_session", lambda: self.store.end_session(session=self.session, reason=reason, cause=cause)
+        )
+        log.info(
+            kv(
+                "bus.session_ended",
+                session=self.session,
+                endpoint=self.io.endpoint,
+                reason=reason,
+                cause=cause,
+                requeued=getattr(counts, "requeued", None),
+                failed=getattr(counts, "failed", None),
+                ms=round((time.monotonic() - started) * 1000, 1),
+            )
+        )

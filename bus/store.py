@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import select
 import threading
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from jobs.outcomes import Outcome
@@ -23,8 +24,12 @@ if TYPE_CHECKING:  # the services import models: not at import time (see DjangoS
 log = logging.getLogger("bus.store")
 
 # Why a session ended -> which signal announces it.
-SIGNAL_FOR_CAUSE = {"lost": "session_lost", "closed": "session_lost", "timeout": "heartbeat_timeout",
-                    "supervisor": "supervisor_lost"}
+SIGNAL_FOR_CAUSE = {
+    "lost": "session_lost",
+    "closed": "session_lost",
+    "timeout": "heartbeat_timeout",
+    "supervisor": "supervisor_lost",
+}
 
 
 class Store(Protocol):
@@ -36,11 +41,13 @@ class Store(Protocol):
 
     # --- one session (SessionWorker) ---
     def open_session(self, *, session: UUID, node: str, endpoint: str, crawler: str, slots: int) -> None: ...
-    def re_lease(self, *, session: UUID, endpoint: str,
-                 running: Sequence[tuple[int, int]]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
+    def re_lease(
+        self, *, session: UUID, endpoint: str, running: Sequence[tuple[int, int]]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
     def claim(self, *, session: UUID, endpoint: str, limit: int, alone: bool) -> Sequence[ClaimedJob]: ...
-    def record_outcomes(self, *, session: UUID, endpoint: str, outcomes: Sequence[Outcome],
-                        audit_stale: int) -> list[str]: ...
+    def record_outcomes(
+        self, *, session: UUID, endpoint: str, outcomes: Sequence[Outcome], audit_stale: int
+    ) -> list[str]: ...
     def renew(self, *, session: UUID, running: Sequence[tuple[int, int]]) -> set[tuple[int, int]]: ...
     def started(self, *, session: UUID, job_id: int, attempt: int) -> bool: ...
     def progress(self, *, session: UUID, job_id: int, attempt: int, progress: dict[str, Any]) -> bool: ...
@@ -78,21 +85,30 @@ class DjangoStore:
         self.live_sessions.add(session)
         BusSession.objects.update_or_create(
             session=session,
-            defaults=dict(node=node, endpoint=endpoint, crawler=crawler[:200], slots=slots,
-                          connected_at=at, last_heartbeat_at=at, state="connected"),
+            defaults=dict(
+                node=node,
+                endpoint=endpoint,
+                crawler=crawler[:200],
+                slots=slots,
+                connected_at=at,
+                last_heartbeat_at=at,
+                state="connected",
+            ),
         )
 
     def re_lease(self, *, session, endpoint, running):
         from jobs import services
 
-        return services.re_lease_jobs(session=session, running=running, crawler=endpoint,
-                                      lease_seconds=self.lease_seconds)
+        return services.re_lease_jobs(
+            session=session, running=running, crawler=endpoint, lease_seconds=self.lease_seconds
+        )
 
     def claim(self, *, session, endpoint, limit, alone):
         from jobs import services
 
-        return services.claim_jobs(session=session, limit=limit, crawler=endpoint, alone=alone,
-                                   lease_seconds=self.lease_seconds)
+        return services.claim_jobs(
+            session=session, limit=limit, crawler=endpoint, alone=alone, lease_seconds=self.lease_seconds
+        )
 
     def record_outcomes(self, *, session, endpoint, outcomes, audit_stale):
         """Record a batch; an outcome the database refuses for good fails its job instead of stalling the session.
@@ -107,8 +123,9 @@ class DjangoStore:
         from jobs import services
 
         try:
-            return services.record_outcomes(session=session, outcomes=outcomes, crawler=endpoint,
-                                            audit_stale=audit_stale)
+            return services.record_outcomes(
+                session=session, outcomes=outcomes, crawler=endpoint, audit_stale=audit_stale
+            )
         except (DataError, IntegrityError):
             pass
         acks = []
@@ -116,12 +133,23 @@ class DjangoStore:
             try:
                 acks.append(services.record_outcome(session=session, outcome=outcome, crawler=endpoint))
             except (DataError, IntegrityError) as exc:
-                log.warning(kv("bus.outcome_refused", session=session, job=outcome.job_id, attempt=outcome.attempt,
-                               error=exc.__class__.__name__, detail=str(exc).strip()[:200]))
+                log.warning(
+                    kv(
+                        "bus.outcome_refused",
+                        session=session,
+                        job=outcome.job_id,
+                        attempt=outcome.attempt,
+                        error=exc.__class__.__name__,
+                        detail=str(exc).strip()[:200],
+                    )
+                )
                 refused = services.Outcome(
-                    job_id=outcome.job_id, attempt=outcome.attempt, succeeded=False, retryable=False,
+                    job_id=outcome.job_id,
+                    attempt=outcome.attempt,
+                    succeeded=False,
+                    retryable=False,
                     error=f"the crawler's outcome could not be stored ({exc.__class__.__name__}: "
-                          f"{str(exc).strip()[:300]})",
+                    f"{str(exc).strip()[:300]})",
                 )
                 acks.append(services.record_outcome(session=session, outcome=refused, crawler=endpoint))
         return acks
@@ -158,7 +186,9 @@ class DjangoStore:
         from jobs import services
 
         return services.reset_running_jobs(
-            session=session, job_ids=job_ids, actor="bus",
+            session=session,
+            job_ids=job_ids,
+            actor="bus",
             reason="lost assignment: the crawler left it out of two heartbeats",
         )
 
@@ -184,7 +214,9 @@ class DjangoStore:
         with transaction.atomic():
             responses = signal.send(sender=self.sender, session=session, reason=reason)
             BusSession.objects.filter(session=session).update(
-                state="closed" if cause == "closed" else "lost", closed_at=timezone.now(), close_reason=reason[:1000],
+                state="closed" if cause == "closed" else "lost",
+                closed_at=timezone.now(),
+                close_reason=reason[:1000],
             )
         counts = [response for _, response in responses if response is not None]
         return counts[0] if counts else None
@@ -244,23 +276,37 @@ class DjangoStore:
         cutoff = timezone.now() - timedelta(seconds=3 * heartbeat_timeout)
         dead: dict[UUID, str] = {}
         for session, session_node, last_seen in BusSession.objects.open().values_list(
-                "session", "node", "last_heartbeat_at"):
+            "session", "node", "last_heartbeat_at"
+        ):
             if explicit_node and session_node == node and session not in self.live_sessions:
                 dead[session] = "bus restarted: recovering the jobs of its earlier session"
-            elif session_node.startswith(host_prefix) and session_node[len(host_prefix):].isdigit():
-                pid = int(session_node[len(host_prefix):])
+            elif session_node.startswith(host_prefix) and session_node[len(host_prefix) :].isdigit():
+                pid = int(session_node[len(host_prefix) :])
                 if pid != own_pid and not _pid_alive(pid):
                     dead[session] = f"bus process {pid} on this host is gone"
-            if session not in dead and last_seen is not None and last_seen < cutoff \
-                    and session not in self.live_sessions:
+            if (
+                session not in dead
+                and last_seen is not None
+                and last_seen < cutoff
+                and session not in self.live_sessions
+            ):
                 dead[session] = "no heartbeat recorded for 3 x HEARTBEAT_TIMEOUT: its bus is gone"
         for session, reason in dead.items():
             counts = services.reset_running_jobs(session=session, actor="sweeper", reason=reason)
             BusSession.objects.filter(session=session, state="connected").update(
-                state="lost", closed_at=timezone.now(), close_reason=reason,
+                state="lost",
+                closed_at=timezone.now(),
+                close_reason=reason,
             )
-            log.info(kv("bus.recovered_session", session=session, reason=reason, requeued=counts.requeued,
-                        failed=counts.failed))
+            log.info(
+                kv(
+                    "bus.recovered_session",
+                    session=session,
+                    reason=reason,
+                    requeued=counts.requeued,
+                    failed=counts.failed,
+                )
+            )
         return len(dead)
 
     def connect_job_signal(self, callback: Callable[[], None]) -> None:

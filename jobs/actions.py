@@ -26,8 +26,14 @@ def run_action(*, action: str, job_ids: list[int], username: str, actor: str, pl
     if action == "requeue":
         counts = services.reset_running_jobs(job_ids=job_ids, reason=reason, actor=actor)
         skipped = len(job_ids) - counts.total
-        suspects = (f" ({counts.suspected} of them interrupted too many times with other jobs in their session: "
-                    f"each runs alone next)") if counts.suspected else ""
+        suspects = (
+            (
+                f" ({counts.suspected} of them interrupted too many times with other jobs in their session: "
+                f"each runs alone next)"
+            )
+            if counts.suspected
+            else ""
+        )
         return ActionReport(
             f"Requeued {counts.requeued}{suspects}, failed {counts.failed} (interrupted too many times), "
             f"skipped {skipped} not running.",
@@ -35,8 +41,9 @@ def run_action(*, action: str, job_ids: list[int], username: str, actor: str, pl
         )
     if action == "retry":
         result = services.retry_jobs(job_ids=job_ids, reason=reason, actor=actor)
-        return ActionReport(f"Retried {result.changed}, skipped {result.skipped} not failed or cancelled.",
-                            result.changed)
+        return ActionReport(
+            f"Retried {result.changed}, skipped {result.skipped} not failed or cancelled.", result.changed
+        )
     if action == "cancel":
         result = services.cancel_jobs(job_ids=job_ids, reason=reason, actor=actor)
         return ActionReport(

@@ -33,7 +33,15 @@ EDITABLE_WHILE_QUEUED = ("url", "payload", "priority", "max_attempts", "max_inte
 # The changelist reads only these columns: payload, progress and result can
 # each be tens of kilobytes of JSON that a list page never shows.
 CHANGELIST_FIELDS = (
-    "id", "url", "status", "priority", "attempt", "interruptions", "lease_session", "started_at", "updated_at",
+    "id",
+    "url",
+    "status",
+    "priority",
+    "attempt",
+    "interruptions",
+    "lease_session",
+    "started_at",
+    "updated_at",
 )
 
 URL_COLUMN_LENGTH = 60
@@ -128,8 +136,15 @@ class JobEventInline(admin.TabularInline):
 @admin.register(Job)
 class JobAdmin(admin.ModelAdmin):
     list_display = (
-        "id", "short_url", "status", "priority", "attempt", "interruptions", "session_link",
-        "running_for", "updated_at",
+        "id",
+        "short_url",
+        "status",
+        "priority",
+        "attempt",
+        "interruptions",
+        "session_link",
+        "running_for",
+        "updated_at",
     )
     list_display_links = ("id", "short_url")
     list_filter = ("status",)
@@ -143,9 +158,20 @@ class JobAdmin(admin.ModelAdmin):
     show_full_result_count = False
     fieldsets = (
         ("Job", {"fields": EDITABLE_WHILE_QUEUED}),
-        ("State", {"fields": (
-            "status", "attempt", "failures", "interruptions", "outcome_attempt", "run_after", "error",
-        )}),
+        (
+            "State",
+            {
+                "fields": (
+                    "status",
+                    "attempt",
+                    "failures",
+                    "interruptions",
+                    "outcome_attempt",
+                    "run_after",
+                    "error",
+                )
+            },
+        ),
         ("Lease", {"fields": ("lease_session", "lease_expires_at", "started_at", "running_for")}),
         ("Outcome", {"fields": ("finished_at", "progress", "result")}),
         ("Times", {"fields": ("created_at", "updated_at")}),
@@ -203,8 +229,13 @@ class JobAdmin(admin.ModelAdmin):
 
     def _run_action(self, request: HttpRequest, queryset: QuerySet, action: str) -> None:
         username = request.user.get_username()
-        report = run_action(action=action, job_ids=list(queryset.values_list("id", flat=True)),
-                            username=username, actor=f"admin:{username}", place="in the admin")
+        report = run_action(
+            action=action,
+            job_ids=list(queryset.values_list("id", flat=True)),
+            username=username,
+            actor=f"admin:{username}",
+            place="in the admin",
+        )
         self.message_user(request, report.text, messages.SUCCESS if report.changed else messages.WARNING)
 
     # --- The change form: a queued job's definition, nothing else ----------------
@@ -221,8 +252,11 @@ class JobAdmin(admin.ModelAdmin):
             return None
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context=None):
-        extra_context = {**(extra_context or {}), "inline_events": INLINE_EVENTS,
-                         "all_events_url": reverse("admin:jobs_jobevent_changelist") + f"?job={parse_id(object_id)}"}
+        extra_context = {
+            **(extra_context or {}),
+            "inline_events": INLINE_EVENTS,
+            "all_events_url": reverse("admin:jobs_jobevent_changelist") + f"?job={parse_id(object_id)}",
+        }
         return super().change_view(request, object_id, form_url, extra_context)
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -253,13 +287,20 @@ class JobAdmin(admin.ModelAdmin):
         edited = [name for name in form.changed_data if name in EDITABLE_WHILE_QUEUED]
         if not edited:
             return
-        updated = Job.objects.queued().filter(pk=obj.pk).update(
-            **{name: getattr(obj, name) for name in edited}, updated_at=services.now(),
+        updated = (
+            Job.objects.queued()
+            .filter(pk=obj.pk)
+            .update(
+                **{name: getattr(obj, name) for name in edited},
+                updated_at=services.now(),
+            )
         )
         if not updated:
             setattr(obj, NOT_SAVED, True)
             self.message_user(
-                request, f"Job {obj.pk} is no longer queued, so it was not changed.", messages.ERROR,
+                request,
+                f"Job {obj.pk} is no longer queued, so it was not changed.",
+                messages.ERROR,
             )
 
     def log_change(self, request: HttpRequest, obj: Job, message):
@@ -277,8 +318,7 @@ class JobAdmin(admin.ModelAdmin):
 class JobEventAdmin(admin.ModelAdmin):
     """Every job's audit trail, newest first, one page at a time: `?job=<id>` lists one job's."""
 
-    list_display = ("id", "job_link", "at", "kind", "from_status", "to_status", "attempt", "session", "actor",
-                    "reason")
+    list_display = ("id", "job_link", "at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
     list_display_links = None
     list_filter = ("kind",)
     ordering = ("-id",)
@@ -291,8 +331,7 @@ class JobEventAdmin(admin.ModelAdmin):
 
     @admin.display(description="job", ordering="job")
     def job_link(self, event: JobEvent) -> str:
-        return format_html('<a href="{}">#{}</a>', reverse("admin:jobs_job_change", args=[event.job_id]),
-                           event.job_id)
+        return format_html('<a href="{}">#{}</a>', reverse("admin:jobs_job_change", args=[event.job_id]), event.job_id)
 
     # Written by the services only; whoever may see jobs sees their history.
     def has_add_permission(self, request: HttpRequest) -> bool:

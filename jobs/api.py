@@ -31,7 +31,7 @@ def api_login_required(view):
         if not request.user.is_active:
             return JsonResponse({"error": "this account is inactive"}, status=403)
         if not can_view_jobs(request.user):
-            return JsonResponse({"error": "reading jobs needs the \"view job\" permission"}, status=403)
+            return JsonResponse({"error": 'reading jobs needs the "view job" permission'}, status=403)
         return view(request, *args, **kwargs)
 
     return wrapper
@@ -106,17 +106,19 @@ def job_detail(request: HttpRequest, job_id: int) -> JsonResponse:
         job, events, events_cut = selectors.job_with_events(job_id)
     except Job.DoesNotExist:
         return JsonResponse({"error": f"no job {job_id}"}, status=404)
-    return JsonResponse({
-        **job_summary(job),
-        "payload": job.payload,
-        "max_attempts": job.max_attempts,
-        "max_interruptions": job.max_interruptions,
-        "run_after": _iso(job.run_after),
-        "lease_expires_at": _iso(job.lease_expires_at),
-        "progress": job.progress,
-        "result": job.result,
-        "error": job.error,
-        "events": [event_record(event) for event in events],
-        "events_truncated": events_cut,
-        "page": job.get_absolute_url(),
-    })
+    return JsonResponse(
+        {
+            **job_summary(job),
+            "payload": job.payload,
+            "max_attempts": job.max_attempts,
+            "max_interruptions": job.max_interruptions,
+            "run_after": _iso(job.run_after),
+            "lease_expires_at": _iso(job.lease_expires_at),
+            "progress": job.progress,
+            "result": job.result,
+            "error": job.error,
+            "events": [event_record(event) for event in events],
+            "events_truncated": events_cut,
+            "page": job.get_absolute_url(),
+        }
+    )

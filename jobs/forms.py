@@ -27,7 +27,8 @@ def parse_id(text: str) -> int | None:
 
 class EnqueueForm(forms.Form):
     urls = forms.CharField(
-        label="URLs, one per line", widget=forms.Textarea(attrs={"rows": 10, "spellcheck": "false"}),
+        label="URLs, one per line",
+        widget=forms.Textarea(attrs={"rows": 10, "spellcheck": "false"}),
         help_text="Blank lines are skipped. Every line must be valid, or nothing is queued.",
     )
     priority = forms.IntegerField(initial=0, min_value=-(2**31), max_value=2**31 - 1, help_text="Higher runs first.")

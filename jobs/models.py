@@ -96,27 +96,19 @@ class Job(models.Model):
         ordering = ["-id"]
         indexes = [
             # "Next queued jobs by priority": an index scan in claim order.
-            models.Index(
-                fields=["-priority", "id"], condition=Q(status="queued"), name="job_claim_order"
-            ),
+            models.Index(fields=["-priority", "id"], condition=Q(status="queued"), name="job_claim_order"),
             # Suspects waiting to run alone, taken first by a session that holds nothing.
             models.Index(
                 fields=["-priority", "id"], condition=Q(status="queued", run_alone=True), name="job_run_alone_order"
             ),
             # "Running jobs of session S".
-            models.Index(
-                fields=["lease_session"], condition=Q(status="running"), name="job_running_session"
-            ),
+            models.Index(fields=["lease_session"], condition=Q(status="running"), name="job_running_session"),
             # The sweeper's "running jobs whose lease expired".
-            models.Index(
-                fields=["lease_expires_at"], condition=Q(status="running"), name="job_running_lease"
-            ),
+            models.Index(fields=["lease_expires_at"], condition=Q(status="running"), name="job_running_lease"),
             models.Index(fields=["status", "id"], name="job_status_id"),
         ]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(status__in=Status.values), name="job_status_valid"
-            ),
+            models.CheckConstraint(condition=Q(status__in=Status.values), name="job_status_valid"),
             # A running job has a lease; no other job has one.
             models.CheckConstraint(
                 condition=(
@@ -160,9 +152,7 @@ class JobEvent(models.Model):
     # written by the statement that changes its job, (job, id) already serves
     # lookups, and the per-row key checks at commit cost a third of a
     # 100,000-job reset (docs/benchmarks.md). Deletes still cascade via the ORM.
-    job = models.ForeignKey(
-        Job, on_delete=models.CASCADE, related_name="events", db_constraint=False, db_index=False
-    )
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="events", db_constraint=False, db_index=False)
     at = models.DateTimeField()
     kind = models.CharField(max_length=16, choices=EventKind.choices)
     from_status = models.CharField(max_length=16, blank=True, default="")

@@ -30,8 +30,18 @@ MAX_EVENTS = 200  # a job's timeline on its page: the latest ones; the admin pag
 # The list reads only these columns: payload, progress and result can each be
 # tens of kilobytes of JSON that a list never shows.
 LIST_FIELDS = (
-    "id", "url", "status", "priority", "attempt", "interruptions", "failures", "lease_session",
-    "started_at", "finished_at", "updated_at", "created_at",
+    "id",
+    "url",
+    "status",
+    "priority",
+    "attempt",
+    "interruptions",
+    "failures",
+    "lease_session",
+    "started_at",
+    "finished_at",
+    "updated_at",
+    "created_at",
 )
 
 
@@ -97,12 +107,24 @@ def recent_sessions(*, at: datetime) -> list[SessionRow]:
         if row.state == SessionState.CONNECTED:
             age = max(0.0, (at - (row.last_heartbeat_at or row.connected_at)).total_seconds())
             level = heartbeat_level(age)
-        sessions.append(SessionRow(
-            session=row.session, node=row.node, endpoint=row.endpoint, crawler=row.crawler, state=row.state,
-            display_state=display, slots=row.slots, slots_in_use=in_use.get(row.session, 0),
-            connected_at=row.connected_at, last_heartbeat_at=row.last_heartbeat_at, closed_at=row.closed_at,
-            close_reason=row.close_reason, heartbeat_age=age, heartbeat_level=level or "",
-        ))
+        sessions.append(
+            SessionRow(
+                session=row.session,
+                node=row.node,
+                endpoint=row.endpoint,
+                crawler=row.crawler,
+                state=row.state,
+                display_state=display,
+                slots=row.slots,
+                slots_in_use=in_use.get(row.session, 0),
+                connected_at=row.connected_at,
+                last_heartbeat_at=row.last_heartbeat_at,
+                closed_at=row.closed_at,
+                close_reason=row.close_reason,
+                heartbeat_age=age,
+                heartbeat_level=level or "",
+            )
+        )
     return sessions
 
 
@@ -111,8 +133,11 @@ def slots_in_use(sessions: list[UUID]) -> dict[UUID, int]:
     if not sessions:
         return {}
     return dict(
-        Job.objects.running().filter(lease_session__in=sessions).order_by()
-        .values_list("lease_session").annotate(n=Count("id"))
+        Job.objects.running()
+        .filter(lease_session__in=sessions)
+        .order_by()
+        .values_list("lease_session")
+        .annotate(n=Count("id"))
     )
 
 
@@ -183,7 +208,9 @@ def throughput(*, at: datetime, minutes: int = THROUGHPUT_MINUTES) -> list[Throu
     start = current - timedelta(minutes=minutes - 1)
     counts: dict[tuple[datetime, bool], int] = {}
     rows = (
-        _finished_events(start).annotate(minute=TruncMinute("at")).values_list("minute", "to_status")
+        _finished_events(start)
+        .annotate(minute=TruncMinute("at"))
+        .values_list("minute", "to_status")
         .annotate(n=Count("id"))
     )
     for minute, to_status, n in rows:
@@ -192,8 +219,9 @@ def throughput(*, at: datetime, minutes: int = THROUGHPUT_MINUTES) -> list[Throu
     bars = []
     for step in range(minutes):
         minute = start + timedelta(minutes=step)
-        bars.append(ThroughputBar(minute=minute, succeeded=counts.get((minute, True), 0),
-                                  failed=counts.get((minute, False), 0)))
+        bars.append(
+            ThroughputBar(minute=minute, succeeded=counts.get((minute, True), 0), failed=counts.get((minute, False), 0))
+        )
     return bars
 
 
@@ -204,13 +232,27 @@ def dashboard(*, at: datetime) -> Dashboard:
     )
     requeues = list(
         JobEvent.objects.filter(kind=EventKind.INTERRUPT, at__gte=at - REQUEUE_WINDOW)
-        .select_related("job").only(
-            "id", "at", "reason", "actor", "session", "attempt", "to_status", "job__id", "job__url", "job__status",
-        ).order_by("-at", "-id")[:RECENT_REQUEUES]
+        .select_related("job")
+        .only(
+            "id",
+            "at",
+            "reason",
+            "actor",
+            "session",
+            "attempt",
+            "to_status",
+            "job__id",
+            "job__url",
+            "job__status",
+        )
+        .order_by("-at", "-id")[:RECENT_REQUEUES]
     )
     oldest = (
-        Job.objects.running().filter(started_at__isnull=False).order_by("started_at")
-        .only("id", "url", "started_at", "lease_session").first()
+        Job.objects.running()
+        .filter(started_at__isnull=False)
+        .order_by("started_at")
+        .only("id", "url", "started_at", "lease_session")
+        .first()
     )
     return Dashboard(
         at=at,
@@ -227,8 +269,13 @@ def dashboard(*, at: datetime) -> Dashboard:
 def health(*, at: datetime) -> dict:
     """What /health reports (without the database check, which the view does)."""
     sessions = recent_sessions(at=at)
-    oldest = Job.objects.running().filter(started_at__isnull=False).order_by("started_at").values_list(
-        "started_at", flat=True).first()
+    oldest = (
+        Job.objects.running()
+        .filter(started_at__isnull=False)
+        .order_by("started_at")
+        .values_list("started_at", flat=True)
+        .first()
+    )
     return {
         "sessions": [
             {
@@ -302,8 +349,13 @@ class JobPage:
 
 
 def job_page(
-    *, status: str | None = None, url: str | None = None, sort: str = DEFAULT_SORT,
-    before: int | None = None, after: int | None = None, limit: int = 50,
+    *,
+    status: str | None = None,
+    url: str | None = None,
+    sort: str = DEFAULT_SORT,
+    before: int | None = None,
+    after: int | None = None,
+    limit: int = 50,
 ) -> JobPage:
     """One page of jobs by keyset: `before=X` lists the rows after job X in this order, `after=X` those before it.
 

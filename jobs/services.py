@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any
 from uuid import UUID
 
 from django.conf import settings
@@ -96,17 +97,19 @@ def _events(rows: Iterable[dict[str, Any]]) -> None:
     prepared = []
     for row in rows:
         row = {**defaults, **row}
-        prepared.append({
-            "job_id": row["job_id"],
-            "at": str(_event_db("at", row["at"])),
-            "kind": str(row["kind"]),
-            "from_status": str(row["from_status"]),
-            "to_status": str(row["to_status"]),
-            "attempt": row["attempt"],
-            "session": None if row["session"] is None else str(_event_db("session", row["session"])),
-            "actor": row["actor"],
-            "reason": row["reason"],
-        })
+        prepared.append(
+            {
+                "job_id": row["job_id"],
+                "at": str(_event_db("at", row["at"])),
+                "kind": str(row["kind"]),
+                "from_status": str(row["from_status"]),
+                "to_status": str(row["to_status"]),
+                "attempt": row["attempt"],
+                "session": None if row["session"] is None else str(_event_db("session", row["session"])),
+                "actor": row["actor"],
+                "reason": row["reason"],
+            }
+        )
     if not prepared:
         return
     table = connection.ops.quote_name(JobEvent._meta.db_table)
@@ -120,8 +123,9 @@ def _events(rows: Iterable[dict[str, Any]]) -> None:
             )
         else:
             extracted = ", ".join(f"json_extract(value, '$.{name}')" for name in _EVENT_COLUMNS)
-            cursor.execute(f"INSERT INTO {table} ({columns}) SELECT {extracted} FROM json_each(%s)",
-                           [json.dumps(prepared)])
+            cursor.execute(
+                f"INSERT INTO {table} ({columns}) SELECT {extracted} FROM json_each(%s)", [json.dumps(prepared)]
+            )
 
 
 def _event_db(field_name: str, value: Any) -> Any:
@@ -147,8 +151,9 @@ def _validate_url(url: Any) -> str:
     control = next((char for char in url if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0), None)
     if control is not None:
         # PostgreSQL text cannot hold NUL, and no URL carries a raw control character.
-        raise ValidationError({"url": f"URL contains the control character U+{ord(control):04X}; "
-                                      "percent-encode it or remove it"})
+        raise ValidationError(
+            {"url": f"URL contains the control character U+{ord(control):04X}; percent-encode it or remove it"}
+        )
     if len(url) > MAX_URL_LENGTH:
         raise ValidationError({"url": f"URL is {len(url)} characters long; at most {MAX_URL_LENGTH} are allowed"})
     try:
@@ -191,9 +196,7 @@ def enqueue(*, url: str, payload: dict | None = None, priority: int = 0, actor: 
     return enqueue_many(urls=[url], payload=payload, priority=priority, actor=actor)[0]
 
 
-def enqueue_many(
-    *, urls: Sequence[str], payload: dict | None = None, priority: int = 0, actor: str
-) -> list[Job]:
+def enqueue_many(*, urls: Sequence[str], payload: dict | None = None, priority: int = 0, actor: str) -> list[Job]:
     """Queue several jobs, all or none: any invalid URL raises before anything is written.
 
     The ValidationError lists every bad entry as "line N: reason" (1-based).
@@ -214,8 +217,7 @@ def enqueue_many(
     if not checked:
         raise ValidationError("no URLs given")
     at = now()
-    fields = {name: _column(Job, name).default for name in
-              ("max_attempts", "max_interruptions")}
+    fields = {name: _column(Job, name).default for name in ("max_attempts", "max_interruptions")}
     table = connection.ops.quote_name(Job._meta.db_table)
     events = connection.ops.quote_name(JobEvent._meta.db_table)
     at_db = _db("created_at", at)
@@ -238,8 +240,17 @@ def enqueue_many(
                     )
                     SELECT id FROM added ORDER BY id
                     """,
-                    (payload_json, priority, fields["max_attempts"], fields["max_interruptions"], at_db, at_db,
-                     checked, at_db, actor),
+                    (
+                        payload_json,
+                        priority,
+                        fields["max_attempts"],
+                        fields["max_interruptions"],
+                        at_db,
+                        at_db,
+                        checked,
+                        at_db,
+                        actor,
+                    ),
                 )
                 ids = [row[0] for row in cursor.fetchall()]
             else:
@@ -251,8 +262,15 @@ def enqueue_many(
                     FROM json_each(%s) AS u ORDER BY u.key
                     RETURNING id
                     """,
-                    (payload_json, priority, fields["max_attempts"], fields["max_interruptions"], at_db, at_db,
-                     json.dumps(checked)),
+                    (
+                        payload_json,
+                        priority,
+                        fields["max_attempts"],
+                        fields["max_interruptions"],
+                        at_db,
+                        at_db,
+                        json.dumps(checked),
+                    ),
                 )
                 ids = sorted(row[0] for row in cursor.fetchall())
                 cursor.execute(
@@ -290,8 +308,14 @@ def _db(field_name: str, value: Any) -> Any:
 
 
 def claim_jobs(
-    *, session: UUID, limit: int, lease_seconds: float, crawler: str = "", alone: bool = False,
-    at: datetime | None = None, actor: str = "bus",
+    *,
+    session: UUID,
+    limit: int,
+    lease_seconds: float,
+    crawler: str = "",
+    alone: bool = False,
+    at: datetime | None = None,
+    actor: str = "bus",
 ) -> list[ClaimedJob]:
     """Lease up to `limit` queued jobs to `session` (a session of `crawler`), in priority order.
 
@@ -310,12 +334,26 @@ def claim_jobs(
     at = at or now()
     claimable = Job.objects.claimable(at)
     if alone:
-        suspects = _claim(claimable.filter(run_alone=True), limit=1, session=session, crawler=crawler,
-                          lease_seconds=lease_seconds, at=at, actor=actor)
+        suspects = _claim(
+            claimable.filter(run_alone=True),
+            limit=1,
+            session=session,
+            crawler=crawler,
+            lease_seconds=lease_seconds,
+            at=at,
+            actor=actor,
+        )
         if suspects:
             return suspects
-    return _claim(claimable.filter(run_alone=False), limit=limit, session=session, crawler=crawler,
-                  lease_seconds=lease_seconds, at=at, actor=actor)
+    return _claim(
+        claimable.filter(run_alone=False),
+        limit=limit,
+        session=session,
+        crawler=crawler,
+        lease_seconds=lease_seconds,
+        at=at,
+        actor=actor,
+    )
 
 
 def _claim(
@@ -348,8 +386,16 @@ def _claim(
                 SELECT id, attempt, url, payload, run_alone FROM claimed ORDER BY priority DESC, id
             """
             params = (
-                *picked_params, values["session"], values["until"], values["at"], crawler, values["session"],
-                values["at"], values["at"], values["session"], actor,
+                *picked_params,
+                values["session"],
+                values["until"],
+                values["at"],
+                crawler,
+                values["session"],
+                values["at"],
+                values["at"],
+                values["session"],
+                actor,
             )
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
@@ -363,8 +409,15 @@ def _claim(
                 WHERE id IN ({picked_sql})
                 RETURNING id, attempt, url, payload, run_alone, priority
             """
-            params = (values["session"], values["until"], values["at"], crawler, values["session"], values["at"],
-                      *picked_params)
+            params = (
+                values["session"],
+                values["until"],
+                values["at"],
+                crawler,
+                values["session"],
+                values["at"],
+                *picked_params,
+            )
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 returned = cursor.fetchall()
@@ -383,8 +436,10 @@ def _claim(
                         """,
                         (values["at"], actor, json.dumps([row[0] for row in rows])),
                     )
-    return [ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=_json_value(row[3]), run_alone=bool(row[4]))
-            for row in rows]
+    return [
+        ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=_json_value(row[3]), run_alone=bool(row[4]))
+        for row in rows
+    ]
 
 
 # --- Reset (requeue) -----------------------------------------------------------
@@ -401,9 +456,7 @@ class ResetCounts:
         return self.requeued + self.failed
 
 
-def _running_filter(
-    *, session: UUID | None, job_ids: Iterable[int] | None, lease_expired_before: datetime | None
-):
+def _running_filter(*, session: UUID | None, job_ids: Iterable[int] | None, lease_expired_before: datetime | None):
     jobs = Job.objects.running()
     if session is not None:
         jobs = jobs.filter(lease_session=session)
@@ -445,8 +498,10 @@ def reset_running_jobs(
             return ResetCounts()
     at = at or now()
     failed_reason = f"{reason} (interrupted too many times: max_interruptions reached, alone in its session)"
-    suspect_reason = (f"{reason} (max_interruptions reached while it shared its session with other jobs: "
-                      "it runs alone next, before any verdict)")
+    suspect_reason = (
+        f"{reason} (max_interruptions reached while it shared its session with other jobs: "
+        "it runs alone next, before any verdict)"
+    )
     target = _running_filter(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
     table = connection.ops.quote_name(Job._meta.db_table)
     events = connection.ops.quote_name(JobEvent._meta.db_table)
@@ -460,11 +515,14 @@ def reset_running_jobs(
             # Without an id or lease filter the target holds every running job
             # of its sessions, so it is counted itself (no second scan).
             whole_sessions = job_ids is None and lease_expired_before is None
-            held_sql = "SELECT lease_session, count(*) AS n FROM target GROUP BY lease_session" if whole_sessions \
+            held_sql = (
+                "SELECT lease_session, count(*) AS n FROM target GROUP BY lease_session"
+                if whole_sessions
                 else f"""SELECT h.lease_session, count(*) AS n FROM {table} AS h
                          WHERE h.status = 'running'
                            AND h.lease_session = ANY(ARRAY(SELECT DISTINCT lease_session FROM target))
                          GROUP BY h.lease_session"""
+            )
             sql = f"""
                 WITH target AS ({target_sql}),
                 held AS ({held_sql}),
@@ -493,8 +551,7 @@ def reset_running_jobs(
                 )
                 SELECT status, count(*), count(*) FILTER (WHERE suspect) FROM moved GROUP BY status
             """
-            params = (*target_params, at_db, failed_reason, at_db, at_db, actor, failed_reason, suspect_reason,
-                      reason)
+            params = (*target_params, at_db, failed_reason, at_db, at_db, actor, failed_reason, suspect_reason, reason)
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 rows = cursor.fetchall()
@@ -507,10 +564,15 @@ def reset_running_jobs(
             due = Q(interruptions__gte=F("max_interruptions") - 1)
             poisoned, suspect = due & alone, due & ~alone
             to_status = Case(When(poisoned, then=Value(Status.FAILED)), default=Value(Status.QUEUED))
-            why = Case(When(poisoned, then=Value(failed_reason)), When(suspect, then=Value(suspect_reason)),
-                       default=Value(reason), output_field=TextField())
+            why = Case(
+                When(poisoned, then=Value(failed_reason)),
+                When(suspect, then=Value(suspect_reason)),
+                default=Value(reason),
+                output_field=TextField(),
+            )
             listed = target.annotate(to_status=to_status, why=why).values(
-                "id", "attempt", "lease_session", "to_status", "why")
+                "id", "attempt", "lease_session", "to_status", "why"
+            )
             listed_sql, listed_params = listed.query.sql_with_params()
             with connection.cursor() as cursor:
                 cursor.execute(
@@ -543,15 +605,25 @@ def reset_running_jobs(
         if result.requeued:
             _announce_queued()
     if result.total:
-        log.info(kv(
-            "jobs.reset", requeued=result.requeued, failed=result.failed, suspected=result.suspected, reason=reason,
-            actor=actor, session=session, expired_before=lease_expired_before and lease_expired_before.isoformat(),
-        ))
+        log.info(
+            kv(
+                "jobs.reset",
+                requeued=result.requeued,
+                failed=result.failed,
+                suspected=result.suspected,
+                reason=reason,
+                actor=actor,
+                session=session,
+                expired_before=lease_expired_before and lease_expired_before.isoformat(),
+            )
+        )
     return result
 
 
 def preview_reset(
-    *, session: UUID | None = None, job_ids: Iterable[int] | None = None,
+    *,
+    session: UUID | None = None,
+    job_ids: Iterable[int] | None = None,
     lease_expired_before: datetime | None = None,
 ) -> ResetCounts:
     """What reset_running_jobs would do with the same filters, changing nothing (dry runs)."""
@@ -564,8 +636,12 @@ def preview_reset(
 def _lonely_sessions(jobs: Any) -> list[UUID]:
     """The sessions of `jobs` that hold exactly one running job (the evidence of a poison verdict)."""
     return list(
-        Job.objects.running().filter(lease_session__in=jobs.values("lease_session"))
-        .order_by().values("lease_session").annotate(n=Count("id")).filter(n=1)
+        Job.objects.running()
+        .filter(lease_session__in=jobs.values("lease_session"))
+        .order_by()
+        .values("lease_session")
+        .annotate(n=Count("id"))
+        .filter(n=1)
         .values_list("lease_session", flat=True)
     )
 
@@ -588,8 +664,13 @@ def retry_delay(failures: int) -> timedelta:
 
 
 def record_outcomes(
-    *, session: UUID | None, outcomes: Sequence[Outcome], crawler: str = "", actor: str = "bus",
-    at: datetime | None = None, audit_stale: int | None = None,
+    *,
+    session: UUID | None,
+    outcomes: Sequence[Outcome],
+    crawler: str = "",
+    actor: str = "bus",
+    at: datetime | None = None,
+    audit_stale: int | None = None,
 ) -> list[str]:
     """Apply PROTOCOL.md's fencing rules to a batch of outcomes; return an ack status for each.
 
@@ -612,18 +693,28 @@ def record_outcomes(
     audit_left = len(outcomes) if audit_stale is None else audit_stale
     with transaction.atomic():
         ids = sorted({outcome.job_id for outcome in outcomes})
-        fields = ("id", "status", "attempt", "outcome_attempt", "failures", "max_attempts", "error",
-                  "lease_session", "crawler", "attempt_session")
+        fields = (
+            "id",
+            "status",
+            "attempt",
+            "outcome_attempt",
+            "failures",
+            "max_attempts",
+            "error",
+            "lease_session",
+            "crawler",
+            "attempt_session",
+        )
         jobs = {
-            row["id"]: row
-            for row in Job.objects.select_for_update().filter(_id_in(ids)).order_by("id").values(*fields)
+            row["id"]: row for row in Job.objects.select_for_update().filter(_id_in(ids)).order_by("id").values(*fields)
         }
         older = [(o.job_id, o.attempt) for o in outcomes if o.job_id in jobs and o.attempt < jobs[o.job_id]["attempt"]]
         recorded_before = set()
         if older:
             recorded_before = set(
-                JobEvent.objects.filter(_id_in({pair[0] for pair in older}, "job_id"), kind=EventKind.OUTCOME)
-                .values_list("job_id", "attempt")
+                JobEvent.objects.filter(
+                    _id_in({pair[0] for pair in older}, "job_id"), kind=EventKind.OUTCOME
+                ).values_list("job_id", "attempt")
             )
         changed: dict[int, Job] = {}
         events: list[dict[str, Any]] = []
@@ -640,22 +731,36 @@ def record_outcomes(
                 acks.append(STALE)
                 if audit_left > 0:
                     audit_left -= 1
-                    log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session,
-                                why=why))
+                    log.info(kv("outcome.stale", job=outcome.job_id, attempt=outcome.attempt, session=session, why=why))
                     if job is not None:
-                        events.append(dict(
-                            job_id=outcome.job_id, at=at, kind=EventKind.STALE, attempt=outcome.attempt,
-                            session=session, actor=actor,
-                            reason=f"stale {'done' if outcome.succeeded else 'failed'} for attempt "
-                                   f"{outcome.attempt}: {why}"
-                                   + ("" if outcome.succeeded else f"; error: {outcome.error[:500]}"),
-                        ))
+                        events.append(
+                            dict(
+                                job_id=outcome.job_id,
+                                at=at,
+                                kind=EventKind.STALE,
+                                attempt=outcome.attempt,
+                                session=session,
+                                actor=actor,
+                                reason=f"stale {'done' if outcome.succeeded else 'failed'} for attempt "
+                                f"{outcome.attempt}: {why}"
+                                + ("" if outcome.succeeded else f"; error: {outcome.error[:500]}"),
+                            )
+                        )
                 continue
             assert job is not None
             # Rules 1 and 3.
-            update = Job(id=outcome.job_id, outcome_attempt=outcome.attempt, failures=job["failures"],
-                         lease_session=None, lease_expires_at=None, updated_at=at, run_after=None,
-                         result=None, error="", finished_at=at)
+            update = Job(
+                id=outcome.job_id,
+                outcome_attempt=outcome.attempt,
+                failures=job["failures"],
+                lease_session=None,
+                lease_expires_at=None,
+                updated_at=at,
+                run_after=None,
+                result=None,
+                error="",
+                finished_at=at,
+            )
             if outcome.succeeded:
                 update.status, update.result = Status.SUCCEEDED, outcome.result
                 reason = ""
@@ -672,10 +777,19 @@ def record_outcomes(
                     update.status = Status.FAILED
                     reason = outcome.error[:1000]
             changed[outcome.job_id] = update
-            events.append(dict(
-                job_id=outcome.job_id, at=at, kind=EventKind.OUTCOME, from_status=job["status"],
-                to_status=update.status, attempt=outcome.attempt, session=session, actor=actor, reason=reason,
-            ))
+            events.append(
+                dict(
+                    job_id=outcome.job_id,
+                    at=at,
+                    kind=EventKind.OUTCOME,
+                    from_status=job["status"],
+                    to_status=update.status,
+                    attempt=outcome.attempt,
+                    session=session,
+                    actor=actor,
+                    reason=reason,
+                )
+            )
             job.update(status=update.status, outcome_attempt=outcome.attempt, failures=update.failures)
             acks.append(RECORDED)
         if changed:
@@ -693,15 +807,22 @@ def _session_ages(session: UUID | None, jobs: Iterable[dict[str, Any]]) -> dict[
     lease (resends after a reconnect, and forgeries): one query, and none at
     all when every job is leased to `session`.
     """
-    others = {job["attempt_session"] for job in jobs
-              if job["lease_session"] != session and job["attempt_session"] not in (None, session)}
+    others = {
+        job["attempt_session"]
+        for job in jobs
+        if job["lease_session"] != session and job["attempt_session"] not in (None, session)
+    }
     if session is None or not others:
         return {}
     return dict(BusSession.objects.filter(session__in=[session, *others]).values_list("session", "connected_at"))
 
 
 def _stale_reason(
-    job: dict[str, Any] | None, outcome: Outcome, *, session: UUID | None, crawler: str,
+    job: dict[str, Any] | None,
+    outcome: Outcome,
+    *,
+    session: UUID | None,
+    crawler: str,
     ages: dict[UUID, datetime],
 ) -> str:
     """Why `session` (of `crawler`) may not record `outcome` for `job` (rules 1, 3 and 4); "" if it may.
@@ -736,16 +857,19 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
     bulk_update builds a CASE per row and field; at 500 outcomes a batch that
     Python work, not the database, capped the bus at ~700 jobs/s.
     """
-    rows = [{
-        "id": job.id,
-        "status": job.status,
-        "outcome_attempt": job.outcome_attempt,
-        "failures": job.failures,
-        "run_after": None if job.run_after is None else str(_db("run_after", job.run_after)),
-        "result": job.result,
-        "error": job.error,
-        "finished_at": None if job.finished_at is None else str(_db("finished_at", job.finished_at)),
-    } for job in jobs]
+    rows = [
+        {
+            "id": job.id,
+            "status": job.status,
+            "outcome_attempt": job.outcome_attempt,
+            "failures": job.failures,
+            "run_after": None if job.run_after is None else str(_db("run_after", job.run_after)),
+            "result": job.result,
+            "error": job.error,
+            "finished_at": None if job.finished_at is None else str(_db("finished_at", job.finished_at)),
+        }
+        for job in jobs
+    ]
     table = connection.ops.quote_name(Job._meta.db_table)
     with connection.cursor() as cursor:
         if _is_postgres():
@@ -762,6 +886,7 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
                 [_db("updated_at", at), json.dumps(rows)],
             )
         else:
+
             def field(name: str) -> str:
                 return f"json_extract(v.value, '$.{name}')"
 
@@ -787,9 +912,7 @@ def record_outcome(*, session: UUID | None, outcome: Outcome, crawler: str = "",
 
 def mark_started(*, session: UUID, job_id: int, attempt: int, at: datetime | None = None) -> bool:
     """Record the crawler's `started`; False when the job is not leased to this session and attempt."""
-    return bool(
-        Job.objects.leased_to(session).filter(id=job_id, attempt=attempt).update(started_at=at or now())
-    )
+    return bool(Job.objects.leased_to(session).filter(id=job_id, attempt=attempt).update(started_at=at or now()))
 
 
 def record_progress(*, session: UUID, job_id: int, attempt: int, progress: dict) -> bool:
@@ -833,8 +956,13 @@ def extend_leases(*, session: UUID, lease_seconds: float, at: datetime | None = 
 
 
 def re_lease_jobs(
-    *, session: UUID, running: Sequence[tuple[int, int]], lease_seconds: float, crawler: str = "",
-    at: datetime | None = None, actor: str = "bus",
+    *,
+    session: UUID,
+    running: Sequence[tuple[int, int]],
+    lease_seconds: float,
+    crawler: str = "",
+    at: datetime | None = None,
+    actor: str = "bus",
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Give a new session the jobs its crawler (`crawler`) still runs from an earlier one.
 
@@ -853,14 +981,28 @@ def re_lease_jobs(
                 Job.objects.queued()
                 .filter(id=job_id, attempt=attempt, crawler=crawler)
                 .exclude(outcome_attempt=attempt)
-                .update(status=Status.RUNNING, lease_session=session, updated_at=at, run_after=None,
-                        lease_expires_at=at + timedelta(seconds=lease_seconds), started_at=at)
+                .update(
+                    status=Status.RUNNING,
+                    lease_session=session,
+                    updated_at=at,
+                    run_after=None,
+                    lease_expires_at=at + timedelta(seconds=lease_seconds),
+                    started_at=at,
+                )
             )
             (taken if won else refused).append((job_id, attempt))
         _events(
-            dict(job_id=job_id, at=at, kind=EventKind.RELEASE, from_status=Status.QUEUED,
-                 to_status=Status.RUNNING, attempt=attempt, session=session, actor=actor,
-                 reason="the crawler still runs it after reconnecting")
+            dict(
+                job_id=job_id,
+                at=at,
+                kind=EventKind.RELEASE,
+                from_status=Status.QUEUED,
+                to_status=Status.RUNNING,
+                attempt=attempt,
+                session=session,
+                actor=actor,
+                reason="the crawler still runs it after reconnecting",
+            )
             for job_id, attempt in taken
         )
     return taken, refused
@@ -886,17 +1028,32 @@ def cancel_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "cancelled 
     at = now()
     with transaction.atomic():
         rows = list(
-            Job.objects.select_for_update().filter(_id_in(job_ids), status__in=[Status.QUEUED, Status.RUNNING])
-            .order_by("id").values_list("id", "status", "attempt", "lease_session")
+            Job.objects.select_for_update()
+            .filter(_id_in(job_ids), status__in=[Status.QUEUED, Status.RUNNING])
+            .order_by("id")
+            .values_list("id", "status", "attempt", "lease_session")
         )
         ids = [row[0] for row in rows]
         Job.objects.filter(_id_in(ids)).update(
-            status=Status.CANCELLED, lease_session=None, lease_expires_at=None, finished_at=at,
-            updated_at=at, run_after=None,
+            status=Status.CANCELLED,
+            lease_session=None,
+            lease_expires_at=None,
+            finished_at=at,
+            updated_at=at,
+            run_after=None,
         )
         _events(
-            dict(job_id=job_id, at=at, kind=EventKind.CANCEL, from_status=status, to_status=Status.CANCELLED,
-                 attempt=attempt, session=lease, actor=actor, reason=reason)
+            dict(
+                job_id=job_id,
+                at=at,
+                kind=EventKind.CANCEL,
+                from_status=status,
+                to_status=Status.CANCELLED,
+                attempt=attempt,
+                session=lease,
+                actor=actor,
+                reason=reason,
+            )
             for job_id, status, attempt, lease in rows
         )
     running = [(job_id, attempt, lease) for job_id, status, attempt, lease in rows if status == Status.RUNNING]
@@ -917,20 +1074,37 @@ def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by 
     at = now()
     with transaction.atomic():
         rows = list(
-            Job.objects.select_for_update().filter(_id_in(job_ids), status__in=[Status.FAILED, Status.CANCELLED])
-            .order_by("id").values_list("id", "status", "attempt")
+            Job.objects.select_for_update()
+            .filter(_id_in(job_ids), status__in=[Status.FAILED, Status.CANCELLED])
+            .order_by("id")
+            .values_list("id", "status", "attempt")
         )
         abandoned = Q(attempt__gt=0) & (Q(outcome_attempt__isnull=True) | ~Q(outcome_attempt=F("attempt")))
         Job.objects.filter(_id_in([row[0] for row in rows])).update(
-            status=Status.QUEUED, failures=0, interruptions=0, run_alone=False, error="", finished_at=None,
-            run_after=None, updated_at=at,
-            attempt=Case(When(abandoned, then=F("attempt") + 1), default=F("attempt"),
-                         output_field=PositiveIntegerField()),
+            status=Status.QUEUED,
+            failures=0,
+            interruptions=0,
+            run_alone=False,
+            error="",
+            finished_at=None,
+            run_after=None,
+            updated_at=at,
+            attempt=Case(
+                When(abandoned, then=F("attempt") + 1), default=F("attempt"), output_field=PositiveIntegerField()
+            ),
         )
         attempts = dict(Job.objects.filter(_id_in([row[0] for row in rows])).values_list("id", "attempt"))
         _events(
-            dict(job_id=job_id, at=at, kind=EventKind.RETRY, from_status=status, to_status=Status.QUEUED,
-                 attempt=attempts[job_id], actor=actor, reason=reason)
+            dict(
+                job_id=job_id,
+                at=at,
+                kind=EventKind.RETRY,
+                from_status=status,
+                to_status=Status.QUEUED,
+                attempt=attempts[job_id],
+                actor=actor,
+                reason=reason,
+            )
             for job_id, status, attempt in rows
         )
         if rows:

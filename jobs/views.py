@@ -45,7 +45,7 @@ def view_permission_required(view):
     @login_required
     def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
         if not can_view_jobs(request.user):
-            raise PermissionDenied("Reading jobs needs the \"view job\" permission; ask an administrator.")
+            raise PermissionDenied('Reading jobs needs the "view job" permission; ask an administrator.')
         return view(request, *args, **kwargs)
 
     return wrapper
@@ -90,9 +90,16 @@ def _page(request: HttpRequest, template: str, fragment_template: str, context: 
 @require_GET
 def dashboard(request: HttpRequest) -> HttpResponse:
     board = selectors.dashboard(at=services.now())
-    return _page(request, "jobs/dashboard.html", "jobs/_dashboard_live.html", {
-        "board": board, "now": board.at, "chart": _chart(board.throughput),
-    })
+    return _page(
+        request,
+        "jobs/dashboard.html",
+        "jobs/_dashboard_live.html",
+        {
+            "board": board,
+            "now": board.at,
+            "chart": _chart(board.throughput),
+        },
+    )
 
 
 CHART_WIDTH, CHART_HEIGHT, CHART_TOP = 600, 120, 4
@@ -107,13 +114,24 @@ def _chart(bars: list[selectors.ThroughputBar]) -> dict:
     for index, bar in enumerate(bars):
         total_h = usable * bar.total / peak if peak else 0
         ok_h = usable * bar.succeeded / peak if peak else 0
-        shapes.append({
-            "bar": bar, "x": round(index * step + 1, 2), "width": round(max(1.0, step - 2), 2),
-            "y": round(CHART_HEIGHT - total_h, 2), "height": round(total_h, 2),
-            "ok_y": round(CHART_HEIGHT - ok_h, 2), "ok_height": round(ok_h, 2),
-        })
-    return {"bars": shapes, "peak": peak, "total": sum(bar.total for bar in bars),
-            "width": CHART_WIDTH, "height": CHART_HEIGHT}
+        shapes.append(
+            {
+                "bar": bar,
+                "x": round(index * step + 1, 2),
+                "width": round(max(1.0, step - 2), 2),
+                "y": round(CHART_HEIGHT - total_h, 2),
+                "height": round(total_h, 2),
+                "ok_y": round(CHART_HEIGHT - ok_h, 2),
+                "ok_height": round(ok_h, 2),
+            }
+        )
+    return {
+        "bars": shapes,
+        "peak": peak,
+        "total": sum(bar.total for bar in bars),
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+    }
 
 
 # --- Jobs ---------------------------------------------------------------------------
@@ -127,24 +145,40 @@ def job_list(request: HttpRequest) -> HttpResponse:
     query = request.GET.get("q", "").strip()[:500]
     sort = request.GET.get("sort", selectors.DEFAULT_SORT)
     page = selectors.job_page(
-        status=status or None, url=query, sort=sort, before=_int_param(request, "before"),
-        after=_int_param(request, "after"), limit=PAGE_SIZE,
+        status=status or None,
+        url=query,
+        sort=sort,
+        before=_int_param(request, "before"),
+        after=_int_param(request, "after"),
+        limit=PAGE_SIZE,
     )
-    filters = {key: value for key, value in (("status", status), ("q", query), ("sort", page.sort))
-               if value and not (key == "sort" and value == selectors.DEFAULT_SORT)}
+    filters = {
+        key: value
+        for key, value in (("status", status), ("q", query), ("sort", page.sort))
+        if value and not (key == "sort" and value == selectors.DEFAULT_SORT)
+    }
 
     def link(**cursor) -> str:
         return "?" + urlencode({**filters, **cursor}) if (filters or cursor) else "?"
 
-    return _page(request, "jobs/job_list.html", "jobs/_job_list_live.html", {
-        "page": page, "status": status, "query": query, "sort": page.sort,
-        "statuses": Status.choices, "sorts": [("id", "Newest"), ("priority", "Claim order"), ("updated", "Updated")],
-        "next_link": link(before=page.next_cursor) if page.next_cursor else "",
-        "previous_link": link(after=page.previous_cursor) if page.previous_cursor else "",
-        "first_link": link(),
-        "actions": ACTIONS,
-        "return_to": request.get_full_path(),
-    })
+    return _page(
+        request,
+        "jobs/job_list.html",
+        "jobs/_job_list_live.html",
+        {
+            "page": page,
+            "status": status,
+            "query": query,
+            "sort": page.sort,
+            "statuses": Status.choices,
+            "sorts": [("id", "Newest"), ("priority", "Claim order"), ("updated", "Updated")],
+            "next_link": link(before=page.next_cursor) if page.next_cursor else "",
+            "previous_link": link(after=page.previous_cursor) if page.previous_cursor else "",
+            "first_link": link(),
+            "actions": ACTIONS,
+            "return_to": request.get_full_path(),
+        },
+    )
 
 
 @view_permission_required
@@ -155,19 +189,34 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
     except Job.DoesNotExist:
         raise Http404(f"No job {job_id}.") from None
     result = job.result if isinstance(job.result, dict) else None
-    return _page(request, "jobs/job_detail.html", "jobs/_job_detail_live.html", {
-        "job": job, "events": events, "events_cut": events_cut, "bus_session": selectors.session_of(job),
-        # A finished or queued job has no lease; its timeline still says which session ran it last.
-        "last_session": next((event.session for event in reversed(events) if event.session), None),
-        "result": result, "result_fields": _result_fields(result),
-        "actions": ACTIONS, "return_to": reverse("jobs:detail", args=[job.pk]),
-    })
+    return _page(
+        request,
+        "jobs/job_detail.html",
+        "jobs/_job_detail_live.html",
+        {
+            "job": job,
+            "events": events,
+            "events_cut": events_cut,
+            "bus_session": selectors.session_of(job),
+            # A finished or queued job has no lease; its timeline still says which session ran it last.
+            "last_session": next((event.session for event in reversed(events) if event.session), None),
+            "result": result,
+            "result_fields": _result_fields(result),
+            "actions": ACTIONS,
+            "return_to": reverse("jobs:detail", args=[job.pk]),
+        },
+    )
 
 
 # The reference crawler's result fields, in reading order (docs/protocol.md).
 RESULT_FIELDS = (
-    ("status", "HTTP status"), ("final_url", "Final URL"), ("content_type", "Content type"), ("bytes", "Bytes"),
-    ("title", "Title"), ("links", "Links"), ("elapsed_ms", "Elapsed (ms)"),
+    ("status", "HTTP status"),
+    ("final_url", "Final URL"),
+    ("content_type", "Content type"),
+    ("bytes", "Bytes"),
+    ("title", "Title"),
+    ("links", "Links"),
+    ("elapsed_ms", "Elapsed (ms)"),
 )
 
 
@@ -184,8 +233,7 @@ def job_actions(request: HttpRequest) -> HttpResponse:
     _require_change(request)
     form = BulkActionForm(request.POST)
     back = request.POST.get("next", "")
-    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()},
-                                           require_https=request.is_secure()):
+    if not url_has_allowed_host_and_scheme(back, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
         back = reverse("jobs:list")
     if not form.is_valid():
         # The texts an ErrorList iterates over, which its stub types as ValidationError | str.
@@ -195,8 +243,13 @@ def job_actions(request: HttpRequest) -> HttpResponse:
                 messages.error(request, problem)
         return HttpResponseRedirect(back)
     username = request.user.get_username()
-    report = run_action(action=form.cleaned_data["action"], job_ids=form.cleaned_data["job_ids"],
-                        username=username, actor=f"web:{username}", place="from the jobs page")
+    report = run_action(
+        action=form.cleaned_data["action"],
+        job_ids=form.cleaned_data["job_ids"],
+        username=username,
+        actor=f"web:{username}",
+        place="from the jobs page",
+    )
     (messages.success if report.changed else messages.warning)(request, report.text)
     return HttpResponseRedirect(back)
 
@@ -215,19 +268,29 @@ def enqueue(request: HttpRequest) -> HttpResponse:
         lines = form.numbered_lines()
         try:
             jobs = services.enqueue_many(
-                urls=[text for _, text in lines], priority=form.cleaned_data["priority"],
+                urls=[text for _, text in lines],
+                priority=form.cleaned_data["priority"],
                 actor=f"web:{request.user.get_username()}",
             )
         except ValidationError as exc:
             problems = _line_problems(exc, lines)
-            form.add_error("urls", f"Nothing was queued: {len(problems)} line(s) need fixing." if lines
-                           else "Enter at least one URL.")
+            form.add_error(
+                "urls",
+                f"Nothing was queued: {len(problems)} line(s) need fixing." if lines else "Enter at least one URL.",
+            )
         else:
             messages.success(request, _enqueued_message(jobs))
             return HttpResponseRedirect(reverse("jobs:new"))
-    return render(request, "jobs/enqueue.html", {
-        "form": form, "problems": problems, "can_change": True, "now": services.now(),
-    })
+    return render(
+        request,
+        "jobs/enqueue.html",
+        {
+            "form": form,
+            "problems": problems,
+            "can_change": True,
+            "now": services.now(),
+        },
+    )
 
 
 def _line_problems(exc: ValidationError, lines: list[tuple[int, str]]) -> list[dict]:
@@ -245,13 +308,18 @@ def _line_problems(exc: ValidationError, lines: list[tuple[int, str]]) -> list[d
 
 def _enqueued_message(jobs: list[Job]) -> str:
     ids = [job.pk for job in jobs]
-    shown = format_html_join(", ", '<a href="{}">#{}</a>', ((job.get_absolute_url(), job.pk)
-                                                          for job in jobs[:LINKED_NEW_JOBS]))
+    shown = format_html_join(
+        ", ", '<a href="{}">#{}</a>', ((job.get_absolute_url(), job.pk) for job in jobs[:LINKED_NEW_JOBS])
+    )
     more = "…" if len(jobs) > LINKED_NEW_JOBS else ""
     listing = reverse("jobs:list") + "?" + urlencode({"before": max(ids) + 1})
     return format_html(
         'Queued {} job{}: {}{} — <a href="{}" id="new-jobs-link">see them in the list</a>.',
-        len(jobs), "" if len(jobs) == 1 else "s", shown, more, listing,
+        len(jobs),
+        "" if len(jobs) == 1 else "s",
+        shown,
+        more,
+        listing,
     )
 
 

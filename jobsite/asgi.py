@@ -1,4 +1,5 @@
 """ASGI entry point; the bus thread starts from BusConfig.ready in the worker."""
+
 import os
 
 from django.core.asgi import get_asgi_application

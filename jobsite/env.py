@@ -92,9 +92,7 @@ def database(name: str, default: str) -> dict:
         raise ImproperlyConfigured(f"{name}={raw!r} is not a database URL: {exc}") from None
     engine = config.get("ENGINE", "")
     if engine not in ("django.db.backends.sqlite3", "django.db.backends.postgresql"):
-        raise ImproperlyConfigured(
-            f"{name}={raw!r}: jobsite supports sqlite:// and postgres:// URLs only"
-        )
+        raise ImproperlyConfigured(f"{name}={raw!r}: jobsite supports sqlite:// and postgres:// URLs only")
     return config
 
 

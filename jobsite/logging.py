@@ -26,10 +26,7 @@ class KeyValueFormatter(logging.Formatter):
         message = record.getMessage()
         if not message.startswith("event="):
             message = f"msg={_quote(message)}"
-        line = (
-            f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
-            f"logger={record.name} {message}"
-        )
+        line = f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} logger={record.name} {message}"
         if record.exc_info:
             line += " exc=" + _quote(self.formatException(record.exc_info))
         return line

@@ -192,8 +192,10 @@ _endpoint_texts = env.string_list("BUS_ENDPOINTS") or [
 try:
     BUS_ENDPOINTS = [str(endpoint) for endpoint in parse_endpoints(_endpoint_texts)]
 except EndpointError as exc:
-    source = "BUS_ENDPOINTS" if env.string_list("BUS_ENDPOINTS") else (
-        "SUPERVISOR_SOCKET_PATH" if SUPERVISOR_SOCKET_PATH else "SOCKET_PATH"
+    source = (
+        "BUS_ENDPOINTS"
+        if env.string_list("BUS_ENDPOINTS")
+        else ("SUPERVISOR_SOCKET_PATH" if SUPERVISOR_SOCKET_PATH else "SOCKET_PATH")
     )
     raise ImproperlyConfigured(f"{source}: {exc}") from None
 

@@ -1,4 +1,5 @@
 """WSGI entry point; the bus thread starts from BusConfig.ready in the worker."""
+
 import os
 
 from django.core.wsgi import get_wsgi_application

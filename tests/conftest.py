@@ -119,7 +119,11 @@ class Processes:
         popen.setdefault("start_new_session", True)  # its own process group: see stop_all
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "manage.py"), *args],
-            cwd=ROOT, env=env or self.env(), stdout=log, stderr=subprocess.STDOUT, **popen,
+            cwd=ROOT,
+            env=env or self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **popen,
         )
         proc.log_path = log.name  # type: ignore[attr-defined]
         self.started.append(proc)
@@ -224,7 +228,11 @@ class HeldCrawler:
     def __init__(self, path: str, *args: str):
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "crawler_peer.py"), "--listen", path, *args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         self.lines: list[dict] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -43,8 +43,9 @@ class CrawlerPeer:
         self.reader = protocol.FrameReader(protocol.DEFAULT_MAX_FRAME)
         self.frames = []
 
-    def handshake(self, *, slots: int = 10, running=(), timeout: float = 10.0, auth: str | None = None,
-                  send_ready: bool = True) -> dict:
+    def handshake(
+        self, *, slots: int = 10, running=(), timeout: float = 10.0, auth: str | None = None, send_ready: bool = True
+    ) -> dict:
         self.accept(timeout)
         nonce = protocol.new_nonce()
         self.send({"type": "welcome", "protocol": 1, "crawler": self.name, "nonce": nonce})
@@ -186,8 +187,12 @@ def main() -> None:
                         print(json.dumps({"assign": frame["job_id"], "attempt": frame["attempt"]}), flush=True)
                     elif frame["type"] == "ack":
                         unacked.pop((frame["job_id"], frame["attempt"]), None)
-                        print(json.dumps({"ack": frame["job_id"], "attempt": frame["attempt"],
-                                          "status": frame["status"]}), flush=True)
+                        print(
+                            json.dumps(
+                                {"ack": frame["job_id"], "attempt": frame["attempt"], "status": frame["status"]}
+                            ),
+                            flush=True,
+                        )
         except OSError:
             pass
         peer.close()

@@ -60,14 +60,17 @@ def staff_viewer(django_user_model):
     """A staff user who may look at jobs but not change them."""
     user = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
     user.user_permissions.add(
-        Permission.objects.get(codename="view_job"), Permission.objects.get(codename="view_jobevent"),
+        Permission.objects.get(codename="view_job"),
+        Permission.objects.get(codename="view_jobevent"),
     )
     return user
 
 
 def run_action(client, action: str, jobs, **extra):
     return client.post(
-        CHANGELIST, {"action": action, "_selected_action": [job.pk for job in jobs], **extra}, follow=True,
+        CHANGELIST,
+        {"action": action, "_selected_action": [job.pk for job in jobs], **extra},
+        follow=True,
     )
 
 
@@ -170,8 +173,10 @@ def test_requeue_action_reports_jobs_that_fail_at_their_last_interruption(admin_
 def test_requeue_action_reports_jobs_suspected_in_company(admin_client, running_jobs):
     Job.objects.filter(pk=running_jobs[0].pk).update(interruptions=2, max_interruptions=3)
     response = run_action(admin_client, "requeue_running", running_jobs)
-    assert ("Requeued 2 (1 of them interrupted too many times with other jobs in their session: each runs alone "
-            "next), failed 0 (interrupted too many times), skipped 0 not running.") in messages_of(response)
+    assert (
+        "Requeued 2 (1 of them interrupted too many times with other jobs in their session: each runs alone "
+        "next), failed 0 (interrupted too many times), skipped 0 not running."
+    ) in messages_of(response)
     assert statuses(running_jobs) == [Status.QUEUED, Status.QUEUED]
 
 
@@ -254,12 +259,26 @@ def test_events_inline_is_read_only(admin_client, running_jobs):
 def test_events_inline_posts_change_nothing(admin_client, queued_jobs):
     job = queued_jobs[0]
     event = JobEvent.objects.get(job=job)
-    admin_client.post(change_url(job.pk), {
-        "url": job.url, "payload": "{}", "priority": "0", "max_attempts": "5", "max_interruptions": "3",
-        "events-TOTAL_FORMS": "2", "events-INITIAL_FORMS": "1",
-        "events-0-id": event.pk, "events-0-job": job.pk, "events-0-reason": "rewritten", "events-0-actor": "x",
-        "events-1-job": job.pk, "events-1-kind": "cancel", "events-1-actor": "forged", "events-1-at": "2020-01-01",
-    })
+    admin_client.post(
+        change_url(job.pk),
+        {
+            "url": job.url,
+            "payload": "{}",
+            "priority": "0",
+            "max_attempts": "5",
+            "max_interruptions": "3",
+            "events-TOTAL_FORMS": "2",
+            "events-INITIAL_FORMS": "1",
+            "events-0-id": event.pk,
+            "events-0-job": job.pk,
+            "events-0-reason": "rewritten",
+            "events-0-actor": "x",
+            "events-1-job": job.pk,
+            "events-1-kind": "cancel",
+            "events-1-actor": "forged",
+            "events-1-at": "2020-01-01",
+        },
+    )
     assert list(JobEvent.objects.filter(job=job).values_list("actor", "reason")) == [("test", "")]
 
 
@@ -268,11 +287,20 @@ def test_queued_job_definition_is_editable_but_not_its_state(admin_client, queue
     response = admin_client.get(change_url(job.pk))
     form_fields = set(response.context["adminform"].form.fields)
     assert form_fields == {"url", "payload", "priority", "max_attempts", "max_interruptions"}
-    response = admin_client.post(change_url(job.pk), {
-        "url": "https://example.com/edited", "payload": '{"depth": 2}', "priority": "7",
-        "max_attempts": "5", "max_interruptions": "3",
-        "status": "succeeded", "attempt": "9", "lease_session": str(uuid.uuid4()), **NO_INLINE_FORMS,
-    })
+    response = admin_client.post(
+        change_url(job.pk),
+        {
+            "url": "https://example.com/edited",
+            "payload": '{"depth": 2}',
+            "priority": "7",
+            "max_attempts": "5",
+            "max_interruptions": "3",
+            "status": "succeeded",
+            "attempt": "9",
+            "lease_session": str(uuid.uuid4()),
+            **NO_INLINE_FORMS,
+        },
+    )
     assert response.status_code == 302
     job.refresh_from_db()
     assert (job.url, job.payload, job.priority) == ("https://example.com/edited", {"depth": 2}, 7)
@@ -281,19 +309,33 @@ def test_queued_job_definition_is_editable_but_not_its_state(admin_client, queue
 
 def test_edited_job_is_held_to_the_enqueue_rules(admin_client, queued_jobs):
     job = queued_jobs[0]
-    response = admin_client.post(change_url(job.pk), {
-        "url": "ftp://example.com/file", "payload": "[1, 2]", "priority": "0",
-        "max_attempts": "5", "max_interruptions": "3", **NO_INLINE_FORMS,
-    })
+    response = admin_client.post(
+        change_url(job.pk),
+        {
+            "url": "ftp://example.com/file",
+            "payload": "[1, 2]",
+            "priority": "0",
+            "max_attempts": "5",
+            "max_interruptions": "3",
+            **NO_INLINE_FORMS,
+        },
+    )
     assert response.status_code == 200
     errors = response.context["adminform"].form.errors
     assert "not a valid http:// or https:// URL" in errors["url"][0]
     job.refresh_from_db()
     assert job.url == "https://example.com/page/0"
-    response = admin_client.post(change_url(job.pk), {
-        "url": "https://example.com/x", "payload": "[1, 2]", "priority": "0",
-        "max_attempts": "5", "max_interruptions": "3", **NO_INLINE_FORMS,
-    })
+    response = admin_client.post(
+        change_url(job.pk),
+        {
+            "url": "https://example.com/x",
+            "payload": "[1, 2]",
+            "priority": "0",
+            "max_attempts": "5",
+            "max_interruptions": "3",
+            **NO_INLINE_FORMS,
+        },
+    )
     assert response.context["adminform"].form.errors["payload"] == ["payload must be a JSON object"]
 
 
@@ -309,8 +351,10 @@ def test_running_job_is_entirely_read_only(admin_client, running_jobs):
 def test_edit_of_a_job_claimed_after_the_form_loaded_is_not_saved(rf, admin_user, queued_jobs, session):
     job = queued_jobs[0]
     form_class = job_admin().get_form(rf.get("/"), job)
-    form = form_class({"url": job.url, "payload": "{}", "priority": "9", "max_attempts": "5",
-                       "max_interruptions": "3"}, instance=Job.objects.get(pk=job.pk))
+    form = form_class(
+        {"url": job.url, "payload": "{}", "priority": "9", "max_attempts": "5", "max_interruptions": "3"},
+        instance=Job.objects.get(pk=job.pk),
+    )
     assert form.is_valid(), form.errors
     services.claim_jobs(session=session, limit=4, lease_seconds=60)  # the bus wins the race
     request = rf.post(change_url(job.pk))
@@ -341,22 +385,41 @@ def test_jobs_cannot_be_added_or_deleted_in_the_admin(admin_client, queued_jobs)
 @pytest.fixture
 def bus_session():
     return BusSession.objects.create(
-        session=uuid.uuid4(), node="host:1", endpoint="unix:/tmp/crawler.sock", crawler="ref", slots=4,
+        session=uuid.uuid4(),
+        node="host:1",
+        endpoint="unix:/tmp/crawler.sock",
+        crawler="ref",
+        slots=4,
         connected_at=timezone.now(),
     )
 
 
 def test_bus_session_list_shows_health_columns_and_filters_by_state(admin_client, bus_session):
     BusSession.objects.create(
-        session=uuid.uuid4(), node="host:2", endpoint="tcp:10.0.0.2:9000", state="lost", slots=1,
-        connected_at=timezone.now(), closed_at=timezone.now(), close_reason="heartbeat timeout",
+        session=uuid.uuid4(),
+        node="host:2",
+        endpoint="tcp:10.0.0.2:9000",
+        state="lost",
+        slots=1,
+        connected_at=timezone.now(),
+        closed_at=timezone.now(),
+        close_reason="heartbeat timeout",
     )
     url = reverse("admin:jobs_bussession_changelist")
     response = admin_client.get(url)
     assert response.status_code == 200
     page = response.content.decode()
-    for header in ("Node", "Endpoint", "Crawler", "State", "Slots", "Connected at", "Last heartbeat at",
-                   "Closed at", "Close reason"):
+    for header in (
+        "Node",
+        "Endpoint",
+        "Crawler",
+        "State",
+        "Slots",
+        "Connected at",
+        "Last heartbeat at",
+        "Closed at",
+        "Close reason",
+    ):
         assert header in page
     assert "heartbeat timeout" in page
     lost = admin_client.get(url, {"state__exact": "lost"}).context["cl"].result_list

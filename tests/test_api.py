@@ -92,8 +92,10 @@ def test_list_keeps_filters_in_the_next_link(api):
     assert all("keep" in job["url"] for job in second["jobs"]) and len(second["jobs"]) == 2
 
 
-@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 201}, {"limit": "x"}, {"before": "x"},
-                                    {"status": "sleeping"}, {"before": str(2**64)}])
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 0}, {"limit": 201}, {"limit": "x"}, {"before": "x"}, {"status": "sleeping"}, {"before": str(2**64)}],
+)
 def test_list_refuses_bad_parameters_with_json_400(api, params):
     response = api.get(LIST, params)
     assert response.status_code == 400 and "error" in response.json()
@@ -115,9 +117,17 @@ def test_detail_has_the_job_and_its_events(api):
     job = enqueue("https://example.com/a")[0]
     session = uuid.uuid4()
     services.claim_jobs(session=session, limit=1, lease_seconds=60)
-    services.record_outcomes(session=session, outcomes=[services.Outcome(
-        job_id=job.pk, attempt=1, succeeded=True, result={"status": 200, "title": "<b>hi</b>"},
-    )])
+    services.record_outcomes(
+        session=session,
+        outcomes=[
+            services.Outcome(
+                job_id=job.pk,
+                attempt=1,
+                succeeded=True,
+                result={"status": 200, "title": "<b>hi</b>"},
+            )
+        ],
+    )
     response = api.get(reverse("jobs:api_detail", args=[job.pk]))
     assert response.status_code == 200
     body = response.json()

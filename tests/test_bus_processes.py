@@ -24,8 +24,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def enqueue(count: int) -> list[int]:
-    return [job.id for job in services.enqueue_many(urls=[f"https://example.com/{i}" for i in range(count)],
-                                                    actor="test")]
+    return [
+        job.id for job in services.enqueue_many(urls=[f"https://example.com/{i}" for i in range(count)], actor="test")
+    ]
 
 
 def running_count(session=None) -> int:
@@ -34,20 +35,27 @@ def running_count(session=None) -> int:
 
 
 def test_sigkilled_crawler_holding_50_jobs_gets_them_all_requeued_within_a_second(
-        processes, short_socket_path, held_crawlers):
+    processes, short_socket_path, held_crawlers
+):
     ids = enqueue(50)
     crawler = held_crawlers(short_socket_path, "--slots", "50")
     processes.manage("runbus", "--endpoint", short_socket_path)
     wait_until(lambda: running_count() == 50, timeout=20, message="50 jobs running")
 
     crawler.proc.send_signal(signal.SIGKILL)
-    wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 50, timeout=1.0,
-               interval=0.005, message="all 50 jobs queued again within 1 s of SIGKILL")
+    wait_until(
+        lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 50,
+        timeout=1.0,
+        interval=0.005,
+        message="all 50 jobs queued again within 1 s of SIGKILL",
+    )
 
     reasons = set(JobEvent.objects.filter(job_id__in=ids, kind="interrupt").values_list("reason", flat=True))
     # A killed process closes its socket: EOF, or RST when our frames were still unread.
-    assert len(reasons) == 1 and reasons <= {"connection closed by the crawler (EOF)",
-                                             "socket error: ConnectionResetError: [Errno 104] Connection reset by peer"}
+    assert len(reasons) == 1 and reasons <= {
+        "connection closed by the crawler (EOF)",
+        "socket error: ConnectionResetError: [Errno 104] Connection reset by peer",
+    }
     assert Job.objects.filter(id__in=ids, interruptions=1, lease_session__isnull=True).count() == 50
 
 
@@ -60,8 +68,12 @@ def test_socket_reset_requeues_the_sessions_jobs_within_a_second(processes, shor
         peer.recv_many("assign", 20)
         wait_until(lambda: running_count() == 20, timeout=10, message="20 running")
         peer.close(reset=True)
-        wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 20, timeout=1.0,
-                   interval=0.005, message="jobs queued again within 1 s of the RST")
+        wait_until(
+            lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 20,
+            timeout=1.0,
+            interval=0.005,
+            message="jobs queued again within 1 s of the RST",
+        )
         reason = JobEvent.objects.filter(job_id__in=ids, kind="interrupt").values_list("reason", flat=True).first()
         assert "socket error" in reason or "EOF" in reason
     finally:
@@ -69,21 +81,31 @@ def test_socket_reset_requeues_the_sessions_jobs_within_a_second(processes, shor
 
 
 def test_sigstopped_crawler_loses_its_jobs_after_twice_the_heartbeat_timeout_and_its_late_results_are_fenced(
-        processes, tmp_path, held_crawlers):
+    processes, tmp_path, held_crawlers
+):
     first_path, second_path = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
     if len(first_path) > 100:
         pytest.skip("temporary path too long for a Unix socket")
     ids = enqueue(3)
     first = held_crawlers(first_path, "--slots", "3", "--heartbeat", "--reconnect-slots", "0")
-    processes.manage("runbus", "--endpoint", first_path, "--endpoint", second_path,
-                     env=processes.env(HEARTBEAT_TIMEOUT="1", BUS_BACKOFF_CAP="0.5"))
+    processes.manage(
+        "runbus",
+        "--endpoint",
+        first_path,
+        "--endpoint",
+        second_path,
+        env=processes.env(HEARTBEAT_TIMEOUT="1", BUS_BACKOFF_CAP="0.5"),
+    )
     wait_until(lambda: len(first.assigned()) == 3, timeout=20, message="3 jobs held by the first crawler")
     held = first.assigned()
 
     stopped_at = time.monotonic()
     first.proc.send_signal(signal.SIGSTOP)
-    wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 3, timeout=6,
-               message="jobs requeued after the heartbeat timeout")
+    wait_until(
+        lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 3,
+        timeout=6,
+        message="jobs requeued after the heartbeat timeout",
+    )
     elapsed = time.monotonic() - stopped_at
     assert elapsed >= 1.5, f"requeued after {elapsed:.2f} s: before 2 x HEARTBEAT_TIMEOUT of silence"
     reasons = set(JobEvent.objects.filter(job_id__in=ids, kind="interrupt").values_list("reason", flat=True))
@@ -116,15 +138,21 @@ def test_two_crawlers_one_killed_only_its_jobs_move(processes, tmp_path, held_cr
     victim = held_crawlers(paths[0], "--slots", "5")
     survivor = held_crawlers(paths[1], "--slots", "5")
     processes.manage("runbus", "--endpoint", paths[0], "--endpoint", paths[1])
-    wait_until(lambda: len(victim.assigned()) == 5 and len(survivor.assigned()) == 5, timeout=20,
-               message="both crawlers hold 5 jobs")
+    wait_until(
+        lambda: len(victim.assigned()) == 5 and len(survivor.assigned()) == 5,
+        timeout=20,
+        message="both crawlers hold 5 jobs",
+    )
     survivor_jobs = {job_id for job_id, _ in survivor.assigned()}
     victim_jobs = {job_id for job_id, _ in victim.assigned()}
     survivor_lease = Job.objects.get(id=next(iter(survivor_jobs))).lease_session
 
     victim.proc.send_signal(signal.SIGKILL)
-    wait_until(lambda: Job.objects.filter(id__in=victim_jobs, status=Status.QUEUED).count() == 5, timeout=2,
-               message="the killed crawler's jobs requeued")
+    wait_until(
+        lambda: Job.objects.filter(id__in=victim_jobs, status=Status.QUEUED).count() == 5,
+        timeout=2,
+        message="the killed crawler's jobs requeued",
+    )
     assert set(Job.objects.leased_to(survivor_lease).values_list("id", flat=True)) == survivor_jobs
     assert not JobEvent.objects.filter(job_id__in=survivor_jobs, kind="interrupt").exists()
 
@@ -161,7 +189,10 @@ def test_supervised_runbus_requeues_and_exits_when_its_parent_dies(processes, sh
     )
     parent = subprocess.Popen(
         [sys.executable, "-c", launcher, str(log_path), str(ROOT / "manage.py"), short_socket_path],
-        env=processes.env(SUPERVISED="true"), stdout=subprocess.PIPE, text=True, start_new_session=True,
+        env=processes.env(SUPERVISED="true"),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     processes.started.append(parent)
     try:
@@ -172,8 +203,12 @@ def test_supervised_runbus_requeues_and_exits_when_its_parent_dies(processes, sh
 
         parent.kill()
         parent.wait(5)
-        wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 6, timeout=2,
-                   interval=0.01, message="jobs requeued within 2 s of the supervisor's death")
+        wait_until(
+            lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 6,
+            timeout=2,
+            interval=0.01,
+            message="jobs requeued within 2 s of the supervisor's death",
+        )
         reason = JobEvent.objects.filter(job_id__in=ids, kind="interrupt").values_list("reason", flat=True).first()
         assert reason == "supervisor process gone"
         wait_until(lambda: not _alive(bus_pid), timeout=10, message="runbus exited")
@@ -195,13 +230,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_runserver_connects_before_any_request_and_keeps_serving_without_a_crawler(
-        processes, short_socket_path):
+def test_runserver_connects_before_any_request_and_keeps_serving_without_a_crawler(processes, short_socket_path):
     port = free_port()
     peer = CrawlerPeer(short_socket_path)
     try:
-        server = processes.manage("runserver", f"127.0.0.1:{port}",
-                                  env=processes.env(BUS_ENDPOINTS=short_socket_path, BUS_BACKOFF_CAP="1"))
+        server = processes.manage(
+            "runserver", f"127.0.0.1:{port}", env=processes.env(BUS_ENDPOINTS=short_socket_path, BUS_BACKOFF_CAP="1")
+        )
         hello = peer.handshake(slots=1, timeout=30)  # no HTTP request has been made yet
         assert hello["type"] == "hello"
         # The autoreloader's watcher process must not run a second bus.
@@ -226,11 +261,17 @@ def test_runserver_connects_before_any_request_and_keeps_serving_without_a_crawl
         peer.shutdown()
 
 
-@pytest.mark.parametrize("command", [
-    ["migrate", "--noinput"],
-    ["shell", "-c", "import threading, time; time.sleep(1); "
-                    "print('THREADS', sorted(t.name for t in threading.enumerate()))"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["migrate", "--noinput"],
+        [
+            "shell",
+            "-c",
+            "import threading, time; time.sleep(1); print('THREADS', sorted(t.name for t in threading.enumerate()))",
+        ],
+    ],
+)
 def test_management_commands_start_no_bus(processes, short_socket_path, command):
     peer = CrawlerPeer(short_socket_path)
     try:
@@ -259,8 +300,9 @@ def test_runserver_sigterm_says_bye_and_requeues_its_sessions_jobs(processes, sh
     ids = enqueue(3)
     peer = CrawlerPeer(short_socket_path)
     try:
-        server = processes.manage("runserver", "--noreload", f"127.0.0.1:{free_port()}",
-                                  env=processes.env(BUS_ENDPOINTS=short_socket_path))
+        server = processes.manage(
+            "runserver", "--noreload", f"127.0.0.1:{free_port()}", env=processes.env(BUS_ENDPOINTS=short_socket_path)
+        )
         peer.handshake(slots=3, timeout=30)
         peer.recv_many("assign", 3)
         wait_until(lambda: running_count() == 3, timeout=10, message="3 running")
@@ -268,8 +310,11 @@ def test_runserver_sigterm_says_bye_and_requeues_its_sessions_jobs(processes, sh
         assert peer.recv("bye", timeout=10)["reason"] == "bus shutdown"
         assert server.wait(timeout=10) == 0
         assert "Traceback" not in processes.output(server)
-        wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 3, timeout=5,
-                   message="the server's jobs requeued")
+        wait_until(
+            lambda: Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 3,
+            timeout=5,
+            message="the server's jobs requeued",
+        )
     finally:
         peer.shutdown()
 
@@ -283,16 +328,26 @@ def test_gunicorn_workers_each_run_a_bus_and_the_master_none(processes, short_so
     if preload:
         args.insert(3, "--preload")
     log = open(processes.tmp_path / "gunicorn.log", "wb")
-    master = subprocess.Popen(args, cwd=ROOT, env=processes.env(BUS_ENDPOINTS=short_socket_path),
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    master = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=processes.env(BUS_ENDPOINTS=short_socket_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     processes.started.append(master)
     try:
-        wait_until(lambda: BusSession.objects.open().count() == 2, timeout=30,
-                   message="one bus session per gunicorn worker")
+        wait_until(
+            lambda: BusSession.objects.open().count() == 2, timeout=30, message="one bus session per gunicorn worker"
+        )
         pids = {int(node.rsplit(":", 1)[1]) for node in BusSession.objects.open().values_list("node", flat=True)}
         assert master.pid not in pids and len(pids) == 2
-        wait_until(lambda: Job.objects.filter(id__in=ids, status=Status.SUCCEEDED).count() == 6, timeout=20,
-                   message="the workers' buses run the jobs")
+        wait_until(
+            lambda: Job.objects.filter(id__in=ids, status=Status.SUCCEEDED).count() == 6,
+            timeout=20,
+            message="the workers' buses run the jobs",
+        )
     finally:
         master.send_signal(signal.SIGTERM)
         master.wait(timeout=20)

@@ -68,8 +68,9 @@ def probe(peer: CrawlerPeer, timeout: float = 10.0) -> dict:
     """Round trip through the bus's IO thread and its database worker; returns the stale error."""
     nonce = uuid.uuid4().int % 1_000_000 + 1
     peer.send({"type": "started", "job_id": PROBE_JOB, "attempt": nonce})
-    return peer.recv("error", timeout=timeout,
-                     where=lambda f: f.get("job_id") == PROBE_JOB and f.get("attempt") == nonce)
+    return peer.recv(
+        "error", timeout=timeout, where=lambda f: f.get("job_id") == PROBE_JOB and f.get("attempt") == nonce
+    )
 
 
 def pending(peer: CrawlerPeer, kind: str) -> list[dict]:
@@ -78,9 +79,22 @@ def pending(peer: CrawlerPeer, kind: str) -> list[dict]:
 
 def job_state() -> list[tuple]:
     """Everything about the jobs a bus could change, except lease renewal times."""
-    return list(Job.objects.order_by("id").values_list(
-        "id", "status", "attempt", "lease_session", "result", "error", "failures", "interruptions",
-        "outcome_attempt", "run_after", "finished_at", "progress"))
+    return list(
+        Job.objects.order_by("id").values_list(
+            "id",
+            "status",
+            "attempt",
+            "lease_session",
+            "result",
+            "error",
+            "failures",
+            "interruptions",
+            "outcome_attempt",
+            "run_after",
+            "finished_at",
+            "progress",
+        )
+    )
 
 
 def event_state() -> list[tuple]:
@@ -88,8 +102,11 @@ def event_state() -> list[tuple]:
 
 
 def interrupt_reasons(job_ids) -> list[str]:
-    return list(JobEvent.objects.filter(job_id__in=list(job_ids), kind=EventKind.INTERRUPT)
-                .order_by("id").values_list("reason", flat=True))
+    return list(
+        JobEvent.objects.filter(job_id__in=list(job_ids), kind=EventKind.INTERRUPT)
+        .order_by("id")
+        .values_list("reason", flat=True)
+    )
 
 
 def all_queued(job_ids) -> bool:
@@ -190,13 +207,17 @@ def test_bad_ready_proof_is_refused_nothing_assigned_and_the_bus_retries(process
 
 
 BAD_WELCOMES = {
-    "protocol-2": (b'{"type":"welcome","protocol":2,"crawler":"future","nonce":"' + b"ab" * 16 + b'"}\n',
-                   "unsupported_protocol"),
-    "protocol-true": (b'{"type":"welcome","protocol":true,"crawler":"c","nonce":"' + b"ab" * 16 + b'"}\n',
-                      "unsupported_protocol"),
+    "protocol-2": (
+        b'{"type":"welcome","protocol":2,"crawler":"future","nonce":"' + b"ab" * 16 + b'"}\n',
+        "unsupported_protocol",
+    ),
+    "protocol-true": (
+        b'{"type":"welcome","protocol":true,"crawler":"c","nonce":"' + b"ab" * 16 + b'"}\n',
+        "unsupported_protocol",
+    ),
     "protocol-missing": (b'{"type":"welcome","crawler":"c","nonce":"' + b"ab" * 16 + b'"}\n', "unsupported_protocol"),
     "short-nonce": (b'{"type":"welcome","protocol":1,"crawler":"c","nonce":"abcdef"}\n', "bad_frame"),
-    "not-json": (b'welcome please\n', "bad_frame"),
+    "not-json": (b"welcome please\n", "bad_frame"),
 }
 
 
@@ -275,7 +296,7 @@ def _framing_error_ends_the_session(processes, path, send, reason_part, **settin
         reasons = interrupt_reasons(job_ids)
         assert len(reasons) == 3
         assert all("bad_frame" in reason and reason_part in reason for reason in reasons), reasons
-        assert all(row[2] == EventKind.INTERRUPT for row in event_state()[len(others):])
+        assert all(row[2] == EventKind.INTERRUPT for row in event_state()[len(others) :])
         assert Job.objects.filter(id__in=job_ids, interruptions=1, attempt=1, lease_session=None).count() == 3
         row = BusSession.objects.get(session=hello["session"])
         assert row.state == "lost" and "bad_frame" in row.close_reason
@@ -294,8 +315,13 @@ def test_framing_error_sends_bad_frame_closes_and_requeues(processes, short_sock
 def test_frame_over_max_frame_is_a_framing_error_before_its_newline(processes, short_socket_path):
     total = 10 * 1024 * 1024
     sent = []
-    _framing_error_ends_the_session(processes, short_socket_path, lambda peer: sent.append(flood(peer, total)),
-                                    "exceeds the limit of 4096", BUS_MAX_FRAME="4096")
+    _framing_error_ends_the_session(
+        processes,
+        short_socket_path,
+        lambda peer: sent.append(flood(peer, total)),
+        "exceeds the limit of 4096",
+        BUS_MAX_FRAME="4096",
+    )
     assert sent[0] < total, "the bus read the whole 10 MB line instead of failing at BUS_MAX_FRAME"
 
 
@@ -411,15 +437,24 @@ def test_done_is_acked_only_after_commit_and_a_resend_is_recorded_once(processes
     with bus_and_peer(processes, short_socket_path) as (peer, bus):
         peer.handshake(slots=1)
         peer.recv("assign")
-        done = {"type": "done", "job_id": job_id, "attempt": 1, "result": {"status": 200, "title": "t"},
-                "unknown_field": [1, 2]}  # unknown fields are ignored
+        done = {
+            "type": "done",
+            "job_id": job_id,
+            "attempt": 1,
+            "result": {"status": 200, "title": "t"},
+            "unknown_field": [1, 2],
+        }  # unknown fields are ignored
         peer.send(done)
         ack = peer.recv("ack")
         # Read at once, no waiting: the ack promises the outcome is committed.
         job = Job.objects.get()
         assert (ack["job_id"], ack["attempt"], ack["status"]) == (job_id, 1, "recorded")
         assert (job.status, job.result, job.lease_session, job.outcome_attempt) == (
-            Status.SUCCEEDED, {"status": 200, "title": "t"}, None, 1)
+            Status.SUCCEEDED,
+            {"status": 200, "title": "t"},
+            None,
+            1,
+        )
         jobs = job_state()
         peer.send(done)
         ack = peer.recv("ack")
@@ -476,8 +511,11 @@ def test_slots_bound_the_outstanding_assignments_and_capacity_changes_them(proce
         with pytest.raises(AssertionError):
             peer.recv("assign", timeout=0.6)
         assert Job.objects.filter(status=Status.RUNNING, lease_session=hello["session"]).count() == 5
-        wait_until(lambda: BusSession.objects.get(session=hello["session"]).slots == 5, timeout=5,
-                   message="session row shows the new slot count")
+        wait_until(
+            lambda: BusSession.objects.get(session=hello["session"]).slots == 5,
+            timeout=5,
+            message="session row shows the new slot count",
+        )
 
         peer.send({"type": "capacity", "slots": 1})
         for job_id, attempt in held[:4]:  # 5 outstanding -> 1: still no room under a limit of 1
@@ -512,8 +550,11 @@ def test_bus_heartbeats_at_the_interval_and_crawler_heartbeats_renew_leases(proc
             gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
             assert max(gaps) < 1.2, gaps  # at the 0.5 s interval, with room for a slow machine
             assert sum(gaps) / len(gaps) > 0.3, gaps  # and not a flood
-            wait_until(lambda: Job.objects.get().lease_expires_at > first_expiry, timeout=5,
-                       message="lease renewed by the crawler's heartbeat")
+            wait_until(
+                lambda: Job.objects.get().lease_expires_at > first_expiry,
+                timeout=5,
+                message="lease renewed by the crawler's heartbeat",
+            )
         job = Job.objects.get()
         assert (job.status, job.attempt, job.interruptions) == (Status.RUNNING, 1, 0)
 
@@ -666,13 +707,18 @@ def test_bye_ends_the_session_requeues_and_records_the_reason(processes, short_s
         hello = peer.handshake(slots=3)
         peer.recv_many("assign", 3)
         # An outcome sent just before bye, in the same write, is still recorded (its ack cannot follow).
-        peer.send_raw(protocol.encode_frame({"type": "done", "job_id": done_id, "attempt": 1, "result": {}})
-                      + protocol.encode_frame({"type": "bye", "reason": "maintenance window"}))
+        peer.send_raw(
+            protocol.encode_frame({"type": "done", "job_id": done_id, "attempt": 1, "result": {}})
+            + protocol.encode_frame({"type": "bye", "reason": "maintenance window"})
+        )
         assert peer.wait_closed(5), "the bus kept the session open after bye"
         wait_until(lambda: all_queued(job_ids), timeout=5, message="requeue after bye")
         assert Job.objects.get(id=done_id).status == Status.SUCCEEDED
-        row = wait_until(lambda: BusSession.objects.filter(session=hello["session"], state="closed").first(),
-                         timeout=5, message="session row closed")
+        row = wait_until(
+            lambda: BusSession.objects.filter(session=hello["session"], state="closed").first(),
+            timeout=5,
+            message="session row closed",
+        )
         assert "maintenance window" in row.close_reason and row.closed_at is not None
         assert all("maintenance window" in reason for reason in interrupt_reasons(job_ids))
 
@@ -688,15 +734,25 @@ def test_closing_one_session_requeues_only_its_jobs(processes, short_socket_path
         second_hello = second.handshake(slots=3)
         second_jobs = [a["job_id"] for a in second.recv_many("assign", 3)]
         assert sorted(first_jobs + second_jobs) == job_ids
-        untouched = list(Job.objects.filter(id__in=second_jobs).order_by("id").values_list(
-            "status", "attempt", "lease_session", "interruptions"))
+        untouched = list(
+            Job.objects.filter(id__in=second_jobs)
+            .order_by("id")
+            .values_list("status", "attempt", "lease_session", "interruptions")
+        )
         first.close(reset=True)
         wait_until(lambda: all_queued(first_jobs), timeout=5, message="the closed session's jobs requeued")
         probe(second)  # the other session is alive and its worker caught up
-        assert list(Job.objects.filter(id__in=second_jobs).order_by("id").values_list(
-            "status", "attempt", "lease_session", "interruptions")) == untouched
+        assert (
+            list(
+                Job.objects.filter(id__in=second_jobs)
+                .order_by("id")
+                .values_list("status", "attempt", "lease_session", "interruptions")
+            )
+            == untouched
+        )
         assert {str(s) for s in Job.objects.filter(id__in=second_jobs).values_list("lease_session", flat=True)} == {
-            second_hello["session"]}
+            second_hello["session"]
+        }
         assert interrupt_reasons(second_jobs) == []
         assert BusSession.objects.get(session=second_hello["session"]).state == "connected"
         assert BusSession.objects.get(session=first_hello["session"]).state == "lost"
@@ -745,8 +801,11 @@ def test_nul_in_the_bye_reason_still_requeues_at_once(processes, short_socket_pa
         peer.send({"type": "bye", "reason": "going\x00away"})
         assert peer.wait_closed(5)
         wait_until(lambda: all_queued(job_ids), timeout=5, message="requeue after a bye with a NUL in its reason")
-        row = wait_until(lambda: BusSession.objects.filter(session=hello["session"], state="closed").first(),
-                         timeout=5, message="session row closed")
+        row = wait_until(
+            lambda: BusSession.objects.filter(session=hello["session"], state="closed").first(),
+            timeout=5,
+            message="session row closed",
+        )
         assert "going" in row.close_reason
 
 

@@ -44,7 +44,10 @@ def test_claim_increments_the_attempt_and_sets_the_lease(session_a):
     [claimed] = services.claim_jobs(session=session_a, limit=1, lease_seconds=90, at=at)
 
     assert (claimed.id, claimed.attempt, claimed.url, claimed.payload) == (
-        job.id, 4, "https://example.com/x", {"depth": 2},
+        job.id,
+        4,
+        "https://example.com/x",
+        {"depth": 2},
     )
     job.refresh_from_db()
     assert job.status == Status.RUNNING
@@ -173,7 +176,10 @@ def test_re_lease_gives_a_requeued_job_back_to_the_crawler_still_running_it(sess
     assert job.lease_expires_at == at + timedelta(seconds=60)
     event = JobEvent.objects.get(job=job, kind=EventKind.RELEASE)
     assert (event.from_status, event.to_status, event.attempt, event.session) == (
-        Status.QUEUED, Status.RUNNING, 1, session_b,
+        Status.QUEUED,
+        Status.RUNNING,
+        1,
+        session_b,
     )
     # Its outcome is then recorded normally (rule 1).
     outcome = Outcome(job_id=job.id, attempt=1, succeeded=True)
@@ -221,7 +227,9 @@ def test_database_rejects_a_running_job_with_half_a_lease():
 def test_database_rejects_a_lease_on_a_job_that_is_not_running():
     with pytest.raises(IntegrityError), transaction.atomic():
         Job.objects.create(
-            url="https://example.com/x", status=Status.QUEUED, lease_session=uuid.uuid4(),
+            url="https://example.com/x",
+            status=Status.QUEUED,
+            lease_session=uuid.uuid4(),
             lease_expires_at=timezone.now(),
         )
 

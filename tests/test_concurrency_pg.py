@@ -89,7 +89,7 @@ def test_concurrent_claims_and_resets_never_share_lose_or_double_count_a_job(tra
     job_ids = [job.id for job in jobs]
     # A quarter of the jobs keep the default budget of 3 interruptions, so the
     # poison path (running -> failed) races too; the rest keep cycling.
-    Job.objects.filter(id__in=job_ids[JOBS // 4:]).update(max_interruptions=1_000_000)
+    Job.objects.filter(id__in=job_ids[JOBS // 4 :]).update(max_interruptions=1_000_000)
 
     race = Race(CLAIMERS + RESETTERS)
     race.deadline = time.monotonic() + RUN_SECONDS + 1.0  # the start barrier is inside that second

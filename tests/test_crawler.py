@@ -37,7 +37,7 @@ class BusClient:
 
     def __init__(self, address: str, *, max_frame: int = 1024 * 1024):
         if address.startswith("tcp://"):
-            host, port = address[len("tcp://"):].rsplit(":", 1)
+            host, port = address[len("tcp://") :].rsplit(":", 1)
             self.sock = socket.create_connection((host, int(port)), timeout=5)
         else:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -91,8 +91,9 @@ class BusClient:
                 if frame["type"] == kind and all(frame.get(k) == v for k, v in fields.items()):
                     return self.inbox.pop(index)
             if not self._fill(deadline):
-                raise AssertionError(f"no {kind} frame {fields or ''} within {timeout}s (eof={self.eof}); "
-                                     f"received: {self.inbox!r}")
+                raise AssertionError(
+                    f"no {kind} frame {fields or ''} within {timeout}s (eof={self.eof}); received: {self.inbox!r}"
+                )
 
     def take(self, kind: str) -> list[dict[str, Any]]:
         """Remove and return every frame of this type received so far."""
@@ -106,11 +107,18 @@ class BusClient:
             if not self._fill(deadline) and not self.eof:
                 raise AssertionError(f"the crawler did not close the connection within {timeout}s")
 
-    def handshake(self, *, token: str | None = None, heartbeat: float = 30.0, auth: str | None = None,
-                  protocol: int = 1) -> dict[str, Any] | None:
+    def handshake(
+        self, *, token: str | None = None, heartbeat: float = 30.0, auth: str | None = None, protocol: int = 1
+    ) -> dict[str, Any] | None:
         self.welcome = self.expect("welcome")
-        hello = {"type": "hello", "protocol": protocol, "node": "test-bus", "session": self.session,
-                 "heartbeat": heartbeat, "nonce": self.hello_nonce}
+        hello = {
+            "type": "hello",
+            "protocol": protocol,
+            "node": "test-bus",
+            "session": self.session,
+            "heartbeat": heartbeat,
+            "nonce": self.hello_nonce,
+        }
         if token:
             hello["auth"] = hello_proof(token, self.welcome["nonce"], self.session)
         if auth is not None:
@@ -218,8 +226,16 @@ def test_hello_without_auth_is_unauthorized_when_the_crawler_has_a_token(crawler
     crawler = crawlers(token=TOKEN)
     client = clients(address_of(crawler))
     client.expect("welcome")
-    client.send({"type": "hello", "protocol": 1, "node": "n", "session": client.session, "heartbeat": 30,
-                 "nonce": client.hello_nonce})
+    client.send(
+        {
+            "type": "hello",
+            "protocol": 1,
+            "node": "n",
+            "session": client.session,
+            "heartbeat": 30,
+            "nonce": client.hello_nonce,
+        }
+    )
 
     assert client.expect("error")["code"] == "unauthorized"
     client.wait_closed()
@@ -399,8 +415,10 @@ def test_cancel_stops_a_running_fetch_and_sends_no_outcome(crawlers, clients, si
     client.send({"type": "cancel", "job_id": 4, "attempt": 1})
 
     wait_until(lambda: crawler.running_jobs() == [], message="the cancel to stop the job")
-    wait_until(lambda: not any(t.name.startswith("crawler-job-") for t in threading.enumerate()),
-               message="the fetch thread to end although the server still holds the request")
+    wait_until(
+        lambda: not any(t.name.startswith("crawler-job-") for t in threading.enumerate()),
+        message="the fetch thread to end although the server still holds the request",
+    )
     beat = client.expect("heartbeat", running=[])
     assert beat["running"] == []
     assert client.take("done") == [] and client.take("failed") == []
@@ -611,17 +629,23 @@ def connected(path: str) -> BusClient | None:
 
 
 def test_runcrawler_answers_assigns_and_exits_0_on_sigterm(processes, short_socket_path):
-    proc = processes.manage("runcrawler", "--listen", short_socket_path, "--slots", "4", "--noop",
-                            env=processes.env(BUS_TOKEN=""))
-    client = wait_until(lambda: connected(short_socket_path) or proc.poll() is not None, timeout=30,
-                        message="the crawler to accept connections")
+    proc = processes.manage(
+        "runcrawler", "--listen", short_socket_path, "--slots", "4", "--noop", env=processes.env(BUS_TOKEN="")
+    )
+    client = wait_until(
+        lambda: connected(short_socket_path) or proc.poll() is not None,
+        timeout=30,
+        message="the crawler to accept connections",
+    )
     assert proc.poll() is None, processes.output(proc)
     try:
         assert client.handshake()["slots"] == 4
-        client.sock.sendall(b"".join(
-            encode_frame({"type": "assign", "job_id": job_id, "attempt": 1, "url": "http://example.com/"})
-            for job_id in range(1, 501)
-        ))
+        client.sock.sendall(
+            b"".join(
+                encode_frame({"type": "assign", "job_id": job_id, "attempt": 1, "url": "http://example.com/"})
+                for job_id in range(1, 501)
+            )
+        )
         seen = set()
         while len(seen) < 500:
             seen.add(client.expect("done")["job_id"])
@@ -638,7 +662,14 @@ def test_runcrawler_answers_assigns_and_exits_0_on_sigterm(processes, short_sock
 
 
 def test_runcrawler_refuses_tcp_without_token(processes):
-    proc = processes.manage("runcrawler", "--listen", f"tcp://127.0.0.1:{free_port()}", "--slots", "1", "--noop",
-                            env=processes.env(BUS_TOKEN=""))
+    proc = processes.manage(
+        "runcrawler",
+        "--listen",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--slots",
+        "1",
+        "--noop",
+        env=processes.env(BUS_TOKEN=""),
+    )
     assert proc.wait(timeout=30) != 0
     assert "requires a token" in processes.output(proc)

@@ -83,7 +83,12 @@ def test_parse_endpoints_keeps_order():
 
 @pytest.mark.parametrize(
     "texts",
-    [["/a.sock", "/a.sock"], ["/a.sock", "unix:/a.sock"], ["tcp://h:1", " tcp://h:1 "], ["tcp://[::1]:5", "tcp://::1:5"]],
+    [
+        ["/a.sock", "/a.sock"],
+        ["/a.sock", "unix:/a.sock"],
+        ["tcp://h:1", " tcp://h:1 "],
+        ["tcp://[::1]:5", "tcp://::1:5"],
+    ],
 )
 def test_parse_endpoints_rejects_the_same_endpoint_twice(texts):
     with pytest.raises(EndpointError, match="twice"):
@@ -165,15 +170,20 @@ def test_listen_replaces_a_stale_socket_file(short_socket_path):
 
 def test_listen_refuses_a_path_where_another_process_listens(short_socket_path):
     other = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import socket, sys
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind({short_socket_path!r})
             sock.listen()
             print("listening", flush=True)
             sys.stdin.read()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
         assert other.stdout.readline() == b"listening\n"
@@ -194,8 +204,12 @@ def test_listen_refuses_a_path_where_another_process_listens(short_socket_path):
 
 def test_listen_takes_over_after_the_listener_was_killed(short_socket_path):
     other = subprocess.Popen(
-        [sys.executable, "-c", "import socket, time; s = socket.socket(socket.AF_UNIX); "
-         f"s.bind({short_socket_path!r}); s.listen(); time.sleep(60)"],
+        [
+            sys.executable,
+            "-c",
+            "import socket, time; s = socket.socket(socket.AF_UNIX); "
+            f"s.bind({short_socket_path!r}); s.listen(); time.sleep(60)",
+        ],
     )
     try:
         endpoint = parse_endpoint(short_socket_path)

@@ -38,8 +38,17 @@ def test_http_and_https_urls_are_accepted(url):
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://example.com/file", "file:///etc/passwd", "javascript:alert(1)", "example.com/no-scheme",
-     "https://", "", "   ", None, 42],
+    [
+        "ftp://example.com/file",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "example.com/no-scheme",
+        "https://",
+        "",
+        "   ",
+        None,
+        42,
+    ],
 )
 def test_other_urls_are_rejected_naming_the_url_field(url):
     with pytest.raises(ValidationError) as exc_info:
@@ -123,7 +132,10 @@ def test_enqueue_writes_an_enqueue_event():
 
     event = JobEvent.objects.get(job=job)
     assert (event.kind, event.from_status, event.to_status, event.actor) == (
-        EventKind.ENQUEUE, "", Status.QUEUED, "command",
+        EventKind.ENQUEUE,
+        "",
+        Status.QUEUED,
+        "command",
     )
 
 
@@ -143,8 +155,13 @@ def test_enqueue_many_queues_every_url_in_order_with_events():
 
 
 def test_enqueue_many_is_all_or_nothing_and_reports_every_bad_line():
-    urls = ["https://example.com/ok", "ftp://example.com/x", "https://example.com/ok2", "not a url",
-            url_of_length(MAX_URL_LENGTH + 1)]
+    urls = [
+        "https://example.com/ok",
+        "ftp://example.com/x",
+        "https://example.com/ok2",
+        "not a url",
+        url_of_length(MAX_URL_LENGTH + 1),
+    ]
 
     with pytest.raises(ValidationError) as exc_info:
         services.enqueue_many(urls=urls, actor="test")
@@ -206,10 +223,18 @@ def test_the_enqueue_page_refuses_a_control_character_and_queues_nothing(operato
 @pytest.mark.parametrize("url", CONTROL_URLS)
 def test_the_admin_refuses_a_control_character_in_a_queued_jobs_url(operator_client, url):
     job = services.enqueue(url="https://example.com/before", actor="test")
-    response = operator_client.post(f"/admin/jobs/job/{job.pk}/change/", {
-        "url": url, "payload": "{}", "priority": "0", "max_attempts": "3", "max_interruptions": "3",
-        "events-TOTAL_FORMS": "0", "events-INITIAL_FORMS": "0",
-    })
+    response = operator_client.post(
+        f"/admin/jobs/job/{job.pk}/change/",
+        {
+            "url": url,
+            "payload": "{}",
+            "priority": "0",
+            "max_attempts": "3",
+            "max_interruptions": "3",
+            "events-TOTAL_FORMS": "0",
+            "events-INITIAL_FORMS": "0",
+        },
+    )
 
     assert response.status_code == 200 and b"errornote" in response.content
     assert b"Null characters are not allowed" in response.content or b"control character U+00" in response.content
@@ -218,8 +243,14 @@ def test_the_admin_refuses_a_control_character_in_a_queued_jobs_url(operator_cli
 
 
 def run_enqueue(processes, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "manage.py", "enqueue", *args], cwd=ROOT, env=processes.env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "manage.py", "enqueue", *args],
+        cwd=ROOT,
+        env=processes.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.django_db(transaction=True)

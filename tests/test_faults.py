@@ -43,8 +43,9 @@ def socket_dir():
 
 
 def enqueue(count: int, **fields) -> list[int]:
-    ids = [job.id for job in services.enqueue_many(urls=[f"https://example.com/f{i}" for i in range(count)],
-                                                   actor="test")]
+    ids = [
+        job.id for job in services.enqueue_many(urls=[f"https://example.com/f{i}" for i in range(count)], actor="test")
+    ]
     if fields:
         Job.objects.filter(id__in=ids).update(**fields)
     return ids
@@ -65,8 +66,9 @@ def probe(peer: CrawlerPeer, timeout: float = 10.0) -> dict:
     """A round trip through the bus's IO thread and database worker, answered in order."""
     attempt = int(time.monotonic() * 1000) % 1_000_000 + 1
     peer.send({"type": "started", "job_id": PROBE_JOB, "attempt": attempt})
-    return peer.recv("error", timeout=timeout, where=lambda f: f.get("job_id") == PROBE_JOB
-                     and f.get("attempt") == attempt)
+    return peer.recv(
+        "error", timeout=timeout, where=lambda f: f.get("job_id") == PROBE_JOB and f.get("attempt") == attempt
+    )
 
 
 @contextlib.contextmanager
@@ -80,8 +82,12 @@ def peer_at(path: str, **kwargs):
 
 def wait_log(processes, proc, text: str, timeout: float = 30.0) -> float:
     """Wait until `text` shows in the process's log; return the monotonic time it was seen."""
-    wait_until(lambda: text in processes.output(proc), timeout=timeout, interval=0.005,
-               message=f"{text!r} in the log of {proc.args[2:4]}")
+    wait_until(
+        lambda: text in processes.output(proc),
+        timeout=timeout,
+        interval=0.005,
+        message=f"{text!r} in the log of {proc.args[2:4]}",
+    )
     return time.monotonic()
 
 
@@ -104,14 +110,19 @@ def test_another_bus_requeues_the_jobs_of_a_sigkilled_bus(processes, socket_dir,
     time.sleep(1.5)  # the other bus has swept several times: a live bus's jobs stay put
     assert Job.objects.filter(id__in=ids, status=Status.RUNNING).count() == 20, processes.output(other)
 
-    lease_left = (max(Job.objects.filter(id__in=ids).values_list("lease_expires_at", flat=True))
-                  - timezone.now()).total_seconds()
+    lease_left = (
+        max(Job.objects.filter(id__in=ids).values_list("lease_expires_at", flat=True)) - timezone.now()
+    ).total_seconds()
     killed = time.monotonic()
     victim.send_signal(signal.SIGKILL)
     if reaped:
         victim.wait(5)
-    wait_until(lambda: queued(ids), timeout=lease_left + 2.0 + 0.5, interval=0.01,
-               message="the dead bus's jobs requeued by the other bus")
+    wait_until(
+        lambda: queued(ids),
+        timeout=lease_left + 2.0 + 0.5,
+        interval=0.01,
+        message="the dead bus's jobs requeued by the other bus",
+    )
     elapsed = time.monotonic() - killed
     assert elapsed <= max(lease_left, 0) + 2.0, (elapsed, lease_left)
     events = list(JobEvent.objects.filter(job_id__in=ids, kind=EventKind.INTERRUPT).values_list("actor", "reason"))
@@ -126,7 +137,8 @@ def test_another_bus_requeues_the_jobs_of_a_sigkilled_bus(processes, socket_dir,
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("node", ["fixed-node", None], ids=["explicit-node", "host-pid"])
 def test_restarted_bus_requeues_its_dead_incarnations_jobs_within_a_second_of_start(
-        processes, socket_dir, held_crawlers, node):
+    processes, socket_dir, held_crawlers, node
+):
     path = os.path.join(socket_dir, "a.sock")
     ids = enqueue(10)
     # The crawler takes nothing in later sessions, so the requeued jobs stay queued for the check.
@@ -147,11 +159,15 @@ def test_restarted_bus_requeues_its_dead_incarnations_jobs_within_a_second_of_st
     elapsed = time.monotonic() - started
     assert elapsed <= 1.0, f"requeued {elapsed:.2f} s after the restarted bus started"
     reasons = set(JobEvent.objects.filter(job_id__in=ids, kind=EventKind.INTERRUPT).values_list("reason", flat=True))
-    expected = ("bus restarted: recovering the jobs of its earlier session" if node
-                else f"bus process {first.pid} on this host is gone")
+    expected = (
+        "bus restarted: recovering the jobs of its earlier session"
+        if node
+        else f"bus process {first.pid} on this host is gone"
+    )
     assert reasons == {expected}
-    assert set(JobEvent.objects.filter(job_id__in=ids, kind=EventKind.INTERRUPT).values_list("actor", flat=True)) \
-        == {"sweeper"}
+    assert set(JobEvent.objects.filter(job_id__in=ids, kind=EventKind.INTERRUPT).values_list("actor", flat=True)) == {
+        "sweeper"
+    }
     assert Job.objects.filter(id__in=ids, interruptions=1, attempt=1).count() == 10
 
 
@@ -210,8 +226,7 @@ def test_bus_survives_a_postgresql_restart_and_loses_no_outcome(processes, socke
         pg.start()
         pg.create_database("faults")
         url = pg.database_url("faults")
-        env = processes.env(DATABASE_URL=url, HEARTBEAT_TIMEOUT="10", BUS_POLL_INTERVAL="0.5",
-                            BUS_BACKOFF_CAP="0.5")
+        env = processes.env(DATABASE_URL=url, HEARTBEAT_TIMEOUT="10", BUS_POLL_INTERVAL="0.5", BUS_BACKOFF_CAP="0.5")
         migrate = processes.manage("migrate", "--noinput", env=env)
         assert migrate.wait(timeout=120) == 0, processes.output(migrate)
         path = os.path.join(socket_dir, "c.sock")
@@ -219,8 +234,9 @@ def test_bus_survives_a_postgresql_restart_and_loses_no_outcome(processes, socke
         wait_until(lambda: os.path.exists(path), timeout=30, message="crawler listening")
         bus = processes.manage("runbus", "--endpoint", path, env=env)
         stop_file = os.path.join(socket_dir, "stop-enqueuer")
-        enqueuer = processes.manage("shell", "-c", ENQUEUER.replace("sys.argv[1]", repr(stop_file)), env=env,
-                                    name="enqueuer")
+        enqueuer = processes.manage(
+            "shell", "-c", ENQUEUER.replace("sys.argv[1]", repr(stop_file)), env=env, name="enqueuer"
+        )
 
         def query(sql: str):
             with contextlib.closing(psycopg2.connect(url.replace("postgres://", "postgresql://"))) as conn:
@@ -240,8 +256,12 @@ def test_bus_survives_a_postgresql_restart_and_loses_no_outcome(processes, socke
         with open(stop_file, "w"):
             pass
         assert enqueuer.wait(timeout=30) == 0, processes.output(enqueuer)
-        reported = {int(word) for line in processes.output(enqueuer).splitlines()
-                    if line.startswith("ENQUEUED") for word in line.split()[1:]}
+        reported = {
+            int(word)
+            for line in processes.output(enqueuer).splitlines()
+            if line.startswith("ENQUEUED")
+            for word in line.split()[1:]
+        }
 
         def all_done() -> bool:
             return query("SELECT count(*) FROM jobs_job WHERE status <> 'succeeded'")[0][0] == 0
@@ -331,8 +351,18 @@ def test_connection_blip_re_leases_the_running_job_and_records_its_outcome_once(
     crawler_path, proxy_path = os.path.join(socket_dir, "c.sock"), os.path.join(socket_dir, "p.sock")
     with local_site("slow", held=True) as (site, release, requests):
         job = services.enqueue(url=f"{site}/slow", actor="test")
-        crawler = processes.manage("runcrawler", "--listen", crawler_path, "--slots", "1", "--allow-private",
-                                   "--resume-grace", "5", "--timeout", "30")
+        crawler = processes.manage(
+            "runcrawler",
+            "--listen",
+            crawler_path,
+            "--slots",
+            "1",
+            "--allow-private",
+            "--resume-grace",
+            "5",
+            "--timeout",
+            "30",
+        )
         wait_until(lambda: os.path.exists(crawler_path), timeout=30, message="crawler listening")
         proxy = _Proxy(proxy_path, crawler_path)
         try:
@@ -342,22 +372,33 @@ def test_connection_blip_re_leases_the_running_job_and_records_its_outcome_once(
             assert (first.status, first.attempt) == (Status.RUNNING, 1)
 
             assert proxy.cut() == 1
-            wait_until(lambda: JobEvent.objects.filter(job_id=job.id, kind=EventKind.RELEASE).exists(), timeout=10,
-                       message="the job re-leased to the bus's next session")
+            wait_until(
+                lambda: JobEvent.objects.filter(job_id=job.id, kind=EventKind.RELEASE).exists(),
+                timeout=10,
+                message="the job re-leased to the bus's next session",
+            )
             job.refresh_from_db()
             assert (job.status, job.attempt) == (Status.RUNNING, 1)
             assert job.lease_session != first.lease_session
             release.set()
-            wait_until(lambda: Job.objects.get(id=job.id).status == Status.SUCCEEDED, timeout=20,
-                       message="the resumed job's outcome recorded")
+            wait_until(
+                lambda: Job.objects.get(id=job.id).status == Status.SUCCEEDED,
+                timeout=20,
+                message="the resumed job's outcome recorded",
+            )
         finally:
             proxy.close()
         job.refresh_from_db()
         assert (job.attempt, job.outcome_attempt, job.interruptions) == (1, 1, 1)
         assert job.result["title"] == "slow"
         trail = list(JobEvent.objects.filter(job_id=job.id).values_list("kind", "attempt", "session"))
-        assert [kind for kind, _, _ in trail] == [EventKind.ENQUEUE, EventKind.CLAIM, EventKind.INTERRUPT,
-                                                  EventKind.RELEASE, EventKind.OUTCOME], trail
+        assert [kind for kind, _, _ in trail] == [
+            EventKind.ENQUEUE,
+            EventKind.CLAIM,
+            EventKind.INTERRUPT,
+            EventKind.RELEASE,
+            EventKind.OUTCOME,
+        ], trail
         assert trail[3][2] == trail[4][2] != trail[1][2]  # recorded by the session that re-leased it
         assert len(requests) == 1, "the page was fetched twice: the job ran twice"
         assert crawler.poll() is None and bus.poll() is None
@@ -367,8 +408,7 @@ def test_connection_blip_re_leases_the_running_job_and_records_its_outcome_once(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_poison_job_fails_after_max_interruptions_and_the_queue_keeps_flowing(
-        processes, socket_dir, held_crawlers):
+def test_poison_job_fails_after_max_interruptions_and_the_queue_keeps_flowing(processes, socket_dir, held_crawlers):
     path = os.path.join(socket_dir, "a.sock")
     [poison] = enqueue(1, priority=10)  # first in line every time
     others = enqueue(3)
@@ -382,8 +422,11 @@ def test_poison_job_fails_after_max_interruptions_and_the_queue_keeps_flowing(
         crawler.proc.send_signal(signal.SIGKILL)  # it "crashes" the crawler
         crawler.proc.wait(5)
         victims += 1
-        wait_until(lambda: Job.objects.get(id=poison).interruptions == victims, timeout=10,
-                   message=f"interruption {victims} counted")
+        wait_until(
+            lambda: Job.objects.get(id=poison).interruptions == victims,
+            timeout=10,
+            message=f"interruption {victims} counted",
+        )
     assert victims == 3
     job = Job.objects.get(id=poison)
     assert job.status == Status.FAILED and "max_interruptions" in job.error, job.error
@@ -397,8 +440,11 @@ def test_poison_job_fails_after_max_interruptions_and_the_queue_keeps_flowing(
     assert sorted(job_id for job_id, _ in crawler.assigned()) == others
     for job_id, attempt in crawler.assigned():
         crawler.command(f"done {job_id} {attempt}")
-    wait_until(lambda: Job.objects.filter(id__in=others, status=Status.SUCCEEDED).count() == 3, timeout=20,
-               message="the other jobs succeeded")
+    wait_until(
+        lambda: Job.objects.filter(id__in=others, status=Status.SUCCEEDED).count() == 3,
+        timeout=20,
+        message="the other jobs succeeded",
+    )
     assert Job.objects.get(id=poison).status == Status.FAILED
     assert bus.poll() is None
 
@@ -564,7 +610,8 @@ def test_frame_flood_does_not_starve_heartbeats_acks_or_the_database(processes, 
                         peer.send_raw(
                             b'{"type":"heartbeat","ts":%f,"running":%s}\n' % (time.time(), str(running).encode())
                             + b'{"type":"progress","job_id":%d,"attempt":%d,"done":%d,"total":1000000}\n'
-                            % (flooded, held[flooded], sent[0]))
+                            % (flooded, held[flooded], sent[0])
+                        )
                     except OSError:
                         return
                 time.sleep(0.001)
@@ -611,8 +658,11 @@ def test_frame_flood_does_not_starve_heartbeats_acks_or_the_database(processes, 
         # Coalesced: at most about one progress write per second, not one per frame.
         assert len(updated) <= 6, sorted(updated)
         last = sent[0]
-        wait_until(lambda: (Job.objects.get(id=flooded).progress or {}).get("done") == last, timeout=5,
-                   message="the latest progress stored after the flood")
+        wait_until(
+            lambda: (Job.objects.get(id=flooded).progress or {}).get("done") == last,
+            timeout=5,
+            message="the latest progress stored after the flood",
+        )
         probe(peer, timeout=5)
         job = Job.objects.get(id=flooded)
         assert (job.status, job.attempt, job.interruptions) == (Status.RUNNING, 1, 0)

@@ -58,7 +58,9 @@ OUTCOMES = {
 
 @pytest.mark.parametrize("kind", OUTCOMES)
 @pytest.mark.parametrize("reporting_session", ["holder", "other"])
-def test_rule1_outcome_for_running_attempt_is_recorded_from_any_session(job, session_a, session_b, kind, reporting_session):
+def test_rule1_outcome_for_running_attempt_is_recorded_from_any_session(
+    job, session_a, session_b, kind, reporting_session
+):
     make, final = OUTCOMES[kind]
     attempt = claim(session_a, job.id)
     reporter = session_a if reporting_session == "holder" else session_b
@@ -77,7 +79,10 @@ def test_rule1_outcome_for_running_attempt_is_recorded_from_any_session(job, ses
         assert row["error"] == "boom" and row["result"] is None
     [event] = events(job.id, EventKind.OUTCOME)
     assert (event.from_status, event.to_status, event.attempt, event.session) == (
-        Status.RUNNING, final, attempt, reporter,
+        Status.RUNNING,
+        final,
+        attempt,
+        reporter,
     )
 
 
@@ -105,9 +110,7 @@ def test_rule2_resend_of_recorded_outcome_acks_recorded_and_changes_nothing(job,
 def test_rule2_resend_for_an_older_attempt_recorded_before_a_retry_changes_nothing(job, session_a, session_b, kind):
     make, _ = OUTCOMES[kind]
     first = claim(session_a, job.id)
-    assert services.record_outcome(
-        session=session_a, outcome=failed(job.id, first, retryable=True)
-    ) == RECORDED
+    assert services.record_outcome(session=session_a, outcome=failed(job.id, first, retryable=True)) == RECORDED
     Job.objects.filter(id=job.id).update(run_after=None)  # due now, without waiting for the backoff
     second = claim(session_b, job.id)
     assert second == first + 1
@@ -173,7 +176,7 @@ def test_rule4_outcome_for_an_attempt_superseded_by_a_re_claim_is_stale(job, ses
     assert ack == STALE
     assert snapshot(job.id) == before
     assert (before["status"], before["attempt"], before["lease_session"]) == (Status.RUNNING, second, session_b)
-    new_events = events(job.id)[len(events_before):]
+    new_events = events(job.id)[len(events_before) :]
     assert [(e.kind, e.attempt, e.session) for e in new_events] == [(EventKind.STALE, first, session_a)]
     assert new_events[0].from_status == "" and new_events[0].to_status == ""
 
@@ -302,7 +305,8 @@ def test_duplicate_retryable_failures_in_one_batch_count_one_failure(job, sessio
     attempt = claim(session_a, job.id)
 
     acks = services.record_outcomes(
-        session=session_a, outcomes=[failed(job.id, attempt, retryable=True)] * 2,
+        session=session_a,
+        outcomes=[failed(job.id, attempt, retryable=True)] * 2,
     )
 
     assert acks == [RECORDED, RECORDED]
@@ -317,12 +321,15 @@ def test_batch_acks_each_outcome_in_order(session_a, session_b):
     services.claim_jobs(session=session_b, limit=1, lease_seconds=60)  # jobs[2], attempt 2
     attempts = {c.id: c.attempt for c in claimed}
 
-    acks = services.record_outcomes(session=session_a, outcomes=[
-        done(jobs[0].id, attempts[jobs[0].id]),
-        done(123_456_789, 1),
-        done(jobs[2].id, attempts[jobs[2].id]),
-        failed(jobs[1].id, attempts[jobs[1].id]),
-    ])
+    acks = services.record_outcomes(
+        session=session_a,
+        outcomes=[
+            done(jobs[0].id, attempts[jobs[0].id]),
+            done(123_456_789, 1),
+            done(jobs[2].id, attempts[jobs[2].id]),
+            failed(jobs[1].id, attempts[jobs[1].id]),
+        ],
+    )
 
     assert acks == [RECORDED, STALE, STALE, RECORDED]
     assert Job.objects.get(id=jobs[0].id).status == Status.SUCCEEDED
@@ -361,8 +368,10 @@ def test_cancel_moves_queued_and_running_jobs_and_skips_finished_ones(session_a)
     assert set(cancel_events) == {queued.id, running.id}
     assert (cancel_events[running.id].from_status, cancel_events[running.id].session) == (Status.RUNNING, session_a)
     assert cancel_events[queued.id].from_status == Status.QUEUED
-    assert all(e.to_status == Status.CANCELLED and e.actor == "admin:alice" and e.reason == "not needed"
-               for e in cancel_events.values())
+    assert all(
+        e.to_status == Status.CANCELLED and e.actor == "admin:alice" and e.reason == "not needed"
+        for e in cancel_events.values()
+    )
 
 
 def test_cancelling_twice_skips_the_second_time(job):

@@ -155,10 +155,15 @@ def test_loopback_is_refused_without_allow_private_and_not_retryable(site):
     assert site.slow_requests == 0
 
 
-@pytest.mark.parametrize("host, reason", [
-    ("[2002:7f00:1::1]", "6to4"), ("[64:ff9b::7f00:1]", "nat64"), ("[2001:0:4136:e378::1]", "teredo"),
-    ("[fec0::1]", "site-local"),
-])
+@pytest.mark.parametrize(
+    "host, reason",
+    [
+        ("[2002:7f00:1::1]", "6to4"),
+        ("[64:ff9b::7f00:1]", "nat64"),
+        ("[2001:0:4136:e378::1]", "teredo"),
+        ("[fec0::1]", "site-local"),
+    ],
+)
 def test_ipv6_forms_of_private_hosts_are_refused_before_connecting(site, host, reason):
     with pytest.raises(FetchError, match=f"{reason}.*--allow-private") as caught:
         Fetcher()(f"http://{host}:{site.port}/page")
@@ -173,33 +178,36 @@ def test_bad_scheme_or_url_is_refused_and_not_retryable(url):
     assert caught.value.retryable is False
 
 
-@pytest.mark.parametrize("address, reason", [
-    ("127.0.0.1", "loopback"),
-    ("::1", "loopback"),
-    ("::ffff:127.0.0.1", "loopback"),
-    ("10.1.2.3", "private"),
-    ("192.168.0.1", "private"),
-    ("172.16.0.1", "private"),
-    ("169.254.169.254", "link-local"),
-    ("fe80::1", "link-local"),
-    ("224.0.0.1", "multicast"),
-    ("0.0.0.0", "unspecified"),
-    ("0.1.2.3", "private"),
-    ("240.0.0.1", "private"),
-    ("100.64.0.1", "not globally routable"),
-    ("93.184.216.34", None),
-    ("2606:4700::1111", None),
-    # IPv6 forms that reach an IPv4 host (loopback here) or an old private scope.
-    ("2002:7f00:1::1", "6to4"),
-    ("2002:808:808::1", "6to4"),
-    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "teredo"),
-    ("64:ff9b::7f00:1", "nat64"),
-    ("64:ff9b::808:808", "nat64"),
-    ("64:ff9b:1::a00:1", "nat64"),
-    ("fec0::1", "site-local"),
-    ("feff::1", "site-local"),
-    ("2001:db8::1", "private"),
-])
+@pytest.mark.parametrize(
+    "address, reason",
+    [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("10.1.2.3", "private"),
+        ("192.168.0.1", "private"),
+        ("172.16.0.1", "private"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("0.1.2.3", "private"),
+        ("240.0.0.1", "private"),
+        ("100.64.0.1", "not globally routable"),
+        ("93.184.216.34", None),
+        ("2606:4700::1111", None),
+        # IPv6 forms that reach an IPv4 host (loopback here) or an old private scope.
+        ("2002:7f00:1::1", "6to4"),
+        ("2002:808:808::1", "6to4"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "teredo"),
+        ("64:ff9b::7f00:1", "nat64"),
+        ("64:ff9b::808:808", "nat64"),
+        ("64:ff9b:1::a00:1", "nat64"),
+        ("fec0::1", "site-local"),
+        ("feff::1", "site-local"),
+        ("2001:db8::1", "private"),
+    ],
+)
 def test_address_policy(address, reason):
     assert address_refusal(address) == reason
 

@@ -19,7 +19,7 @@ from bus.models import BusSession
 from jobs.models import EventKind, Job, JobEvent, Status
 from tests.conftest import wait_until
 from tests.crawler_peer import CrawlerPeer
-from tests.test_bus_protocol import all_queued, bus_and_peer, enqueue, probe, send_heartbeat, start_bus
+from tests.test_bus_protocol import all_queued, bus_and_peer, enqueue, probe, start_bus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -68,8 +68,11 @@ def test_stall_timeout_holds_when_heartbeats_never_list_running(processes, short
             except AssertionError:
                 pass
         assert cancel is not None and (cancel["job_id"], cancel["attempt"]) == (job_id, 1)
-        wait_until(lambda: Job.objects.get(id=job_id).attempt == 2 or all_queued([job_id]), timeout=10,
-                   message="the stalled job requeued")
+        wait_until(
+            lambda: Job.objects.get(id=job_id).attempt == 2 or all_queued([job_id]),
+            timeout=10,
+            message="the stalled job requeued",
+        )
         event = JobEvent.objects.filter(job_id=job_id, kind=EventKind.INTERRUPT).first()
         assert event is not None and "stalled" in event.reason
 
@@ -145,8 +148,7 @@ def test_a_crawler_crashing_with_many_jobs_fails_none_and_reruns_the_suspects_al
             assert not [f for f in peer.frames if f["type"] == "assign"], "a suspect ran in company"
             peer.send({"type": "done", "job_id": assign["job_id"], "attempt": assign["attempt"], "result": {}})
             assert peer.recv("ack")["status"] == "recorded"
-        assert set(Job.objects.filter(id__in=job_ids).values_list("status", "run_alone")) == {
-            (Status.SUCCEEDED, False)}
+        assert set(Job.objects.filter(id__in=job_ids).values_list("status", "run_alone")) == {(Status.SUCCEEDED, False)}
     finally:
         peer.shutdown()
         print(processes.output(bus))
@@ -163,8 +165,11 @@ def test_a_job_that_kills_its_crawler_alone_fails_at_max_interruptions(processes
             peer.close()
             if crash < 2:
                 wait_until(lambda: all_queued([job_id]), timeout=15, message="requeue")
-        job = wait_until(lambda: Job.objects.filter(id=job_id, status=Status.FAILED).first(), timeout=15,
-                         message="the poison verdict")
+        job = wait_until(
+            lambda: Job.objects.filter(id=job_id, status=Status.FAILED).first(),
+            timeout=15,
+            message="the poison verdict",
+        )
         assert job.interruptions == 3 and "alone in its session" in job.error
         # ...and never assigned again.
         peer.handshake(slots=5, timeout=15)

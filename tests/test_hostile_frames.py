@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from datetime import timedelta
 
@@ -44,11 +43,17 @@ pytestmark = pytest.mark.django_db(transaction=True)
 class Bus:
     def __init__(self, processes: Processes, folder: str):
         self.processes = processes
-        self.peers = {name: CrawlerPeer(os.path.join(folder, f"{name}.sock"), name=f"hostile-{name}")
-                      for name in ("a", "b")}
+        self.peers = {
+            name: CrawlerPeer(os.path.join(folder, f"{name}.sock"), name=f"hostile-{name}") for name in ("a", "b")
+        }
         args = [arg for peer in self.peers.values() for arg in ("--endpoint", str(peer.endpoint))]
-        self.proc = processes.manage("runbus", *args, env=processes.env(
-            HEARTBEAT_TIMEOUT="30", BUS_BACKOFF_BASE="0.05", BUS_BACKOFF_CAP="0.2", BUS_NODE="hostile-node"))
+        self.proc = processes.manage(
+            "runbus",
+            *args,
+            env=processes.env(
+                HEARTBEAT_TIMEOUT="30", BUS_BACKOFF_BASE="0.05", BUS_BACKOFF_CAP="0.2", BUS_NODE="hostile-node"
+            ),
+        )
 
     def log(self) -> str:
         return self.processes.output(self.proc)
@@ -82,8 +87,9 @@ def connect(bus):
                 peer.close()
                 if attempt == 2:
                     raise
-        wait_until(lambda: BusSession.objects.filter(session=hello["session"]).exists(), timeout=10,
-                   message="the session row")
+        wait_until(
+            lambda: BusSession.objects.filter(session=hello["session"]).exists(), timeout=10, message="the session row"
+        )
         opened.append((peer, hello["session"]))
         peer.session = hello["session"]
         return peer
@@ -91,8 +97,11 @@ def connect(bus):
     yield open_session
     for peer, session in opened:
         peer.close()
-        wait_until(lambda: not BusSession.objects.filter(session=session, state="connected").exists(),
-                   timeout=10, message="the bus ended the session")
+        wait_until(
+            lambda: not BusSession.objects.filter(session=session, state="connected").exists(),
+            timeout=10,
+            message="the bus ended the session",
+        )
     assert bus.proc.poll() is None, bus.log()[-3000:]
 
 
@@ -100,15 +109,30 @@ def connect(bus):
 
 
 def enqueue(count: int) -> list[int]:
-    return [job.id for job in services.enqueue_many(urls=[f"https://example.com/h{i}" for i in range(count)],
-                                                    actor="test")]
+    return [
+        job.id for job in services.enqueue_many(urls=[f"https://example.com/h{i}" for i in range(count)], actor="test")
+    ]
 
 
 def database() -> tuple[list, list]:
     """jobs_job and jobs_jobevent, without the lease times the live session keeps extending."""
-    jobs = list(Job.objects.order_by("id").values_list(
-        "id", "status", "attempt", "lease_session", "result", "error", "failures", "interruptions",
-        "outcome_attempt", "run_after", "finished_at", "progress", "updated_at"))
+    jobs = list(
+        Job.objects.order_by("id").values_list(
+            "id",
+            "status",
+            "attempt",
+            "lease_session",
+            "result",
+            "error",
+            "failures",
+            "interruptions",
+            "outcome_attempt",
+            "run_after",
+            "finished_at",
+            "progress",
+            "updated_at",
+        )
+    )
     events = list(JobEvent.objects.order_by("id").values_list("id", "job_id", "kind", "attempt", "session", "reason"))
     return jobs, events
 
@@ -162,8 +186,11 @@ def test_framing_errors_get_bad_frame_and_close_without_touching_jobs(bus, conne
     error = peer.recv("error", timeout=15)
     assert error["code"] == "bad_frame", error
     assert peer.wait_closed(10), "the session stayed open after a framing error"
-    wait_until(lambda: BusSession.objects.filter(session=peer.session, state="lost").exists(), timeout=10,
-               message="the session ended")
+    wait_until(
+        lambda: BusSession.objects.filter(session=peer.session, state="lost").exists(),
+        timeout=10,
+        message="the session ended",
+    )
     assert database() == before
 
 
@@ -209,7 +236,7 @@ def _invalid_frames(job_id: int) -> dict[str, bytes]:
         "running-attempt-0": frame(type="heartbeat", ts=1.0, running=[[job_id, 0]]),
         "progress-done-400-digits": frame(type="progress", job_id=job_id, attempt=1, done=10**400, total=1),
         "progress-total-4300-digits": b'{"type":"progress","job_id":%d,"attempt":1,"total":%s}\n'
-                                      % (job_id, b"9" * 4300),
+        % (job_id, b"9" * 4300),
         "capacity-over-a-million": frame(type="capacity", slots=1_000_001),
         "capacity-2^64": frame(type="capacity", slots=2**64),
         "nul-type-is-unknown": frame(type="heart\x00beat"),
@@ -253,7 +280,7 @@ def test_done_for_the_largest_attempt_of_a_held_job_is_stale_and_audited(bus, co
     assert peer.recv("ack")["status"] == "stale"
     after_jobs, after_events = database()
     assert after_jobs == jobs
-    [new] = after_events[len(events):]
+    [new] = after_events[len(events) :]
     assert new[1:5] == (job_id, EventKind.STALE, MAX_ATTEMPT, uuid.UUID(peer.session))
 
 
@@ -270,8 +297,7 @@ def test_nul_in_failed_error_and_progress_message_is_removed_not_refused(bus, co
 
 def test_duplicate_keys_the_last_one_wins(bus, connect):
     peer, (job_id,) = holding(connect)
-    peer.send_raw(b'{"type":"done","job_id":%d,"attempt":99,"attempt":1,"result":[],"result":{"last":true}}\n'
-                  % job_id)
+    peer.send_raw(b'{"type":"done","job_id":%d,"attempt":99,"attempt":1,"result":[],"result":{"last":true}}\n' % job_id)
     ack = peer.recv("ack")
     assert (ack["attempt"], ack["status"]) == (1, "recorded")
     job = Job.objects.get(id=job_id)
@@ -316,8 +342,11 @@ def test_ready_running_cannot_take_another_crawlers_requeued_job(bus, connect):
         assert Job.objects.get(id=job_id).status == Status.QUEUED
     finally:
         thief.close()
-        wait_until(lambda: not BusSession.objects.filter(session=hello["session"], state="connected").exists(),
-                   timeout=10, message="the bus ended the session")
+        wait_until(
+            lambda: not BusSession.objects.filter(session=hello["session"], state="connected").exists(),
+            timeout=10,
+            message="the bus ended the session",
+        )
 
 
 # --- floods ------------------------------------------------------------------------------------
@@ -346,8 +375,11 @@ def test_flood_of_stale_outcomes_for_unknown_jobs_is_acked_then_the_session_is_c
     acks = [f for f in peer.frames if f["type"] == "ack"]
     assert len(acks) >= 1000 and {a["status"] for a in acks} == {"stale"}
     assert peer.wait_closed(timeout=10)
-    wait_until(lambda: Job.objects.get(id=job_id).status == Status.QUEUED, timeout=10,
-               message="the closed session's job requeued")
+    wait_until(
+        lambda: Job.objects.get(id=job_id).status == Status.QUEUED,
+        timeout=10,
+        message="the closed session's job requeued",
+    )
     assert not JobEvent.objects.filter(job_id__gte=base).exists()
     session = BusSession.objects.get(session=peer.session)
     assert "more stale outcomes" in session.close_reason
@@ -357,12 +389,16 @@ def test_flood_of_made_up_attempts_writes_a_bounded_audit_trail(bus, connect):
     """The probe's audit flood (failed frames with made-up attempts for a real job): at most 100
     stale events per session, the rest summed up in the session's close reason."""
     peer, (job_id,) = holding(connect)
-    peer.send_raw(b"".join(frame(type="failed", job_id=job_id, attempt=1000 + i, error="x" * 500)
-                           for i in range(FLOOD)))
+    peer.send_raw(
+        b"".join(frame(type="failed", job_id=job_id, attempt=1000 + i, error="x" * 500) for i in range(FLOOD))
+    )
     assert peer.recv("error", timeout=60)["code"] == "too_many_stale"
     assert peer.wait_closed(timeout=10)
-    wait_until(lambda: not BusSession.objects.filter(session=peer.session, state="connected").exists(),
-               timeout=10, message="the bus ended the session")
+    wait_until(
+        lambda: not BusSession.objects.filter(session=peer.session, state="connected").exists(),
+        timeout=10,
+        message="the bus ended the session",
+    )
     assert JobEvent.objects.filter(job_id=job_id, kind=EventKind.STALE).count() == 100
     job = Job.objects.get(id=job_id)
     assert (job.status, job.failures) == (Status.QUEUED, 0)  # its own attempt 1 was never failed

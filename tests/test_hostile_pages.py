@@ -27,8 +27,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def operator(django_user_model):
-    return django_user_model.objects.create_user("operator", password="pw-operator", is_staff=True,
-                                                 is_superuser=True)
+    return django_user_model.objects.create_user("operator", password="pw-operator", is_staff=True, is_superuser=True)
 
 
 @pytest.fixture
@@ -44,9 +43,17 @@ def enqueue(*urls: str) -> list[Job]:
 def every_page(job_id: int) -> list[str]:
     """Each page and API view that shows a job, whole and as its live part."""
     return [
-        "/", "/?fragment=1", "/jobs/", "/jobs/?fragment=1", f"/jobs/{job_id}/", f"/jobs/{job_id}/?fragment=1",
-        "/api/jobs/", f"/api/jobs/{job_id}/", reverse("admin:jobs_job_changelist"),
-        reverse("admin:jobs_job_change", args=[job_id]), reverse("admin:jobs_jobevent_changelist") + f"?job={job_id}",
+        "/",
+        "/?fragment=1",
+        "/jobs/",
+        "/jobs/?fragment=1",
+        f"/jobs/{job_id}/",
+        f"/jobs/{job_id}/?fragment=1",
+        "/api/jobs/",
+        f"/api/jobs/{job_id}/",
+        reverse("admin:jobs_job_changelist"),
+        reverse("admin:jobs_job_change", args=[job_id]),
+        reverse("admin:jobs_jobevent_changelist") + f"?job={job_id}",
     ]
 
 
@@ -54,8 +61,18 @@ def add_stale_events(job: Job, count: int) -> None:
     at = timezone.now()
     session = uuid.uuid4()
     JobEvent.objects.bulk_create(
-        [JobEvent(job=job, at=at, kind=EventKind.STALE, attempt=n + 2, session=session, actor="bus",
-                  reason=f"stale outcome {n}") for n in range(count)],
+        [
+            JobEvent(
+                job=job,
+                at=at,
+                kind=EventKind.STALE,
+                attempt=n + 2,
+                session=session,
+                actor="bus",
+                reason=f"stale outcome {n}",
+            )
+            for n in range(count)
+        ],
         batch_size=1000,
     )
 
@@ -64,7 +81,8 @@ def add_stale_events(job: Job, count: int) -> None:
 
 
 def test_pages_of_a_job_with_5000_events_show_the_latest_and_link_to_the_rest(
-    operator_client, django_assert_max_num_queries,
+    operator_client,
+    django_assert_max_num_queries,
 ):
     job = enqueue("https://example.com/flooded")[0]
     add_stale_events(job, 5000)
@@ -144,25 +162,41 @@ def test_deep_nesting_renders(operator_client):
 
 def test_a_big_float_and_an_int_just_under_the_digit_limit_render(operator_client):
     job = enqueue("https://example.com/big")[0]
-    Job.objects.filter(pk=job.pk).update(result={"bytes": 10**4000, "elapsed_ms": 1.7976931348623157e308,
-                                                 "status": -(2**70), "title": ["not", {"a": "string"}]})
+    Job.objects.filter(pk=job.pk).update(
+        result={
+            "bytes": 10**4000,
+            "elapsed_ms": 1.7976931348623157e308,
+            "status": -(2**70),
+            "title": ["not", {"a": "string"}],
+        }
+    )
     assert_every_page_renders(operator_client, job)
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10**300), max_value=10**300)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(st.characters(exclude_categories=["Cs"])),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(st.characters(exclude_categories=["Cs"]), max_size=12), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**300), max_value=10**300)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(exclude_categories=["Cs"])),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(st.characters(exclude_categories=["Cs"]), max_size=12), children, max_size=4)
+    ),
     max_leaves=20,
 )
-result_like = st.fixed_dictionaries({}, optional={
-    key: json_values for key in ("status", "final_url", "content_type", "bytes", "title", "links", "elapsed_ms")
-})
+result_like = st.fixed_dictionaries(
+    {},
+    optional={
+        key: json_values for key in ("status", "final_url", "content_type", "bytes", "title", "links", "elapsed_ms")
+    },
+)
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(result=st.one_of(json_values, result_like), progress=json_values)
 def test_every_page_renders_any_stored_json_result(operator_client, result, progress):
     job = Job.objects.order_by("id").first() or enqueue("https://example.com/any")[0]
@@ -222,8 +256,15 @@ def test_odd_values_in_forms_are_refused_without_a_500(operator_client, value):
         assert b"errorlist" in response.content
     response = operator_client.post(
         reverse("admin:jobs_job_change", args=[job.pk]),
-        {"url": job.url, "payload": "{}", "priority": value, "max_attempts": value, "max_interruptions": "3",
-         "events-TOTAL_FORMS": "0", "events-INITIAL_FORMS": "0"},
+        {
+            "url": job.url,
+            "payload": "{}",
+            "priority": value,
+            "max_attempts": value,
+            "max_interruptions": "3",
+            "events-TOTAL_FORMS": "0",
+            "events-INITIAL_FORMS": "0",
+        },
     )
     assert response.status_code in (200, 302)
     job.refresh_from_db()

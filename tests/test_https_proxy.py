@@ -33,8 +33,15 @@ class Browser:
         self.cookies: dict[str, str] = {}
         self.set_cookie_headers: list[str] = []
 
-    def request(self, method: str, path: str, *, body: dict | None = None, proto: str | None = "https",
-                headers: dict | None = None) -> http.client.HTTPResponse:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict | None = None,
+        proto: str | None = "https",
+        headers: dict | None = None,
+    ) -> http.client.HTTPResponse:
         all_headers = {"Host": HOST, "X-Forwarded-For": "203.0.113.5", **(headers or {})}
         if proto:
             all_headers["X-Forwarded-Proto"] = proto
@@ -61,8 +68,14 @@ def proxied_server(processes, django_user_model):
     django_user_model.objects.create_superuser("operator", "op@example.org", PASSWORD)
     port = free_port()
     env = processes.env(
-        DEBUG="false", SECRET_KEY=SECRET, ALLOWED_HOSTS=HOST, SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
-        SECURE_SSL_REDIRECT="true", SECURE_HSTS_SECONDS="3600", BUS_AUTOSTART="false", BUS_ENDPOINTS="",
+        DEBUG="false",
+        SECRET_KEY=SECRET,
+        ALLOWED_HOSTS=HOST,
+        SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
+        SECURE_SSL_REDIRECT="true",
+        SECURE_HSTS_SECONDS="3600",
+        BUS_AUTOSTART="false",
+        BUS_ENDPOINTS="",
     )
     server = processes.manage("runserver", "--noreload", f"127.0.0.1:{port}", env=env, name="runserver")
 
@@ -87,7 +100,9 @@ def test_sign_in_through_a_tls_proxy_lands_on_the_dashboard(proxied_server):
     assert any(h.startswith("csrftoken=") and "Secure" in h for h in browser.set_cookie_headers)
 
     signed_in = browser.request(
-        "POST", "/accounts/login/", body={"csrfmiddlewaretoken": token, "username": "operator", "password": PASSWORD},
+        "POST",
+        "/accounts/login/",
+        body={"csrfmiddlewaretoken": token, "username": "operator", "password": PASSWORD},
         headers={"Origin": f"https://{HOST}", "Referer": f"https://{HOST}/accounts/login/"},
     )
     assert signed_in.status == 302, signed_in.text[:2000]
@@ -101,10 +116,13 @@ def test_sign_in_through_a_tls_proxy_lands_on_the_dashboard(proxied_server):
 
 def test_a_forged_origin_is_still_refused_behind_the_proxy(proxied_server):
     browser = Browser(proxied_server)
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"',
-                      browser.request("GET", "/accounts/login/").text).group(1)
+    token = re.search(
+        r'name="csrfmiddlewaretoken" value="([^"]+)"', browser.request("GET", "/accounts/login/").text
+    ).group(1)
     refused = browser.request(
-        "POST", "/accounts/login/", body={"csrfmiddlewaretoken": token, "username": "operator", "password": PASSWORD},
+        "POST",
+        "/accounts/login/",
+        body={"csrfmiddlewaretoken": token, "username": "operator", "password": PASSWORD},
         headers={"Origin": "https://evil.example.net"},
     )
     assert refused.status == 403

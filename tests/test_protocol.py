@@ -345,9 +345,22 @@ def test_running_of_reads_job_attempt_pairs():
 @pytest.mark.parametrize(
     "running",
     [
-        {}, "17,3", 17, [17, 3], [[17]], [[17, 3, 1]], [[]], [{"job_id": 17, "attempt": 3}],
-        [[17, 0]], [[0, 1]], [[17, True]], [[17.0, 3]], [["17", 3]], [[17, 3], None],
-        [[MAX_JOB_ID + 1, 1]], [[1, MAX_ATTEMPT + 1]],
+        {},
+        "17,3",
+        17,
+        [17, 3],
+        [[17]],
+        [[17, 3, 1]],
+        [[]],
+        [{"job_id": 17, "attempt": 3}],
+        [[17, 0]],
+        [[0, 1]],
+        [[17, True]],
+        [[17.0, 3]],
+        [["17", 3]],
+        [[17, 3], None],
+        [[MAX_JOB_ID + 1, 1]],
+        [[1, MAX_ATTEMPT + 1]],
     ],
 )
 def test_running_of_rejects_anything_but_a_list_of_valid_pairs(running):
@@ -401,9 +414,21 @@ def test_nonce_ok_accepts_hex_of_32_to_1024_digits(nonce):
 @pytest.mark.parametrize(
     "nonce",
     [
-        None, 17, b"a" * 32, "a" * 31, "f" * 1025, "g" * 32, "",
-        "0x" + "a" * 32, "-" + "a" * 32, "+" + "a" * 32, " " + "a" * 32, "a" * 32 + "\n",
-        "a" * 16 + "_" + "a" * 16, "a" * 16 + " " + "a" * 16, "١" * 32,  # Arabic-Indic digits
+        None,
+        17,
+        b"a" * 32,
+        "a" * 31,
+        "f" * 1025,
+        "g" * 32,
+        "",
+        "0x" + "a" * 32,
+        "-" + "a" * 32,
+        "+" + "a" * 32,
+        " " + "a" * 32,
+        "a" * 32 + "\n",
+        "a" * 16 + "_" + "a" * 16,
+        "a" * 16 + " " + "a" * 16,
+        "١" * 32,  # Arabic-Indic digits
     ],
 )
 def test_nonce_ok_rejects_anything_but_plain_hex(nonce):
@@ -468,9 +493,15 @@ def test_proof_matches_rejects_non_strings(given):
 def test_proof_matches_rejects_wrong_proofs():
     proof = ready_proof("s3cret", HELLO_NONCE, SESSION)
     wrong = [
-        "", proof[:-1], proof + "0", " " + proof, proof[:-1] + ("0" if proof[-1] != "0" else "1"),
-        ready_proof("other", HELLO_NONCE, SESSION), hello_proof("s3cret", HELLO_NONCE, SESSION),
-        "\ud800" * 64, "é" * 64,
+        "",
+        proof[:-1],
+        proof + "0",
+        " " + proof,
+        proof[:-1] + ("0" if proof[-1] != "0" else "1"),
+        ready_proof("other", HELLO_NONCE, SESSION),
+        hello_proof("s3cret", HELLO_NONCE, SESSION),
+        "\ud800" * 64,
+        "é" * 64,
     ]
     for candidate in wrong:
         assert not proof_matches(proof, candidate), candidate

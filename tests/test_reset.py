@@ -29,8 +29,13 @@ def make_jobs(count: int, **fields) -> list[Job]:
 def make_running(count: int, *, session: uuid.UUID, expires_in: float = 60, attempt: int = 1, **fields) -> list[Job]:
     at = timezone.now()
     return make_jobs(
-        count, status=Status.RUNNING, attempt=attempt, lease_session=session,
-        lease_expires_at=at + timedelta(seconds=expires_in), started_at=at, **fields,
+        count,
+        status=Status.RUNNING,
+        attempt=attempt,
+        lease_session=session,
+        lease_expires_at=at + timedelta(seconds=expires_in),
+        started_at=at,
+        **fields,
     )
 
 

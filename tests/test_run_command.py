@@ -43,23 +43,47 @@ def test_bin_run_crawls_a_page_end_to_end_and_ctrl_c_leaves_nothing_running(tmp_
     db = str(tmp_path / "run.sqlite3")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") and k != "DJANGO_SETTINGS_MODULE"}
-    env.update(PORT=str(port), CRAWLER_SOCKET=short_socket_path, DATABASE_URL=f"sqlite:///{db}",
-               ALLOW_PRIVATE="1", ADMIN_PASSWORD_FILE=str(tmp_path / "admin-password"))
+    env.update(
+        PORT=str(port),
+        CRAWLER_SOCKET=short_socket_path,
+        DATABASE_URL=f"sqlite:///{db}",
+        ALLOW_PRIVATE="1",
+        ADMIN_PASSWORD_FILE=str(tmp_path / "admin-password"),
+    )
     log = open(tmp_path / "run.log", "wb")
     with local_site("Hello from the test") as (site, _, _):
-        run = subprocess.Popen([sys.executable, str(ROOT / "bin" / "run")], cwd=ROOT, env=env,
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen(
+            [sys.executable, str(ROOT / "bin" / "run")],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
-            wait_until(lambda: (health(port) or {}).get("live_sessions") == 1, timeout=120, interval=0.2,
-                       message="./bin/run serving pages with its crawler connected")
+            wait_until(
+                lambda: (health(port) or {}).get("live_sessions") == 1,
+                timeout=120,
+                interval=0.2,
+                message="./bin/run serving pages with its crawler connected",
+            )
             password = (tmp_path / "admin-password").read_text().strip()
             assert password and password in (tmp_path / "run.log").read_text()
             assert rows(db, "SELECT is_superuser FROM auth_user WHERE username = 'admin'") == [(1,)]
 
-            subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "manage.py"), "enqueue",
-                            f"{site}/page"], cwd=ROOT, env={**env, "DEBUG": "true"}, check=True, capture_output=True)
-            done = wait_until(lambda: rows(db, "SELECT status, result FROM jobs_job WHERE status = 'succeeded'"),
-                              timeout=30, interval=0.1, message="the page crawled")
+            subprocess.run(
+                [str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "manage.py"), "enqueue", f"{site}/page"],
+                cwd=ROOT,
+                env={**env, "DEBUG": "true"},
+                check=True,
+                capture_output=True,
+            )
+            done = wait_until(
+                lambda: rows(db, "SELECT status, result FROM jobs_job WHERE status = 'succeeded'"),
+                timeout=30,
+                interval=0.1,
+                message="the page crawled",
+            )
             result = json.loads(done[0][1])
             assert result["status"] == 200 and result["title"] == "Hello from the test", result
 

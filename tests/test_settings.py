@@ -23,7 +23,11 @@ def manage_check(**env: str) -> subprocess.CompletedProcess:
     base = {key: value for key, value in base.items() if value is not None}
     return subprocess.run(
         [sys.executable, "manage.py", "check"],
-        cwd=ROOT, env=base, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -116,24 +120,45 @@ def shown_settings(*names: str, **env: str) -> list[str]:
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SECRET_KEY": SECRET, "ALLOWED_HOSTS": "jobs.example.org"}
     base.update(env)
     proc = subprocess.run(
-        [sys.executable, "manage.py", "shell", "-c",
-         f"from django.conf import settings; print(*(repr(getattr(settings, n)) for n in {names!r}), sep='|')"],
-        cwd=ROOT, env=base, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "manage.py",
+            "shell",
+            "-c",
+            f"from django.conf import settings; print(*(repr(getattr(settings, n)) for n in {names!r}), sep='|')",
+        ],
+        cwd=ROOT,
+        env=base,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 0, output(proc)
     return proc.stdout.strip().splitlines()[-1].split("|")
 
 
 def test_cookies_are_secure_unless_debug_and_the_proxy_header_becomes_a_meta_key():
-    names = ("SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE", "SECURE_PROXY_SSL_HEADER", "CSRF_TRUSTED_ORIGINS",
-             "TRUSTED_PROXIES")
+    names = (
+        "SESSION_COOKIE_SECURE",
+        "CSRF_COOKIE_SECURE",
+        "SECURE_PROXY_SSL_HEADER",
+        "CSRF_TRUSTED_ORIGINS",
+        "TRUSTED_PROXIES",
+    )
     assert shown_settings(*names, DEBUG="false") == ["True", "True", "None", "[]", "0"]
     assert shown_settings(*names, DEBUG="true") == ["False", "False", "None", "[]", "0"]
     assert shown_settings(
-        *names, DEBUG="false", SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
+        *names,
+        DEBUG="false",
+        SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
         CSRF_TRUSTED_ORIGINS="https://jobs.example.org, https://*.example.net:8443",
-    ) == ["True", "True", "('HTTP_X_FORWARDED_PROTO', 'https')",
-          "['https://jobs.example.org', 'https://*.example.net:8443']", "1"]
+    ) == [
+        "True",
+        "True",
+        "('HTTP_X_FORWARDED_PROTO', 'https')",
+        "['https://jobs.example.org', 'https://*.example.net:8443']",
+        "1",
+    ]
 
 
 def readme_production_environment() -> dict[str, str]:
@@ -158,7 +183,11 @@ def test_the_readme_production_example_passes_check_deploy_without_warnings():
     assert "DEBUG" not in env
     proc = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
     assert proc.returncode == 0, output(proc)

@@ -61,11 +61,14 @@ def test_behind_the_proxy_the_client_address_is_the_one_the_proxy_appended(opera
         proxied = Client(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR=f"1.2.3.{n}, 203.0.113.9")
         sign_in(proxied, "/accounts/login/", "wrong")
     assert set(AccessAttempt.objects.values_list("ip_address", flat=True)) == {"203.0.113.9"}
-    assert sign_in(Client(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="203.0.113.9"),
-                   "/accounts/login/", PASSWORD) == 429
+    assert (
+        sign_in(Client(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="203.0.113.9"), "/accounts/login/", PASSWORD) == 429
+    )
     # Another client behind the same proxy is not locked out with it.
-    assert sign_in(Client(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="198.51.100.2"),
-                   "/accounts/login/", PASSWORD) == 302
+    assert (
+        sign_in(Client(REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="198.51.100.2"), "/accounts/login/", PASSWORD)
+        == 302
+    )
 
 
 def test_without_a_proxy_the_forwarded_header_is_ignored(operator, settings):
@@ -89,13 +92,26 @@ def test_without_mail_there_is_no_password_reset(client, settings):
 
 
 def test_with_mail_configured_the_reset_pages_exist():
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "DEBUG": "true", "SECRET_KEY": "x",
-           "EMAIL_URL": "smtp+tls://jobsite:secret@mail.example.org:587", "DEFAULT_FROM_EMAIL": "jobs@example.org"}
-    script = ("from django.conf import settings; from django.urls import reverse; "
-              "print(reverse('password_reset'), reverse('admin_password_reset'), settings.EMAIL_HOST, "
-              "settings.EMAIL_PORT, settings.EMAIL_USE_TLS, settings.DEFAULT_FROM_EMAIL)")
-    proc = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "DEBUG": "true",
+        "SECRET_KEY": "x",
+        "EMAIL_URL": "smtp+tls://jobsite:secret@mail.example.org:587",
+        "DEFAULT_FROM_EMAIL": "jobs@example.org",
+    }
+    script = (
+        "from django.conf import settings; from django.urls import reverse; "
+        "print(reverse('password_reset'), reverse('admin_password_reset'), settings.EMAIL_HOST, "
+        "settings.EMAIL_PORT, settings.EMAIL_USE_TLS, settings.DEFAULT_FROM_EMAIL)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "shell", "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == (

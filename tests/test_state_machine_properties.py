@@ -27,8 +27,21 @@ from jobs.models import EventKind, Job, JobEvent, Status
 
 SESSIONS = ("A", "B", "C")
 MAX_JOBS = 4
-JOB_FIELDS = ("id", "status", "attempt", "lease_session", "lease_expires_at", "outcome_attempt", "failures",
-              "max_attempts", "interruptions", "max_interruptions", "run_after", "crawler", "run_alone")
+JOB_FIELDS = (
+    "id",
+    "status",
+    "attempt",
+    "lease_session",
+    "lease_expires_at",
+    "outcome_attempt",
+    "failures",
+    "max_attempts",
+    "interruptions",
+    "max_interruptions",
+    "run_after",
+    "crawler",
+    "run_alone",
+)
 
 # 2,000 examples of several queries each are CPU-bound: about 70 s on a quiet
 # 2-core machine, and past the suite's 180 s hang guard when other work shares
@@ -89,8 +102,9 @@ class JobStateMachine(RuleBasedStateMachine):
         for job_id, attempt in taken:
             old = before[job_id]
             assert old["status"] == Status.QUEUED, f"job {job_id} taken while {old['status']}"
-            assert old["run_after"] is None or old["run_after"] <= self.clock or same_attempt, \
+            assert old["run_after"] is None or old["run_after"] <= self.clock or same_attempt, (
                 f"job {job_id} claimed before its run_after"
+            )
             assert attempt == (old["attempt"] if same_attempt else old["attempt"] + 1)
             self.given[session].add((job_id, attempt))
 
@@ -109,8 +123,9 @@ class JobStateMachine(RuleBasedStateMachine):
             assert new["interruptions"] == old["interruptions"] + 1
             assert new["status"] == (Status.FAILED if due and alone else Status.QUEUED), (old, new, held)
             assert new["run_alone"] == (old["run_alone"] or (due and not alone)), (old, new)
-        assert counts.failed == sum(1 for i, j in after.items() if j["status"] == Status.FAILED
-                                    and before[i]["status"] == Status.RUNNING)
+        assert counts.failed == sum(
+            1 for i, j in after.items() if j["status"] == Status.FAILED and before[i]["status"] == Status.RUNNING
+        )
 
     # --- rules -------------------------------------------------------------------------
     @precondition(lambda self: len(self.jobs) < MAX_JOBS)
@@ -118,40 +133,56 @@ class JobStateMachine(RuleBasedStateMachine):
     def enqueue(self, count, max_attempts, max_interruptions):
         jobs = services.enqueue_many(urls=[f"https://example.com/p{i}" for i in range(count)], actor="prop")
         Job.objects.filter(id__in=[job.id for job in jobs]).update(
-            max_attempts=max_attempts, max_interruptions=max_interruptions)
+            max_attempts=max_attempts, max_interruptions=max_interruptions
+        )
 
     @rule(name=st.sampled_from(SESSIONS), limit=st.integers(1, 3), lease=st.sampled_from([1, 60]))
     def claim(self, name, limit, lease):
         session, before = self.sessions[name], self.jobs
         alone = not any(j["status"] == Status.RUNNING and j["lease_session"] == session for j in before.values())
-        claimed = services.claim_jobs(session=session, limit=limit, lease_seconds=lease, crawler=name, alone=alone,
-                                      at=self.clock)
+        claimed = services.claim_jobs(
+            session=session, limit=limit, lease_seconds=lease, crawler=name, alone=alone, at=self.clock
+        )
         assert len(claimed) <= limit
         self._check_taken(session, [(job.id, job.attempt) for job in claimed], before, same_attempt=False)
-        claimable = [j for j in before.values() if j["status"] == Status.QUEUED
-                     and (j["run_after"] is None or j["run_after"] <= self.clock)]
+        claimable = [
+            j
+            for j in before.values()
+            if j["status"] == Status.QUEUED and (j["run_after"] is None or j["run_after"] <= self.clock)
+        ]
         suspects = [j for j in claimable if j["run_alone"]]
         if alone and suspects:
-            assert [job.id for job in claimed] == [min(suspects, key=lambda j: j["id"])["id"]], \
+            assert [job.id for job in claimed] == [min(suspects, key=lambda j: j["id"])["id"]], (
                 "a session holding nothing runs one suspect, alone"
+            )
         else:
             assert not any(before[job.id]["run_alone"] for job in claimed), "a suspect ran in company"
             assert len(claimed) == min(limit, len(claimable) - len(suspects)), "a claimable job was left behind"
 
     @precondition(lambda self: self.jobs)
-    @rule(name=st.sampled_from(SESSIONS), index=st.integers(0, MAX_JOBS), which=st.sampled_from(
-        ["current", "current", "old", "random", "zero", "unknown"]), succeeded=st.booleans(),
-        retryable=st.booleans(), resend=st.booleans(), other=st.integers(1, 6))
+    @rule(
+        name=st.sampled_from(SESSIONS),
+        index=st.integers(0, MAX_JOBS),
+        which=st.sampled_from(["current", "current", "old", "random", "zero", "unknown"]),
+        succeeded=st.booleans(),
+        retryable=st.booleans(),
+        resend=st.booleans(),
+        other=st.integers(1, 6),
+    )
     def record(self, name, index, which, succeeded, retryable, resend, other):
         job_id = self._pick(index)
         current = self.jobs[job_id]["attempt"]
-        attempt = {"current": current, "old": max(1, current - other), "random": other, "zero": 0,
-                   "unknown": 1}[which]
+        attempt = {"current": current, "old": max(1, current - other), "random": other, "zero": 0, "unknown": 1}[which]
         if which == "unknown":
             job_id = max(self.jobs) + 1000
-        outcome = services.Outcome(job_id=job_id, attempt=attempt, succeeded=succeeded,
-                                   result={"ok": True} if succeeded else None, error="" if succeeded else "boom",
-                                   retryable=retryable)
+        outcome = services.Outcome(
+            job_id=job_id,
+            attempt=attempt,
+            succeeded=succeeded,
+            result={"ok": True} if succeeded else None,
+            error="" if succeeded else "boom",
+            retryable=retryable,
+        )
         batch = [outcome, outcome] if resend else [outcome]
         pairs = self._outcome_pairs()
         expected = []
@@ -168,16 +199,20 @@ class JobStateMachine(RuleBasedStateMachine):
     def end_session(self, name):
         """The session is lost: its jobs are requeued and the crawler reconnects as a new session."""
         old = self.sessions[name]
-        self._fairly_reset(lambda: services.reset_running_jobs(session=old, reason="session lost", actor="prop",
-                                                               at=self.clock))
+        self._fairly_reset(
+            lambda: services.reset_running_jobs(session=old, reason="session lost", actor="prop", at=self.clock)
+        )
         self.orphans[name] |= self.given[old]
         self.sessions[name] = uuid.uuid4()
 
     @precondition(lambda self: self.jobs)
     @rule(indexes=st.lists(st.integers(0, MAX_JOBS), min_size=1, max_size=3))
     def reset_ids(self, indexes):
-        self._fairly_reset(lambda: services.reset_running_jobs(
-            job_ids={self._pick(i) for i in indexes}, reason="by hand", actor="prop", at=self.clock))
+        self._fairly_reset(
+            lambda: services.reset_running_jobs(
+                job_ids={self._pick(i) for i in indexes}, reason="by hand", actor="prop", at=self.clock
+            )
+        )
 
     @rule(seconds=st.sampled_from([0.5, 2, 61]))
     def expire(self, seconds):
@@ -206,8 +241,9 @@ class JobStateMachine(RuleBasedStateMachine):
         assert result.changed == sum(before[i]["status"] in (Status.FAILED, Status.CANCELLED) for i in ids)
 
     @precondition(lambda self: self.jobs)
-    @rule(name=st.sampled_from(SESSIONS), orphan=st.booleans(), index=st.integers(0, MAX_JOBS),
-          delta=st.integers(-1, 1))
+    @rule(
+        name=st.sampled_from(SESSIONS), orphan=st.booleans(), index=st.integers(0, MAX_JOBS), delta=st.integers(-1, 1)
+    )
     def re_lease(self, name, orphan, index, delta):
         session, before = self.sessions[name], self.jobs
         if orphan and self.orphans[name]:
@@ -215,8 +251,9 @@ class JobStateMachine(RuleBasedStateMachine):
         else:
             job_id = self._pick(index)
             running = [(job_id, max(0, before[job_id]["attempt"] + delta))]
-        taken, refused = services.re_lease_jobs(session=session, running=running, lease_seconds=60, crawler=name,
-                                                at=self.clock)
+        taken, refused = services.re_lease_jobs(
+            session=session, running=running, lease_seconds=60, crawler=name, at=self.clock
+        )
         assert sorted(taken + refused) == sorted(running)
         self._check_taken(session, taken, before, same_attempt=True)
         pairs = self._outcome_pairs()
@@ -224,27 +261,40 @@ class JobStateMachine(RuleBasedStateMachine):
             assert (job_id, attempt) not in pairs, "re-leased an attempt whose outcome is recorded"
         for job_id, attempt in refused:
             old = before.get(job_id)
-            assert old is None or old["status"] != Status.QUEUED or old["attempt"] != attempt \
-                or old["outcome_attempt"] == attempt or old["crawler"] != name
+            assert (
+                old is None
+                or old["status"] != Status.QUEUED
+                or old["attempt"] != attempt
+                or old["outcome_attempt"] == attempt
+                or old["crawler"] != name
+            )
 
-    @rule(name=st.sampled_from(SESSIONS), extra=st.lists(st.tuples(st.integers(0, MAX_JOBS), st.integers(0, 4)),
-                                                          max_size=2))
+    @rule(
+        name=st.sampled_from(SESSIONS),
+        extra=st.lists(st.tuples(st.integers(0, MAX_JOBS), st.integers(0, 4)), max_size=2),
+    )
     def renew(self, name, extra):
         session = self.sessions[name]
         listed = set(self.given[session])
         if self.jobs:
             listed |= {(self._pick(i), attempt) for i, attempt in extra}
         renewed = services.renew_leases(session=session, running=sorted(listed), lease_seconds=60, at=self.clock)
-        held = {(j["id"], j["attempt"]) for j in self.jobs.values()
-                if j["status"] == Status.RUNNING and j["lease_session"] == session}
+        held = {
+            (j["id"], j["attempt"])
+            for j in self.jobs.values()
+            if j["status"] == Status.RUNNING and j["lease_session"] == session
+        }
         assert renewed == listed & held
 
     # --- invariants, from the database alone --------------------------------------------
     @invariant()
     def database_invariants(self):
         jobs = snapshot()
-        events = list(JobEvent.objects.order_by("id").values_list(
-            "job_id", "kind", "from_status", "to_status", "attempt", "session"))
+        events = list(
+            JobEvent.objects.order_by("id").values_list(
+                "job_id", "kind", "from_status", "to_status", "attempt", "session"
+            )
+        )
         trail: dict[int, list] = defaultdict(list)
         for event in events:
             trail[event[0]].append(event)
@@ -282,8 +332,12 @@ class JobStateMachine(RuleBasedStateMachine):
         for session, pairs in self.given.items():
             for job_id, attempt in pairs:
                 job = jobs.get(job_id)
-                if job and job["status"] == Status.RUNNING and job["lease_session"] == session \
-                        and job["attempt"] == attempt:
+                if (
+                    job
+                    and job["status"] == Status.RUNNING
+                    and job["lease_session"] == session
+                    and job["attempt"] == attempt
+                ):
                     holders[job_id].add(session)
         assert all(len(sessions) == 1 for sessions in holders.values()), holders
         assert set(holders) == {j for j, job in jobs.items() if job["status"] == Status.RUNNING}
@@ -291,26 +345,37 @@ class JobStateMachine(RuleBasedStateMachine):
 
 
 def test_random_interleavings_keep_the_job_invariants(db):
-    run_state_machine_as_test(JobStateMachine, settings=settings(
-        max_examples=2000, stateful_step_count=8, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    run_state_machine_as_test(
+        JobStateMachine,
+        settings=settings(
+            max_examples=2000,
+            stateful_step_count=8,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
 
 
 # --- two sessions never hold the same job ---------------------------------------------------
 
-OPERATIONS = st.lists(st.one_of(
-    st.tuples(st.just("claim"), st.sampled_from(SESSIONS), st.integers(1, 3)),
-    st.tuples(st.just("lose"), st.sampled_from(SESSIONS), st.just(0)),
-    st.tuples(st.just("expire"), st.just(""), st.sampled_from([1, 5, 61])),
-    st.tuples(st.just("re_lease"), st.sampled_from(SESSIONS), st.integers(0, 2)),
-    st.tuples(st.just("reset"), st.just(""), st.integers(0, 2)),
-    st.tuples(st.just("done"), st.sampled_from(SESSIONS), st.integers(0, 2)),
-    st.tuples(st.just("renew"), st.sampled_from(SESSIONS), st.just(0)),
-), min_size=1, max_size=8)
+OPERATIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("claim"), st.sampled_from(SESSIONS), st.integers(1, 3)),
+        st.tuples(st.just("lose"), st.sampled_from(SESSIONS), st.just(0)),
+        st.tuples(st.just("expire"), st.just(""), st.sampled_from([1, 5, 61])),
+        st.tuples(st.just("re_lease"), st.sampled_from(SESSIONS), st.integers(0, 2)),
+        st.tuples(st.just("reset"), st.just(""), st.integers(0, 2)),
+        st.tuples(st.just("done"), st.sampled_from(SESSIONS), st.integers(0, 2)),
+        st.tuples(st.just("renew"), st.sampled_from(SESSIONS), st.just(0)),
+    ),
+    min_size=1,
+    max_size=8,
+)
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                     HealthCheck.too_slow])
+@settings(
+    max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(operations=OPERATIONS)
 def test_no_two_sessions_ever_hold_the_same_job(db, operations):
     """Whatever the interleaving, a running job is held by exactly one session that was handed it,
@@ -325,8 +390,12 @@ def test_no_two_sessions_ever_hold_the_same_job(db, operations):
 
 def _play(operations) -> None:
     at = timezone.now()
-    ids = [job.id for job in services.enqueue_many(urls=["https://example.com/a", "https://example.com/b",
-                                                         "https://example.com/c"], actor="prop")]
+    ids = [
+        job.id
+        for job in services.enqueue_many(
+            urls=["https://example.com/a", "https://example.com/b", "https://example.com/c"], actor="prop"
+        )
+    ]
     sessions = {name: uuid.uuid4() for name in SESSIONS}
     handed: dict[uuid.UUID, set] = defaultdict(set)
     for op, name, number in operations:
@@ -349,16 +418,21 @@ def _play(operations) -> None:
             services.reset_running_jobs(job_ids=[ids[number]], reason="by hand", actor="prop", at=at)
         elif op == "done":
             job = Job.objects.get(id=ids[number])
-            services.record_outcomes(session=session, outcomes=[services.Outcome(
-                job_id=job.id, attempt=job.attempt, succeeded=True, result={})], crawler=name, at=at)
+            services.record_outcomes(
+                session=session,
+                outcomes=[services.Outcome(job_id=job.id, attempt=job.attempt, succeeded=True, result={})],
+                crawler=name,
+                at=at,
+            )
         elif op == "renew":
-            renewed = services.renew_leases(session=session, running=sorted(handed[session]), lease_seconds=5,
-                                            at=at)
+            renewed = services.renew_leases(session=session, running=sorted(handed[session]), lease_seconds=5, at=at)
             leased = set(Job.objects.leased_to(session).values_list("id", "attempt"))
             assert renewed == handed[session] & leased, (renewed, handed[session], leased)
         # Each session's view: what it was handed and the database still leases to it.
-        running = {(job_id, attempt): lease for job_id, attempt, lease
-                   in Job.objects.running().values_list("id", "attempt", "lease_session")}
+        running = {
+            (job_id, attempt): lease
+            for job_id, attempt, lease in Job.objects.running().values_list("id", "attempt", "lease_session")
+        }
         holders: dict[int, list] = defaultdict(list)
         for holder, pairs in handed.items():
             for pair in pairs:
@@ -366,4 +440,5 @@ def _play(operations) -> None:
                     holders[pair[0]].append(holder)
         assert all(len(who) == 1 for who in holders.values()), (op, name, holders)
         assert {job_id: who[0] for job_id, who in holders.items()} == {
-            job_id: lease for (job_id, _), lease in running.items()}, (op, name, holders, running)
+            job_id: lease for (job_id, _), lease in running.items()
+        }, (op, name, holders, running)

@@ -17,11 +17,16 @@ def test_an_outcome_the_database_refuses_fails_its_job_instead_of_stalling_the_s
     good, bad = services.enqueue_many(urls=["https://example.com/a", "https://example.com/b"], actor="test")
     services.claim_jobs(session=session, limit=2, lease_seconds=60, crawler="unix:/x")
 
-    acks = store.record_outcomes(session=session, endpoint="unix:/x", audit_stale=100, outcomes=[
-        services.Outcome(job_id=good.id, attempt=1, succeeded=True, result={"title": "fine"}),
-        # PostgreSQL's jsonb refuses \u0000: a DataError every time it is retried.
-        services.Outcome(job_id=bad.id, attempt=1, succeeded=True, result={"title": "nul \u0000 here"}),
-    ])
+    acks = store.record_outcomes(
+        session=session,
+        endpoint="unix:/x",
+        audit_stale=100,
+        outcomes=[
+            services.Outcome(job_id=good.id, attempt=1, succeeded=True, result={"title": "fine"}),
+            # PostgreSQL's jsonb refuses \u0000: a DataError every time it is retried.
+            services.Outcome(job_id=bad.id, attempt=1, succeeded=True, result={"title": "nul \u0000 here"}),
+        ],
+    )
 
     assert acks == ["recorded", "recorded"]
     assert Job.objects.get(id=good.id).status == Status.SUCCEEDED
@@ -44,8 +49,13 @@ def test_recover_dead_sessions_requeues_jobs_of_a_dead_local_bus_and_spares_live
     dead_session, live_session = uuid.uuid4(), uuid.uuid4()
     # pid 2**22 + 1 is above Linux's pid_max default range: no such process.
     for session, node in ((dead_session, f"{host}:{2**22 + 1}"), (live_session, f"{host}:1")):
-        BusSession.objects.create(session=session, node=node, endpoint="unix:/x", connected_at=timezone.now(),
-                                  last_heartbeat_at=timezone.now())
+        BusSession.objects.create(
+            session=session,
+            node=node,
+            endpoint="unix:/x",
+            connected_at=timezone.now(),
+            last_heartbeat_at=timezone.now(),
+        )
     first, second = services.enqueue_many(urls=["https://example.com/1", "https://example.com/2"], actor="test")
     services.claim_jobs(session=dead_session, limit=1, lease_seconds=60)
     services.claim_jobs(session=live_session, limit=1, lease_seconds=60)

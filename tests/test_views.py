@@ -30,8 +30,7 @@ HOSTILE_ERROR = "boom </pre><script>alert('error')</script>"
 
 @pytest.fixture
 def operator(django_user_model):
-    return django_user_model.objects.create_user("operator", password="pw-operator", is_staff=True,
-                                                 is_superuser=True)
+    return django_user_model.objects.create_user("operator", password="pw-operator", is_staff=True, is_superuser=True)
 
 
 @pytest.fixture
@@ -69,14 +68,29 @@ def viewer_client(client, viewer):
     return client
 
 
-def make_session(*, state="connected", endpoint="/tmp/crawler.sock", crawler="ref-crawler", slots=4,
-                 heartbeat_age: float = 1.0, connected_ago: float = 600.0, closed_ago: float | None = None,
-                 reason: str = "") -> BusSession:
+def make_session(
+    *,
+    state="connected",
+    endpoint="/tmp/crawler.sock",
+    crawler="ref-crawler",
+    slots=4,
+    heartbeat_age: float = 1.0,
+    connected_ago: float = 600.0,
+    closed_ago: float | None = None,
+    reason: str = "",
+) -> BusSession:
     now = timezone.now()
     return BusSession.objects.create(
-        session=uuid.uuid4(), node="test-node", endpoint=endpoint, crawler=crawler, state=state, slots=slots,
-        connected_at=now - timedelta(seconds=connected_ago), last_heartbeat_at=now - timedelta(seconds=heartbeat_age),
-        closed_at=None if closed_ago is None else now - timedelta(seconds=closed_ago), close_reason=reason,
+        session=uuid.uuid4(),
+        node="test-node",
+        endpoint=endpoint,
+        crawler=crawler,
+        state=state,
+        slots=slots,
+        connected_at=now - timedelta(seconds=connected_ago),
+        last_heartbeat_at=now - timedelta(seconds=heartbeat_age),
+        closed_at=None if closed_ago is None else now - timedelta(seconds=closed_ago),
+        close_reason=reason,
     )
 
 
@@ -103,8 +117,13 @@ def messages_of(response) -> list[str]:
 
 def page_urls(job_id: int) -> list[str]:
     return [
-        "/", "/?fragment=1", "/jobs/", "/jobs/?fragment=1&status=queued", "/jobs/new",
-        f"/jobs/{job_id}/", f"/jobs/{job_id}/?fragment=1",
+        "/",
+        "/?fragment=1",
+        "/jobs/",
+        "/jobs/?fragment=1&status=queued",
+        "/jobs/new",
+        f"/jobs/{job_id}/",
+        f"/jobs/{job_id}/?fragment=1",
     ]
 
 
@@ -136,8 +155,9 @@ def test_signing_in_with_the_form_lands_on_the_dashboard(client, operator):
 
 
 def test_sign_in_returns_to_the_page_asked_for(client, operator):
-    response = client.post(reverse("login") + "?next=/jobs/", {"username": "operator", "password": "pw-operator",
-                                                                "next": "/jobs/"})
+    response = client.post(
+        reverse("login") + "?next=/jobs/", {"username": "operator", "password": "pw-operator", "next": "/jobs/"}
+    )
     assert response.url == "/jobs/"
 
 
@@ -214,8 +234,9 @@ def test_dashboard_shows_counts_sessions_throughput_requeues_and_the_oldest_runn
     overdue = make_session(endpoint="/tmp/c.sock", heartbeat_age=25)
     # d.sock: its newest session was lost and none is connected: the bus is reconnecting.
     old_lost = make_session(endpoint="/tmp/d.sock", state="lost", connected_ago=1800, closed_ago=1700)
-    newest_lost = make_session(endpoint="/tmp/d.sock", state="lost", connected_ago=900, closed_ago=60,
-                               reason="heartbeat timeout")
+    newest_lost = make_session(
+        endpoint="/tmp/d.sock", state="lost", connected_ago=900, closed_ago=60, reason="heartbeat timeout"
+    )
     # a.sock had an earlier closed session: it stays "closed", a connected one exists.
     closed = make_session(endpoint="/tmp/a.sock", state="closed", connected_ago=2400, closed_ago=1200)
     forgotten = make_session(endpoint="/tmp/e.sock", state="closed", connected_ago=9000, closed_ago=7200)
@@ -236,8 +257,12 @@ def test_dashboard_shows_counts_sessions_throughput_requeues_and_the_oldest_runn
 
     rows = dict(re.findall(r'data-session="([0-9a-f-]+)" data-session-state="\w+" data-display-state="(\w+)"', html))
     assert rows == {
-        str(fresh.session): "connected", str(late.session): "connected", str(overdue.session): "connected",
-        str(newest_lost.session): "reconnecting", str(old_lost.session): "lost", str(closed.session): "closed",
+        str(fresh.session): "connected",
+        str(late.session): "connected",
+        str(overdue.session): "connected",
+        str(newest_lost.session): "reconnecting",
+        str(old_lost.session): "lost",
+        str(closed.session): "closed",
     }
     assert str(forgotten.session) not in html
     levels = dict(re.findall(r'data-session="([0-9a-f-]+)"[^>]*data-heartbeat="(\w*)"', html))
@@ -250,7 +275,7 @@ def test_dashboard_shows_counts_sessions_throughput_requeues_and_the_oldest_runn
     assert 'id="finished-last-minute" data-count="3"' in html  # succeeded, failed, cancelled
     assert 'id="finished-last-hour" data-count="3"' in html
     assert re.search(r'id="throughput" data-total="3" data-peak="3"', html)
-    assert html.count("<rect class=\"bar-ok\"") == 1  # one non-empty minute
+    assert html.count('<rect class="bar-ok"') == 1  # one non-empty minute
     assert 'id="requeues"' in html and "session lost: connection reset" in html
     assert f'href="/jobs/{second[2].pk}/"' in html  # the oldest (only) running job
     assert re.search(r'id="oldest-running" data-age-seconds="[\d.]+"', html)
@@ -382,7 +407,8 @@ def test_bulk_requeue_moves_running_jobs_through_the_service(operator_client):
     running = run(session, 2)
     response = operator_client.post(
         reverse("jobs:actions"),
-        {"action": "requeue", "job": [job.pk for job in jobs], "next": "/jobs/?status=running"}, follow=True,
+        {"action": "requeue", "job": [job.pk for job in jobs], "next": "/jobs/?status=running"},
+        follow=True,
     )
     assert response.redirect_chain[-1][0] == "/jobs/?status=running"
     assert messages_of(response) == ["Requeued 2, failed 0 (interrupted too many times), skipped 1 not running."]
@@ -399,14 +425,16 @@ def test_bulk_retry_and_cancel_call_their_services(operator_client):
     jobs = enqueue(*[f"https://example.com/{n}" for n in range(3)])
     failed = run(session, 1)[0]
     finish(session, failed, error="gone")
-    response = operator_client.post(reverse("jobs:actions"), {"action": "cancel", "job": [j.pk for j in jobs]},
-                                    follow=True)
+    response = operator_client.post(
+        reverse("jobs:actions"), {"action": "cancel", "job": [j.pk for j in jobs]}, follow=True
+    )
     assert messages_of(response) == [
         "Cancelled 2 (0 of them running; their crawlers are told to stop), skipped 1 already finished."
     ]
     assert Job.objects.filter(status=Status.CANCELLED).count() == 2
-    response = operator_client.post(reverse("jobs:actions"), {"action": "retry", "job": [j.pk for j in jobs]},
-                                    follow=True)
+    response = operator_client.post(
+        reverse("jobs:actions"), {"action": "retry", "job": [j.pk for j in jobs]}, follow=True
+    )
     assert messages_of(response) == ["Retried 3, skipped 0 not failed or cancelled."]
     assert set(Job.objects.values_list("status", flat=True)) == {Status.QUEUED}
     retried = JobEvent.objects.filter(kind=EventKind.RETRY)
@@ -426,8 +454,9 @@ def test_bulk_action_without_jobs_or_with_an_unknown_action_changes_nothing(oper
 
 def test_bulk_action_never_redirects_off_site(operator_client):
     job = enqueue("https://example.com/a")[0]
-    response = operator_client.post(reverse("jobs:actions"),
-                                    {"action": "cancel", "job": [job.pk], "next": "https://evil.test/"})
+    response = operator_client.post(
+        reverse("jobs:actions"), {"action": "cancel", "job": [job.pk], "next": "https://evil.test/"}
+    )
     assert response.status_code == 302 and response.url == reverse("jobs:list")
 
 
@@ -439,8 +468,9 @@ def test_detail_page_actions_follow_the_status(operator_client):
     run(session, 1)
     html = operator_client.get(job.get_absolute_url()).content.decode()
     assert 'id="action-requeue"' in html and 'id="action-cancel"' in html
-    response = operator_client.post(reverse("jobs:actions"),
-                                    {"action": "requeue", "job": [job.pk], "next": job.get_absolute_url()})
+    response = operator_client.post(
+        reverse("jobs:actions"), {"action": "requeue", "job": [job.pk], "next": job.get_absolute_url()}
+    )
     assert response.url == job.get_absolute_url()
     job.refresh_from_db()
     assert job.status == Status.QUEUED
@@ -455,20 +485,38 @@ def test_detail_lays_out_the_result_and_the_timeline(operator_client):
     job = run(session, 1)[0]
     html = operator_client.get(job.get_absolute_url()).content.decode()
     assert 'id="job-status" data-status="running"' in html and "ref-crawler/2" in html
-    finish(session, job, result={
-        "status": 200, "final_url": "https://example.com/article/", "bytes": 2048, "content_type": "text/html",
-        "title": "An article", "links": 12, "elapsed_ms": 87,
-    })
+    finish(
+        session,
+        job,
+        result={
+            "status": 200,
+            "final_url": "https://example.com/article/",
+            "bytes": 2048,
+            "content_type": "text/html",
+            "title": "An article",
+            "links": 12,
+            "elapsed_ms": 87,
+        },
+    )
     response = operator_client.get(job.get_absolute_url())
     html = response.content.decode()
     assert 'id="job-status" data-status="succeeded"' in html
-    for field, shown in (("status", "200"), ("content_type", "text/html"), ("title", "An article"),
-                         ("links", "12"), ("elapsed_ms", "87"), ("bytes", "2.0")):
+    for field, shown in (
+        ("status", "200"),
+        ("content_type", "text/html"),
+        ("title", "An article"),
+        ("links", "12"),
+        ("elapsed_ms", "87"),
+        ("bytes", "2.0"),
+    ):
         assert re.search(rf'data-field="{field}">[^<]*(<[^>]+>)?[^<]*{re.escape(shown)}', html), field
     assert '<a href="https://example.com/article/"' in html
     assert '<details id="job-result-raw">' in html and "&quot;elapsed_ms&quot;: 87" in html
     assert [kind for kind in re.findall(r'<li data-event="\d+" data-kind="(\w+)"', html)] == [
-        "enqueue", "claim", "outcome"]
+        "enqueue",
+        "claim",
+        "outcome",
+    ]
     assert f'href="/admin/jobs/job/{job.pk}/change/"' in html
 
 
@@ -524,15 +572,23 @@ def test_hostile_url_title_and_error_are_escaped_everywhere(operator_client):
     hostile = Job.objects.get(pk=hostile.pk)
     claimed = run(session, 2)
     by_id = {job.pk: job for job in claimed}
-    finish(session, by_id[hostile.pk], result={"title": HOSTILE_TITLE, "final_url": "javascript:alert(3)",
-                                               "status": 200})
+    finish(
+        session, by_id[hostile.pk], result={"title": HOSTILE_TITLE, "final_url": "javascript:alert(3)", "status": 200}
+    )
     finish(session, by_id[other.pk], error=HOSTILE_ERROR)
     services.retry_jobs(job_ids=[other.pk], actor="test", reason="<b>retry</b>")
     run(session, 1)
     services.reset_running_jobs(job_ids=[other.pk], reason="<script>alert('reason')</script>", actor="bus")
 
-    pages = ["/", "/?fragment=1", "/jobs/", "/jobs/?fragment=1", f"/jobs/{hostile.pk}/", f"/jobs/{other.pk}/",
-             f"/jobs/?q={HOSTILE_URL}"]
+    pages = [
+        "/",
+        "/?fragment=1",
+        "/jobs/",
+        "/jobs/?fragment=1",
+        f"/jobs/{hostile.pk}/",
+        f"/jobs/{other.pk}/",
+        f"/jobs/?q={HOSTILE_URL}",
+    ]
     for url in pages:
         html = operator_client.get(url).content.decode()
         assert "<script>alert" not in html, url
@@ -640,8 +696,13 @@ def test_anonymous_health_gives_status_and_counts_but_no_sessions(client):
     response = client.get("/health")
     assert response.status_code == 200
     body = response.json()
-    assert body == {"database": "ok", "status": "ok", "live_sessions": 1, "session_count": 1,
-                    "oldest_running_age": body["oldest_running_age"]}
+    assert body == {
+        "database": "ok",
+        "status": "ok",
+        "live_sessions": 1,
+        "session_count": 1,
+        "oldest_running_age": body["oldest_running_age"],
+    }
     assert 0 <= body["oldest_running_age"] < 30
     assert b"secret-crawler" not in response.content and str(session.session).encode() not in response.content
     session.state = "lost"

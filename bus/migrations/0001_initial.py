@@ -4,30 +4,41 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='BusSession',
+            name="BusSession",
             fields=[
-                ('session', models.UUIDField(primary_key=True, serialize=False)),
-                ('node', models.CharField(help_text='The bus node id (host:pid unless BUS_NODE is set).', max_length=200)),
-                ('endpoint', models.CharField(max_length=500)),
-                ('crawler', models.CharField(blank=True, default='', max_length=200)),
-                ('state', models.CharField(choices=[('connected', 'Connected'), ('closed', 'Closed'), ('lost', 'Lost')], default='connected', max_length=16)),
-                ('slots', models.PositiveIntegerField(default=0)),
-                ('connected_at', models.DateTimeField()),
-                ('last_heartbeat_at', models.DateTimeField(blank=True, null=True)),
-                ('closed_at', models.DateTimeField(blank=True, null=True)),
-                ('close_reason', models.TextField(blank=True, default='')),
+                ("session", models.UUIDField(primary_key=True, serialize=False)),
+                (
+                    "node",
+                    models.CharField(help_text="The bus node id (host:pid unless BUS_NODE is set).", max_length=200),
+                ),
+                ("endpoint", models.CharField(max_length=500)),
+                ("crawler", models.CharField(blank=True, default="", max_length=200)),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[("connected", "Connected"), ("closed", "Closed"), ("lost", "Lost")],
+                        default="connected",
+                        max_length=16,
+                    ),
+                ),
+                ("slots", models.PositiveIntegerField(default=0)),
+                ("connected_at", models.DateTimeField()),
+                ("last_heartbeat_at", models.DateTimeField(blank=True, null=True)),
+                ("closed_at", models.DateTimeField(blank=True, null=True)),
+                ("close_reason", models.TextField(blank=True, default="")),
             ],
             options={
-                'ordering': ['-connected_at'],
-                'indexes': [models.Index(fields=['state', '-connected_at'], name='bussession_state'), models.Index(fields=['node', 'state'], name='bussession_node')],
+                "ordering": ["-connected_at"],
+                "indexes": [
+                    models.Index(fields=["state", "-connected_at"], name="bussession_state"),
+                    models.Index(fields=["node", "state"], name="bussession_node"),
+                ],
             },
         ),
     ]

@@ -5,62 +5,138 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Job',
+            name="Job",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('url', models.URLField(max_length=2048)),
-                ('payload', models.JSONField(blank=True, default=dict)),
-                ('priority', models.IntegerField(default=0, help_text='Higher runs first.')),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], default='queued', max_length=16)),
-                ('attempt', models.PositiveIntegerField(default=0)),
-                ('max_attempts', models.PositiveIntegerField(default=5)),
-                ('failures', models.PositiveIntegerField(default=0)),
-                ('interruptions', models.PositiveIntegerField(default=0)),
-                ('max_interruptions', models.PositiveIntegerField(default=3)),
-                ('outcome_attempt', models.PositiveIntegerField(blank=True, null=True)),
-                ('lease_session', models.UUIDField(blank=True, null=True)),
-                ('lease_expires_at', models.DateTimeField(blank=True, null=True)),
-                ('run_after', models.DateTimeField(blank=True, help_text='Not claimable before this time.', null=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('progress', models.JSONField(blank=True, null=True)),
-                ('result', models.JSONField(blank=True, null=True)),
-                ('error', models.TextField(blank=True, default='')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("url", models.URLField(max_length=2048)),
+                ("payload", models.JSONField(blank=True, default=dict)),
+                ("priority", models.IntegerField(default=0, help_text="Higher runs first.")),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("attempt", models.PositiveIntegerField(default=0)),
+                ("max_attempts", models.PositiveIntegerField(default=5)),
+                ("failures", models.PositiveIntegerField(default=0)),
+                ("interruptions", models.PositiveIntegerField(default=0)),
+                ("max_interruptions", models.PositiveIntegerField(default=3)),
+                ("outcome_attempt", models.PositiveIntegerField(blank=True, null=True)),
+                ("lease_session", models.UUIDField(blank=True, null=True)),
+                ("lease_expires_at", models.DateTimeField(blank=True, null=True)),
+                ("run_after", models.DateTimeField(blank=True, help_text="Not claimable before this time.", null=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("progress", models.JSONField(blank=True, null=True)),
+                ("result", models.JSONField(blank=True, null=True)),
+                ("error", models.TextField(blank=True, default="")),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'ordering': ['-id'],
-                'indexes': [models.Index(condition=models.Q(('status', 'queued')), fields=['-priority', 'id'], name='job_claim_order'), models.Index(condition=models.Q(('status', 'running')), fields=['lease_session'], name='job_running_session'), models.Index(condition=models.Q(('status', 'running')), fields=['lease_expires_at'], name='job_running_lease'), models.Index(fields=['status', 'id'], name='job_status_id')],
-                'constraints': [models.CheckConstraint(condition=models.Q(('status__in', ['queued', 'running', 'succeeded', 'failed', 'cancelled'])), name='job_status_valid'), models.CheckConstraint(condition=models.Q(models.Q(('lease_expires_at__isnull', False), ('lease_session__isnull', False), ('status', 'running')), models.Q(models.Q(('status', 'running'), _negated=True), ('lease_expires_at__isnull', True), ('lease_session__isnull', True)), _connector='OR'), name='job_lease_iff_running'), models.CheckConstraint(condition=models.Q(('max_attempts__gte', 1), ('max_interruptions__gte', 1)), name='job_limits_positive')],
+                "ordering": ["-id"],
+                "indexes": [
+                    models.Index(
+                        condition=models.Q(("status", "queued")), fields=["-priority", "id"], name="job_claim_order"
+                    ),
+                    models.Index(
+                        condition=models.Q(("status", "running")), fields=["lease_session"], name="job_running_session"
+                    ),
+                    models.Index(
+                        condition=models.Q(("status", "running")), fields=["lease_expires_at"], name="job_running_lease"
+                    ),
+                    models.Index(fields=["status", "id"], name="job_status_id"),
+                ],
+                "constraints": [
+                    models.CheckConstraint(
+                        condition=models.Q(("status__in", ["queued", "running", "succeeded", "failed", "cancelled"])),
+                        name="job_status_valid",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(
+                            models.Q(
+                                ("lease_expires_at__isnull", False),
+                                ("lease_session__isnull", False),
+                                ("status", "running"),
+                            ),
+                            models.Q(
+                                models.Q(("status", "running"), _negated=True),
+                                ("lease_expires_at__isnull", True),
+                                ("lease_session__isnull", True),
+                            ),
+                            _connector="OR",
+                        ),
+                        name="job_lease_iff_running",
+                    ),
+                    models.CheckConstraint(
+                        condition=models.Q(("max_attempts__gte", 1), ("max_interruptions__gte", 1)),
+                        name="job_limits_positive",
+                    ),
+                ],
             },
         ),
         migrations.CreateModel(
-            name='JobEvent',
+            name="JobEvent",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('at', models.DateTimeField()),
-                ('kind', models.CharField(choices=[('enqueue', 'Enqueued'), ('claim', 'Assigned'), ('re_lease', 'Re-leased'), ('outcome', 'Outcome recorded'), ('stale', 'Stale outcome'), ('interrupt', 'Interrupted'), ('retry', 'Retried'), ('cancel', 'Cancelled')], max_length=16)),
-                ('from_status', models.CharField(blank=True, default='', max_length=16)),
-                ('to_status', models.CharField(blank=True, default='', max_length=16)),
-                ('attempt', models.PositiveIntegerField(default=0)),
-                ('session', models.UUIDField(blank=True, null=True)),
-                ('actor', models.CharField(max_length=150)),
-                ('reason', models.TextField(blank=True, default='')),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='events', to='jobs.job')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("at", models.DateTimeField()),
+                (
+                    "kind",
+                    models.CharField(
+                        choices=[
+                            ("enqueue", "Enqueued"),
+                            ("claim", "Assigned"),
+                            ("re_lease", "Re-leased"),
+                            ("outcome", "Outcome recorded"),
+                            ("stale", "Stale outcome"),
+                            ("interrupt", "Interrupted"),
+                            ("retry", "Retried"),
+                            ("cancel", "Cancelled"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("from_status", models.CharField(blank=True, default="", max_length=16)),
+                ("to_status", models.CharField(blank=True, default="", max_length=16)),
+                ("attempt", models.PositiveIntegerField(default=0)),
+                ("session", models.UUIDField(blank=True, null=True)),
+                ("actor", models.CharField(max_length=150)),
+                ("reason", models.TextField(blank=True, default="")),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="events", to="jobs.job"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
-                'indexes': [models.Index(fields=['job', 'id'], name='jobevent_job_id'), models.Index(fields=['at'], name='jobevent_at')],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('kind', 'outcome')), fields=('job', 'attempt'), name='jobevent_one_outcome_per_attempt')],
+                "ordering": ["id"],
+                "indexes": [
+                    models.Index(fields=["job", "id"], name="jobevent_job_id"),
+                    models.Index(fields=["at"], name="jobevent_at"),
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("kind", "outcome")),
+                        fields=("job", "attempt"),
+                        name="jobevent_one_outcome_per_attempt",
+                    )
+                ],
             },
         ),
     ]

@@ -4,24 +4,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('jobs', '0002_jobevent_job_without_db_constraint'),
+        ("jobs", "0002_jobevent_job_without_db_constraint"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='job',
-            name='crawler',
-            field=models.CharField(blank=True, db_default='', default='', max_length=500),
+            model_name="job",
+            name="crawler",
+            field=models.CharField(blank=True, db_default="", default="", max_length=500),
         ),
         migrations.AddField(
-            model_name='job',
-            name='run_alone',
+            model_name="job",
+            name="run_alone",
             field=models.BooleanField(db_default=False, default=False),
         ),
         migrations.AddIndex(
-            model_name='job',
-            index=models.Index(condition=models.Q(('run_alone', True), ('status', 'queued')), fields=['-priority', 'id'], name='job_run_alone_order'),
+            model_name="job",
+            index=models.Index(
+                condition=models.Q(("run_alone", True), ("status", "queued")),
+                fields=["-priority", "id"],
+                name="job_run_alone_order",
+            ),
         ),
     ]

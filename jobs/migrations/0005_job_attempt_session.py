@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('jobs', '0004_bussession_state_move'),
+        ("jobs", "0004_bussession_state_move"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='job',
-            name='attempt_session',
+            model_name="job",
+            name="attempt_session",
             field=models.UUIDField(blank=True, null=True),
         ),
     ]

@@ -29,8 +29,13 @@ from tests.conftest import ROOT, free_port, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-    "--disable-component-update", "--disable-sync", "--disable-quic",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
 ]
 SCREENSHOTS = ROOT / "test-output" / "screenshots"
 PASSWORD = "browser-test-password"
@@ -119,9 +124,11 @@ PAGE_TITLES = {1: "First test page", 2: "Second test page", 3: "Third test page"
 
 def _page_html(number: int) -> bytes:
     links = "".join(f'<li><a href="/page/{other}">page {other}</a></li>' for other in PAGE_TITLES if other != number)
-    return (f"<!doctype html><html><head><title>{PAGE_TITLES[number]}</title></head>"
-            f"<body><h1>{PAGE_TITLES[number]}</h1><ul>{links}<li><a href=\"/slow/1\">slow</a></li></ul>"
-            f"</body></html>").encode()
+    return (
+        f"<!doctype html><html><head><title>{PAGE_TITLES[number]}</title></head>"
+        f'<body><h1>{PAGE_TITLES[number]}</h1><ul>{links}<li><a href="/slow/1">slow</a></li></ul>'
+        f"</body></html>"
+    ).encode()
 
 
 @pytest.fixture
@@ -184,8 +191,13 @@ class Site:
         self.crawler = None
 
     def env(self) -> dict[str, str]:
-        env = self.processes.env(BUS_ENDPOINTS=self.socket_path, HEARTBEAT_TIMEOUT="2", BUS_BACKOFF_CAP="0.5",
-                                 BUS_POLL_INTERVAL="0.5", BUS_SWEEP_INTERVAL="1")
+        env = self.processes.env(
+            BUS_ENDPOINTS=self.socket_path,
+            HEARTBEAT_TIMEOUT="2",
+            BUS_BACKOFF_CAP="0.5",
+            BUS_POLL_INTERVAL="0.5",
+            BUS_SWEEP_INTERVAL="1",
+        )
         env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)  # the browser fixture's flag is for this process only
         return env
 
@@ -195,8 +207,17 @@ class Site:
     def start_crawler(self, *extra: str):
         # A generous fetch timeout: the slow pages must keep their jobs running until the test says so.
         self.crawler = self.processes.manage(
-            "runcrawler", "--listen", self.socket_path, "--slots", "4", "--allow-private", "--timeout", "90",
-            *extra, env=self.env(), name="runcrawler",
+            "runcrawler",
+            "--listen",
+            self.socket_path,
+            "--slots",
+            "4",
+            "--allow-private",
+            "--timeout",
+            "90",
+            *extra,
+            env=self.env(),
+            name="runcrawler",
         )
         wait_until(self._crawler_listening, timeout=30, interval=0.05, message="the crawler listening")
         return self.crawler
@@ -211,8 +232,9 @@ class Site:
         self.crawler.wait(timeout=10)
 
     def start_server(self):
-        self.server = self.processes.manage("runserver", "--noreload", f"127.0.0.1:{self.port}",
-                                            env=self.env(), name="runserver")
+        self.server = self.processes.manage(
+            "runserver", "--noreload", f"127.0.0.1:{self.port}", env=self.env(), name="runserver"
+        )
         wait_until(self._serving, timeout=60, interval=0.1, message="runserver answering")
         return self.server
 
@@ -228,8 +250,9 @@ class Site:
     def wait_connected(self, timeout: float = 30) -> None:
         from bus.models import BusSession
 
-        wait_until(lambda: BusSession.objects.open().exists(), timeout=timeout, interval=0.1,
-                   message="a connected bus session")
+        wait_until(
+            lambda: BusSession.objects.open().exists(), timeout=timeout, interval=0.1, message="a connected bus session"
+        )
 
     def sign_in(self, page, username: str = "admin") -> None:
         from playwright.sync_api import expect

@@ -101,8 +101,9 @@ def test_operator_watches_jobs_finish_and_the_dashboard_follow_a_killed_crawler(
         job_status = detail.locator("#job-status")
 
         expect(count("running")).to_have_attribute("data-count", "3", timeout=WATCH_MS)
-        expect(dashboard.locator(f"#sessions tr[data-session='{first_session}'] [data-slots-in-use]")
-               ).to_have_attribute("data-slots-in-use", "3")
+        expect(
+            dashboard.locator(f"#sessions tr[data-session='{first_session}'] [data-slots-in-use]")
+        ).to_have_attribute("data-slots-in-use", "3")
         expect(dashboard.locator("#oldest-running")).to_have_attribute("data-age-seconds", re.compile(r"^\d"))
         expect(job_status).to_have_attribute("data-status", "running", timeout=WATCH_MS)
         expect(detail.locator("#job-attempt")).to_have_attribute("data-attempt", "1")
@@ -112,15 +113,13 @@ def test_operator_watches_jobs_finish_and_the_dashboard_follow_a_killed_crawler(
         # --- The crawler dies (SIGKILL: no bye) ----------------------------------------------------
         site.kill_crawler()
         old_row = dashboard.locator(f"#sessions tr[data-session='{first_session}']")
-        expect(old_row).to_have_attribute("data-display-state", re.compile(r"^(lost|reconnecting)$"),
-                                          timeout=WATCH_MS)
+        expect(old_row).to_have_attribute("data-display-state", re.compile(r"^(lost|reconnecting)$"), timeout=WATCH_MS)
         expect(old_row).not_to_have_attribute("data-session-state", "connected")
         expect(count("running")).to_have_attribute("data-count", "0")
         expect(count("queued")).to_have_attribute("data-count", "3")
         expect(dashboard.locator("#connected-sessions")).to_have_attribute("data-count", "0")
         for job_id in slow_ids:
-            expect(dashboard.locator(f"#requeues li[data-job-id='{job_id}'][data-to-status='queued']")
-                   ).to_have_count(1)
+            expect(dashboard.locator(f"#requeues li[data-job-id='{job_id}'][data-to-status='queued']")).to_have_count(1)
         expect(job_status).to_have_attribute("data-status", "queued", timeout=WATCH_MS)
         expect(detail.locator("#events li[data-kind='interrupt']")).to_have_count(1)
         screenshot(dashboard, "dashboard-crawler-lost")

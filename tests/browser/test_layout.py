@@ -50,22 +50,53 @@ def _hostile_but_plausible_data(site, local_web) -> dict[str, int]:
     from jobs.models import EventKind, Job, JobEvent, Status
 
     fetched = services.enqueue_many(urls=[local_web.url(f"/page/{n}") for n in (1, 2, 3)], actor="test")
-    wait_until(lambda: Job.objects.filter(id__in=[j.pk for j in fetched], status=Status.SUCCEEDED).count() == 3,
-               timeout=60, interval=0.1, message="the three pages fetched")
+    wait_until(
+        lambda: Job.objects.filter(id__in=[j.pk for j in fetched], status=Status.SUCCEEDED).count() == 3,
+        timeout=60,
+        interval=0.1,
+        message="the three pages fetched",
+    )
     now = timezone.now()
     failed = Job.objects.create(
-        url=LONG_URL, status=Status.FAILED, attempt=5, failures=5, outcome_attempt=5,
-        started_at=now - timedelta(seconds=3), finished_at=now,
+        url=LONG_URL,
+        status=Status.FAILED,
+        attempt=5,
+        failures=5,
+        outcome_attempt=5,
+        started_at=now - timedelta(seconds=3),
+        finished_at=now,
         error=f"fetch failed: {LONG_TOKEN} " + "connection reset by peer; " * 20,
-        result={"status": 500, "final_url": LONG_URL, "content_type": "text/html; charset=" + "x" * 90,
-                "bytes": 123456, "title": "T" * 200, "links": 0, "elapsed_ms": 1234},
+        result={
+            "status": 500,
+            "final_url": LONG_URL,
+            "content_type": "text/html; charset=" + "x" * 90,
+            "bytes": 123456,
+            "title": "T" * 200,
+            "links": 0,
+            "elapsed_ms": 1234,
+        },
         progress={"step": LONG_TOKEN},
     )
-    JobEvent.objects.create(job=failed, at=now, kind=EventKind.INTERRUPT, from_status=Status.RUNNING,
-                            to_status=Status.QUEUED, attempt=4, actor="bus",
-                            reason=f"lease expired: {LONG_TOKEN}")
-    JobEvent.objects.create(job=failed, at=now, kind=EventKind.OUTCOME, from_status=Status.RUNNING,
-                            to_status=Status.FAILED, attempt=5, actor="bus", reason=f"final failure {LONG_TOKEN}")
+    JobEvent.objects.create(
+        job=failed,
+        at=now,
+        kind=EventKind.INTERRUPT,
+        from_status=Status.RUNNING,
+        to_status=Status.QUEUED,
+        attempt=4,
+        actor="bus",
+        reason=f"lease expired: {LONG_TOKEN}",
+    )
+    JobEvent.objects.create(
+        job=failed,
+        at=now,
+        kind=EventKind.OUTCOME,
+        from_status=Status.RUNNING,
+        to_status=Status.FAILED,
+        attempt=5,
+        actor="bus",
+        reason=f"final failure {LONG_TOKEN}",
+    )
     cancelled = Job.objects.create(url=LONG_URL + "&cancelled", status=Status.CANCELLED, finished_at=now)
     return {"failed": failed.pk, "succeeded": fetched[0].pk, "cancelled": cancelled.pk}
 
@@ -137,12 +168,17 @@ SHOW = """() => {
 }"""
 
 
-@pytest.mark.parametrize("path, region, has_indicator", [
-    ("/", "#dashboard-live", True),  # only the dashboard shows "live"/"paused" in words
-    ("/jobs/", "#jobs-live", False),
-], ids=["dashboard", "jobs"])
-def test_live_polling_pauses_while_the_tab_is_hidden_and_resumes_when_visible(browser, site, path, region,
-                                                                              has_indicator):
+@pytest.mark.parametrize(
+    "path, region, has_indicator",
+    [
+        ("/", "#dashboard-live", True),  # only the dashboard shows "live"/"paused" in words
+        ("/jobs/", "#jobs-live", False),
+    ],
+    ids=["dashboard", "jobs"],
+)
+def test_live_polling_pauses_while_the_tab_is_hidden_and_resumes_when_visible(
+    browser, site, path, region, has_indicator
+):
     from playwright.sync_api import expect
 
     context = browser.new_context(viewport={"width": 1280, "height": 900})
@@ -170,7 +206,11 @@ def test_live_polling_pauses_while_the_tab_is_hidden_and_resumes_when_visible(br
         expect(live).to_have_attribute("data-live-state", "polling")
         if has_indicator:
             expect(indicator).to_have_text("live")
-        wait_until(lambda: int(live.get_attribute("data-live-refreshes")) >= before + 2, timeout=30,
-                   interval=0.1, message="polling again after the tab became visible")
+        wait_until(
+            lambda: int(live.get_attribute("data-live-refreshes")) >= before + 2,
+            timeout=30,
+            interval=0.1,
+            message="polling again after the tab became visible",
+        )
     finally:
         context.close()
