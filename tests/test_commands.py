@@ -61,7 +61,8 @@ def claim(count: int, *, session: uuid.UUID | None = None, lease_seconds: float 
 
 @pytest.mark.django_db
 def test_reset_jobs_prints_distribution_before_and_after_and_the_counts(jobs):
-    claim(3)
+    claim(1)  # jobs[0], alone in its session: the evidence of a poison verdict
+    claim(2)
     Job.objects.filter(pk=jobs[0].pk).update(interruptions=2)  # its third interruption: max reached
     output = run("reset_jobs")
     assert "Before: queued 2, running 3, succeeded 0, failed 0, cancelled 0 (total 5)" in output
@@ -75,7 +76,8 @@ def test_reset_jobs_prints_distribution_before_and_after_and_the_counts(jobs):
 
 @pytest.mark.django_db
 def test_reset_jobs_dry_run_changes_nothing(jobs):
-    claim(3)
+    claim(1)
+    claim(2)
     Job.objects.filter(pk=jobs[0].pk).update(interruptions=2)
     before = list(Job.objects.order_by("pk").values())
     output = run("reset_jobs", "--dry-run")
@@ -84,6 +86,16 @@ def test_reset_jobs_dry_run_changes_nothing(jobs):
     assert "After:" not in output
     assert list(Job.objects.order_by("pk").values()) == before
     assert not JobEvent.objects.filter(kind=EventKind.INTERRUPT).exists()
+
+
+@pytest.mark.django_db
+def test_reset_jobs_says_which_jobs_reached_max_interruptions_in_company_and_run_alone_next(jobs):
+    claim(3)
+    Job.objects.filter(pk=jobs[0].pk).update(interruptions=2)
+    assert "would move 3 running jobs (requeue 3, of them 1 to run alone next, fail 0" in run("reset_jobs", "--dry-run")
+    output = run("reset_jobs")
+    assert "Requeued 3 (1 of them to run alone next: max_interruptions reached in company), failed 0" in output
+    assert Job.objects.get(pk=jobs[0].pk).run_alone
 
 
 @pytest.mark.django_db

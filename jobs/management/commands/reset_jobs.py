@@ -140,7 +140,12 @@ class Command(BaseCommand):
             )
         except ValidationError as exc:
             raise CommandError("; ".join(exc.messages)) from None
-        line = f"Requeued {counts.requeued}, failed {counts.failed} (interrupted too many times)"
+        suspects = (
+            f" ({counts.suspected} of them to run alone next: max_interruptions reached in company)"
+            if counts.suspected
+            else ""
+        )
+        line = f"Requeued {counts.requeued}{suspects}, failed {counts.failed} (interrupted too many times)"
         if job_ids is not None:
             line += f", skipped {len(job_ids) - counts.total} of the listed jobs (not running or no match)"
         self.stdout.write(self.style.SUCCESS(line + "."))
@@ -159,6 +164,7 @@ class Command(BaseCommand):
     def _dry_run(self, session, job_ids, lease_expired_before) -> None:
         counts = services.preview_reset(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
         self.stdout.write(
-            f"Dry run: would move {counts.total} running jobs (requeue {counts.requeued}, fail {counts.failed} "
-            "at their last allowed interruption); nothing was changed."
+            f"Dry run: would move {counts.total} running jobs (requeue {counts.requeued}"
+            + (f", of them {counts.suspected} to run alone next" if counts.suspected else "")
+            + f", fail {counts.failed} at their last allowed interruption); nothing was changed."
         )
