@@ -152,14 +152,17 @@ AXES_CLIENT_IP_CALLABLE = "jobs.views.client_ip"
 TRUSTED_PROXIES = env.positive_int("TRUSTED_PROXIES", 1 if SECURE_PROXY_SSL_HEADER else 0, minimum=0)
 
 # Password reset sends mail: its pages exist only when EMAIL_URL is set.
+# The EMAIL_* settings are set only then: Django 6.1 deprecates them (for
+# MAILERS), and setting Django's own defaults again would only warn.
 _email = env.email("EMAIL_URL") or {}
-EMAIL_BACKEND = _email.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
-EMAIL_HOST = _email.get("EMAIL_HOST", "localhost")
-EMAIL_PORT = _email.get("EMAIL_PORT", 25)
-EMAIL_HOST_USER = _email.get("EMAIL_HOST_USER", "")
-EMAIL_HOST_PASSWORD = _email.get("EMAIL_HOST_PASSWORD", "")
-EMAIL_USE_TLS = _email.get("EMAIL_USE_TLS", False)
-EMAIL_USE_SSL = _email.get("EMAIL_USE_SSL", False)
+if _email:
+    EMAIL_BACKEND = _email.get("EMAIL_BACKEND", "django.core.mail.backends.smtp.EmailBackend")
+    EMAIL_HOST = _email.get("EMAIL_HOST", "localhost")
+    EMAIL_PORT = _email.get("EMAIL_PORT", 25)
+    EMAIL_HOST_USER = _email.get("EMAIL_HOST_USER", "")
+    EMAIL_HOST_PASSWORD = _email.get("EMAIL_HOST_PASSWORD", "")
+    EMAIL_USE_TLS = _email.get("EMAIL_USE_TLS", False)
+    EMAIL_USE_SSL = _email.get("EMAIL_USE_SSL", False)
 DEFAULT_FROM_EMAIL = env.string("DEFAULT_FROM_EMAIL", "jobsite@localhost")
 PASSWORD_RESET_ENABLED = bool(_email)
 
