@@ -279,23 +279,10 @@ class Processes:
         self.env = env
 
     def manage(self, *args: str, name: str) -> subprocess.Popen:
-        path = self.folder / f"{name}-{len(self.started):03d}.log"
-        with open(path, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, MANAGE, *args],
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        proc.log_path = str(path)  # type: ignore[attr-defined]
-        proc.name = name  # type: ignore[attr-defined]
-        self.started.append(proc)
-        return proc
+        return self.script(MANAGE, *args, name=name)
 
     def script(self, path: str, *args: str, name: str) -> subprocess.Popen:
-        """Start a Python script (not manage.py) with the same environment, logged like the others."""
+        """Start a Python script (manage.py or another) with the suite's environment, its output in a log file."""
         log_path = self.folder / f"{name}-{len(self.started):03d}.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
