@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._django import BACKENDS, DEFAULT_POSTGRES_URL, ROOT
+from bench._django import BACKENDS, DEFAULT_POSTGRES_URL, ROOT, exit_on_sigterm
 
 
 class CheckFailed(Exception):
@@ -295,8 +295,15 @@ def per_backend(
         if item.startswith("--db="):
             continue
         cleaned.append(item)
+    exit_on_sigterm()  # so that a SIGTERM reaches the child, which then drops its database
     for backend in BACKENDS:
-        status = max(status, subprocess.call([sys.executable, script, "--db", backend, *cleaned]))
+        process = subprocess.Popen([sys.executable, script, "--db", backend, *cleaned])
+        try:
+            status = max(status, process.wait())
+        except BaseException:
+            process.terminate()  # SIGTERM: the child still drops its database
+            process.wait()
+            raise
     return status
 
 

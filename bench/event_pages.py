@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,9 +33,9 @@ from bench._django import (  # noqa: E402
     BACKENDS,
     DEFAULT_POSTGRES_URL,
     describe_machine,
-    exit_on_sigterm,
     throwaway_database,
 )
+from bench._procs import per_backend  # noqa: E402
 
 TARGET_S = 0.300
 
@@ -153,33 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.events, args.runs) < 1 or args.old_events < 0:
         parser.error("--events and --runs must be >= 1, --old-events >= 0")
-    if args.db != "both":
-        return run_backend(args)
-    exit_on_sigterm()  # so that a SIGTERM reaches the child, which then drops its database
-    status = 0
-    for backend in BACKENDS:
-        child = [
-            sys.executable,
-            __file__,
-            "--db",
-            backend,
-            "--events",
-            str(args.events),
-            "--runs",
-            str(args.runs),
-            "--old-events",
-            str(args.old_events),
-            "--postgres",
-            args.postgres,
-        ]
-        process = subprocess.Popen(child)
-        try:
-            status = max(status, process.wait())
-        except BaseException:
-            process.terminate()
-            process.wait()
-            raise
-    return status
+    # Settings are read once per process: one child process per backend.
+    return per_backend(args, __file__, argv, run_backend)
 
 
 if __name__ == "__main__":

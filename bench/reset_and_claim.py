@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,9 +34,9 @@ from bench._django import (  # noqa: E402
     DEFAULT_POSTGRES_URL,
     cpu_seconds,
     describe_machine,
-    exit_on_sigterm,
     throwaway_database,
 )
+from bench._procs import per_backend  # noqa: E402
 
 # Targets of issue 2, by Django vendor name.
 RESET_TARGET_S = {"postgresql": 1.0, "sqlite": 2.0}
@@ -256,34 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.jobs, args.claim_jobs, args.runs) < 1:
         parser.error("--jobs, --claim-jobs and --runs must be >= 1")
-    if args.db != "both":
-        return run_backend(args)
     # Settings are read once per process: one child process per backend.
-    exit_on_sigterm()  # so that a SIGTERM reaches the child, which then drops its database
-    status = 0
-    for backend in BACKENDS:
-        child = [
-            sys.executable,
-            __file__,
-            "--db",
-            backend,
-            "--jobs",
-            str(args.jobs),
-            "--claim-jobs",
-            str(args.claim_jobs),
-            "--runs",
-            str(args.runs),
-            "--postgres",
-            args.postgres,
-        ]
-        process = subprocess.Popen(child)
-        try:
-            status = max(status, process.wait())
-        except BaseException:
-            process.terminate()  # SIGTERM: the child still drops its database
-            process.wait()
-            raise
-    return status
+    return per_backend(args, __file__, argv, run_backend)
 
 
 if __name__ == "__main__":
