@@ -59,6 +59,7 @@ class SessionConfig:
     stall_timeout: float = 0.0  # BUS_STALL_TIMEOUT: 0 = off
     max_slots: int = 1000  # BUS_MAX_SLOTS: the most slots one session may use, whatever the crawler asks
     max_result: int = 64 * 1024  # BUS_MAX_RESULT: bytes of one stored result; bigger ones become a marker
+    handover_resume: float = 10.0  # BUS_HANDOVER_RESUME: bye.resume_within on a hand-over
 
     @property
     def heartbeat_interval(self) -> float:
@@ -69,10 +70,33 @@ class SessionConfig:
         return 2 * self.heartbeat_timeout
 
 
+class SessionControl:
+    """What the Bus tells one endpoint's sessions from outside (bus.runtime sets it).
+
+    `epoch` is the ownership's fencing token (jobs.fleet); `draining` stops
+    new assignments, and the session ends once the crawler holds nothing.
+    """
+
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+        self.draining = False
+
+
+# Why the bus ends a session itself (io.end(cause)) -> the reason in its bye.
+BYE_REASONS = {
+    "closed": "bus shutdown",
+    "supervisor": "supervisor process gone",
+    "handover": "this bus hands the crawler over to another bus process",
+    "drained": "crawler drained: no more jobs for it",
+    "removed": "crawler removed from the registry",
+    "fenced": "this bus lost its database lease: another bus process takes over",
+}
+
+
 @dataclass
 class SessionEnd:
     reason: str
-    cause: str  # "lost", "closed", "timeout", "supervisor"
+    cause: str  # "lost", "timeout", or a key of BYE_REASONS
     ready: bool = False  # the handshake completed
     unauthorized: bool = False
 
@@ -95,8 +119,10 @@ class SessionIO:
         store: Any,
         stop: threading.Event,
         on_worker=None,
+        control: SessionControl | None = None,
     ):
         self.sock = sock
+        self.control = control or SessionControl()
         self.endpoint = endpoint
         self.config = config
         self.store = store
@@ -325,8 +351,13 @@ class SessionIO:
                     self._fail(*self.failure)
                 if self.stop.is_set() or self.end_cause:
                     cause = self.end_cause or "closed"
-                    reason = "supervisor process gone" if cause == "supervisor" else "bus shutdown"
-                    self.send({"type": "bye", "reason": reason})
+                    reason = BYE_REASONS.get(cause, "bus shutdown")
+                    bye: dict[str, Any] = {"type": "bye", "reason": reason}
+                    if cause == "handover":
+                        # Extension: keep running this session's jobs and list them in the
+                        # next ready.running; the next owner connects within this many seconds.
+                        bye["resume_within"] = self.config.handover_resume
+                    self.send(bye)
                     self._flush_for(1.0)
                     raise _Ended(reason, cause)
                 now = time.monotonic()
@@ -620,16 +651,22 @@ class SessionWorker(threading.Thread):
                 slots=welcome["slots"],
             ),
         )
+        taken, refused = self._retrying(
+            "session_ready",
+            lambda: self.store.session_ready(
+                session=self.session,
+                endpoint=io.endpoint,
+                epoch=io.control.epoch,
+                slots=welcome["slots"],
+                running=welcome["running"],
+            ),
+        )
+        now = time.monotonic()
+        for job_id, attempt in taken:
+            self.state.outstanding[job_id] = _Assignment(attempt, now)
+        if refused:
+            io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in refused))
         if welcome["running"]:
-            taken, refused = self._retrying(
-                "re_lease",
-                lambda: self.store.re_lease(session=self.session, endpoint=io.endpoint, running=welcome["running"]),
-            )
-            now = time.monotonic()
-            for job_id, attempt in taken:
-                self.state.outstanding[job_id] = _Assignment(attempt, now)
-            if refused:
-                io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in refused))
             log.info(kv("bus.re_leased", session=self.session, taken=len(taken), cancelled=len(refused)))
 
     def _receive(self) -> None:
@@ -825,7 +862,15 @@ class SessionWorker(threading.Thread):
                 del state.progress[job_id]
         if len(state.progress_written) > 10_000:
             state.progress_written = {k: v for k, v in state.progress_written.items() if now - v < 2}
-        while state.want_dispatch and not self.ended and self.io.failure is None:
+        if self.io.control.draining and not state.outstanding and self.io.end_cause is None:
+            self.io.end("drained")  # the crawler finished what it had: the drain is complete
+        while (
+            state.want_dispatch
+            and not self.ended
+            and self.io.failure is None
+            and self.io.end_cause is None  # ending (a hand-over, a drain): nothing new to this session
+            and not self.io.control.draining
+        ):
             free = state.slots - len(state.outstanding)
             state.suspects = {job_id for job_id in state.suspects if job_id in state.outstanding}
             if free <= 0 or state.suspects:

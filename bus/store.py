@@ -19,6 +19,7 @@ from jobs.outcomes import Outcome
 from jobsite.logging import kv
 
 if TYPE_CHECKING:  # the services import models: not at import time (see DjangoStore)
+    from jobs.fleet import FleetView
     from jobs.services import ClaimedJob, ResetCounts
 
 log = logging.getLogger("bus.store")
@@ -30,6 +31,8 @@ SIGNAL_FOR_CAUSE = {
     "timeout": "heartbeat_timeout",
     "supervisor": "supervisor_lost",
 }
+# Session ends the bus chose: the session row says "closed", not "lost".
+CLEAN_CAUSES = ("closed", "handover", "drained", "removed")
 
 
 class Store(Protocol):
@@ -41,8 +44,8 @@ class Store(Protocol):
 
     # --- one session (SessionWorker) ---
     def open_session(self, *, session: UUID, node: str, endpoint: str, crawler: str, slots: int) -> None: ...
-    def re_lease(
-        self, *, session: UUID, endpoint: str, running: Sequence[tuple[int, int]]
+    def session_ready(
+        self, *, session: UUID, endpoint: str, epoch: int, slots: int, running: Sequence[tuple[int, int]]
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
     def claim(self, *, session: UUID, endpoint: str, limit: int, alone: bool) -> Sequence[ClaimedJob]: ...
     def record_outcomes(
@@ -64,6 +67,17 @@ class Store(Protocol):
     def connect_job_signal(self, callback: Callable[[], None]) -> None: ...
     def disconnect_job_signal(self) -> None: ...
     def listen_for_jobs(self, callback: Callable[[], None], stop: threading.Event) -> None: ...
+
+    # --- the fleet: this node's lease and the crawlers it owns (jobs/fleet.py) ---
+    def register_endpoints(self, endpoints: Sequence[str]) -> None: ...
+    def fleet_renew(self, *, node: str, host: str, pid: int, lease_seconds: float, stopping: bool) -> FleetView: ...
+    def fleet_acquire(self, *, endpoint: str, node: str, seen_epoch: int) -> int | None: ...
+    def fleet_release(self, *, endpoint: str, node: str, epoch: int, then: str = "") -> bool: ...
+    def fleet_seen(self, *, node: str, endpoints: Sequence[str]) -> None: ...
+    def fleet_unreachable(self, *, endpoint: str, epoch: int, error: str, forget_after: float) -> bool: ...
+    def fleet_orphans(self, *, endpoint: str, epoch: int) -> ResetCounts | None: ...
+    def fleet_idle(self, *, endpoint: str) -> bool: ...
+    def fleet_leave(self, *, node: str) -> None: ...
 
 
 class DjangoStore:
@@ -96,12 +110,37 @@ class DjangoStore:
             ),
         )
 
-    def re_lease(self, *, session, endpoint, running):
-        from jobs import services
+    def session_ready(self, *, session, endpoint, epoch, slots, running):
+        """A new session is ready: it takes what its crawler still runs, and the rest of the crawler's jobs go back.
 
-        return services.re_lease_jobs(
-            session=session, running=running, crawler=endpoint, lease_seconds=self.lease_seconds
+        Only while this node's ownership (epoch) stands: then every other
+        session of this endpoint is gone or handed it over, so the jobs the
+        crawler lists move to this session even if still leased to an old
+        one, and its other running jobs are requeued.
+        """
+        from jobs import fleet, services
+
+        owner = fleet.owns(endpoint=endpoint, epoch=epoch)
+        taken, refused = (
+            services.re_lease_jobs(
+                session=session,
+                running=running,
+                crawler=endpoint,
+                lease_seconds=self.lease_seconds,
+                take_over=owner,
+            )
+            if running
+            else ([], [])
         )
+        if owner:
+            services.requeue_orphans(
+                crawler=endpoint,
+                keep_session=session,
+                actor="bus",
+                reason="its bus session is gone and the crawler did not list it as still running",
+            )
+            fleet.connected(endpoint=endpoint, epoch=epoch, session=session, slots=slots)
+        return taken, refused
 
     def claim(self, *, session, endpoint, limit, alone):
         from jobs import services
@@ -212,9 +251,11 @@ class DjangoStore:
         signal = getattr(signals, SIGNAL_FOR_CAUSE.get(cause, "session_lost"))
         self.live_sessions.discard(session)
         with transaction.atomic():
-            responses = signal.send(sender=self.sender, session=session, reason=reason)
+            # A hand-over keeps the jobs leased: the crawler's next owner
+            # re-leases what it still runs and requeues the rest.
+            responses = [] if cause == "handover" else signal.send(sender=self.sender, session=session, reason=reason)
             BusSession.objects.filter(session=session).update(
-                state="closed" if cause == "closed" else "lost",
+                state="closed" if cause in CLEAN_CAUSES else "lost",
                 closed_at=timezone.now(),
                 close_reason=reason[:1000],
             )
@@ -268,21 +309,27 @@ class DjangoStore:
         from django.utils import timezone
 
         from jobs import services
+        from jobs.models import Crawler
 
         from .models import BusSession
 
+        # A registered crawler's dead sessions are its next owner's to settle
+        # (session_ready, fleet_orphans): it re-leases what the crawler still runs.
+        owned = set(Crawler.objects.ownable().values_list("endpoint", flat=True))
         own_pid = os.getpid()
         host_prefix = f"{socketlib.gethostname()}:"
         cutoff = timezone.now() - timedelta(seconds=3 * heartbeat_timeout)
         dead: dict[UUID, str] = {}
-        for session, session_node, last_seen in BusSession.objects.open().values_list(
-            "session", "node", "last_heartbeat_at"
+        for session, session_node, last_seen, endpoint in BusSession.objects.open().values_list(
+            "session", "node", "last_heartbeat_at", "endpoint"
         ):
+            if endpoint in owned:
+                continue
             if explicit_node and session_node == node and session not in self.live_sessions:
                 dead[session] = "bus restarted: recovering the jobs of its earlier session"
             elif session_node.startswith(host_prefix) and session_node[len(host_prefix) :].isdigit():
                 pid = int(session_node[len(host_prefix) :])
-                if pid != own_pid and not _pid_alive(pid):
+                if pid != own_pid and not pid_alive(pid):
                     dead[session] = f"bus process {pid} on this host is gone"
             if (
                 session not in dead
@@ -359,8 +406,62 @@ class DjangoStore:
                 except Exception:
                     pass
 
+    # --- the fleet ------------------------------------------------------------------
+    def register_endpoints(self, endpoints):
+        from jobs import fleet
 
-def _pid_alive(pid: int) -> bool:
+        fleet.register_endpoints(list(endpoints))
+
+    def fleet_renew(self, *, node, host, pid, lease_seconds, stopping):
+        from jobs import fleet
+
+        return fleet.renew_node(node=node, host=host, pid=pid, lease_seconds=lease_seconds, stopping=stopping)
+
+    def fleet_acquire(self, *, endpoint, node, seen_epoch):
+        from jobs import fleet
+
+        return fleet.acquire(endpoint=endpoint, node=node, seen_epoch=seen_epoch)
+
+    def fleet_release(self, *, endpoint, node, epoch, then=""):
+        from jobs import fleet
+
+        return fleet.release(endpoint=endpoint, node=node, epoch=epoch, then=then)
+
+    def fleet_seen(self, *, node, endpoints):
+        from jobs import fleet
+
+        fleet.seen(node=node, endpoints=list(endpoints))
+
+    def fleet_unreachable(self, *, endpoint, epoch, error, forget_after):
+        from jobs import fleet
+
+        return fleet.unreachable(endpoint=endpoint, epoch=epoch, error=error, forget_after=forget_after)
+
+    def fleet_orphans(self, *, endpoint, epoch):
+        """The crawler cannot be reached: requeue its jobs left by earlier sessions (only while we own it)."""
+        from jobs import fleet, services
+
+        if not fleet.owns(endpoint=endpoint, epoch=epoch):
+            return None
+        return services.requeue_orphans(
+            crawler=endpoint,
+            keep_session=None,
+            actor="bus",
+            reason="its bus session is gone and the crawler cannot be reached",
+        )
+
+    def fleet_idle(self, *, endpoint):
+        from jobs import fleet
+
+        return fleet.idle(endpoint=endpoint)
+
+    def fleet_leave(self, *, node):
+        from jobs import fleet
+
+        fleet.leave(node=node)
+
+
+def pid_alive(pid: int) -> bool:
     """Whether a process runs with this pid; a zombie (dead, not yet reaped) does not."""
     import os
 

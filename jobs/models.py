@@ -106,6 +106,10 @@ class Job(models.Model):
             # The sweeper's "running jobs whose lease expired".
             models.Index(fields=["lease_expires_at"], condition=Q(status="running"), name="job_running_lease"),
             models.Index(fields=["status", "id"], name="job_status_id"),
+            # The crawlers page's "jobs finished in the last hour" per crawler.
+            models.Index(
+                fields=["crawler", "finished_at"], condition=Q(finished_at__isnull=False), name="job_crawler_finished"
+            ),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(status__in=Status.values), name="job_status_valid"),
@@ -223,3 +227,99 @@ class BusSession(models.Model):
 
     def __str__(self) -> str:
         return f"{self.crawler or 'crawler'} @ {self.endpoint} ({self.state})"
+
+
+# --- The fleet: crawlers, bus nodes, and who owns which crawler ------------------------
+
+
+class CrawlerState(models.TextChoices):
+    ACTIVE = "active", "Active"
+    DRAINING = "draining", "Draining"
+    PAUSED = "paused", "Paused"
+
+
+class CrawlerSource(models.TextChoices):
+    SETTINGS = "settings", "Settings"  # BUS_ENDPOINTS / SUPERVISOR_SOCKET_PATH / SOCKET_PATH / runbus --endpoint
+    PERSON = "person", "Added by a person"  # admin, pages, manage.py crawlers add
+    ANNOUNCED = "announced", "Announced itself"  # POST /crawlers/announce (runcrawler --announce)
+
+
+# States in which a crawler has (or is waiting for) an owning bus and a session.
+OWNED_STATES = (CrawlerState.ACTIVE, CrawlerState.DRAINING)
+
+
+class CrawlerQuerySet(models.QuerySet["Crawler"]):
+    def ownable(self) -> CrawlerQuerySet:
+        return self.filter(state__in=OWNED_STATES)
+
+
+class Crawler(models.Model):
+    """One crawler endpoint of the fleet, and the bus process that owns it.
+
+    At most one bus process holds a session to an endpoint: the one named in
+    `owner`, for as long as its BusNode lease lasts. `owner_epoch` is the
+    fencing token: it grows on every change of owner, and the owner's
+    database writes that only an owner may make check it (jobs.fleet).
+    """
+
+    endpoint = models.CharField(max_length=500, unique=True, help_text="unix:/abs/path.sock or tcp://host:port")
+    label = models.CharField(max_length=200, blank=True, default="")
+    state = models.CharField(max_length=16, choices=CrawlerState.choices, default=CrawlerState.ACTIVE)
+    remove_when_drained = models.BooleanField(default=False, help_text="Removed once its running jobs finish.")
+    source = models.CharField(max_length=16, choices=CrawlerSource.choices, default=CrawlerSource.PERSON)
+
+    owner = models.CharField(max_length=200, blank=True, default="", help_text="The owning bus node.")
+    owner_epoch = models.PositiveBigIntegerField(default=0)
+    owned_at = models.DateTimeField(null=True, blank=True)
+    session = models.UUIDField(null=True, blank=True, help_text="The open session, if any.")
+    slots = models.PositiveIntegerField(default=0)
+    last_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last sign of life from the crawler.")
+    last_error = models.CharField(max_length=500, blank=True, default="")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = CrawlerQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["endpoint"]
+        indexes = [models.Index(fields=["owner"], name="crawler_owner")]
+        constraints = [models.CheckConstraint(condition=Q(state__in=CrawlerState.values), name="crawler_state_valid")]
+
+    def __str__(self) -> str:
+        return self.label or self.endpoint
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs:crawlers")
+
+
+class BusNode(models.Model):
+    """One live (or recently live) bus process and its lease.
+
+    A node renews `lease_expires_at` (database time) several times a lease;
+    a node whose lease has expired owns nothing, and stops its sessions
+    before that moment by its own clock (bus.runtime).
+    """
+
+    node = models.CharField(max_length=200, unique=True)
+    host = models.CharField(max_length=200, blank=True, default="")
+    pid = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField()
+    lease_expires_at = models.DateTimeField()
+    stopping = models.BooleanField(default=False, help_text="Handing its crawlers over before it exits.")
+
+    class Meta:
+        ordering = ["node"]
+
+    def __str__(self) -> str:
+        return self.node
+
+
+class AnnounceNonce(models.Model):
+    """Nonces of accepted crawler announcements, kept while their timestamp is acceptable: no replay."""
+
+    nonce = models.CharField(max_length=128, unique=True)
+    at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return self.nonce

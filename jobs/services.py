@@ -961,6 +961,7 @@ def re_lease_jobs(
     running: Sequence[tuple[int, int]],
     lease_seconds: float,
     crawler: str = "",
+    take_over: bool = False,
     at: datetime | None = None,
     actor: str = "bus",
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
@@ -971,41 +972,62 @@ def re_lease_jobs(
     recorded (nobody took it since); the rest are returned as the second
     list, for the bus to send `cancel`. A crawler cannot take another
     crawler's job by listing it.
+
+    With take_over (the caller owns the crawler endpoint: jobs.fleet), a job
+    still running under another session of the same crawler is re-leased
+    too: that session belongs to an owner that is gone or handed the
+    crawler over, so the job moves to the new session without a requeue.
     """
     at = at or now()
-    taken: list[tuple[int, int]] = []
+    taken: list[tuple[int, int, str]] = []
     refused: list[tuple[int, int]] = []
+    lease = dict(
+        status=Status.RUNNING,
+        lease_session=session,
+        updated_at=at,
+        run_after=None,
+        lease_expires_at=at + timedelta(seconds=lease_seconds),
+    )
     with transaction.atomic():
         for job_id, attempt in running:
-            won = (
-                Job.objects.queued()
-                .filter(id=job_id, attempt=attempt, crawler=crawler)
-                .exclude(outcome_attempt=attempt)
-                .update(
-                    status=Status.RUNNING,
-                    lease_session=session,
-                    updated_at=at,
-                    run_after=None,
-                    lease_expires_at=at + timedelta(seconds=lease_seconds),
-                    started_at=at,
-                )
-            )
-            (taken if won else refused).append((job_id, attempt))
+            same = Job.objects.filter(id=job_id, attempt=attempt, crawler=crawler).exclude(outcome_attempt=attempt)
+            if same.filter(status=Status.QUEUED).update(started_at=at, **lease):
+                taken.append((job_id, attempt, Status.QUEUED))
+            elif take_over and same.running().exclude(lease_session=session).update(**lease):
+                taken.append((job_id, attempt, Status.RUNNING))
+            else:
+                refused.append((job_id, attempt))
         _events(
             dict(
                 job_id=job_id,
                 at=at,
                 kind=EventKind.RELEASE,
-                from_status=Status.QUEUED,
+                from_status=from_status,
                 to_status=Status.RUNNING,
                 attempt=attempt,
                 session=session,
                 actor=actor,
-                reason="the crawler still runs it after reconnecting",
+                reason="the crawler still runs it after reconnecting"
+                if from_status == Status.QUEUED
+                else "the crawler still runs it: taken over from its earlier bus session",
             )
-            for job_id, attempt in taken
+            for job_id, attempt, from_status in taken
         )
-    return taken, refused
+    return [(job_id, attempt) for job_id, attempt, _ in taken], refused
+
+
+def requeue_orphans(*, crawler: str, keep_session: UUID | None, actor: str, reason: str) -> ResetCounts:
+    """Requeue the jobs of `crawler` still running under any session but `keep_session`.
+
+    The owner of a crawler endpoint calls this after taking it over (once the
+    new session re-leased what the crawler still runs), or when the crawler
+    cannot be reached: those sessions are gone, and their jobs with them.
+    """
+    orphans = Job.objects.running().filter(crawler=crawler)
+    if keep_session is not None:
+        orphans = orphans.exclude(lease_session=keep_session)
+    ids = list(orphans.values_list("id", flat=True))
+    return reset_running_jobs(job_ids=ids, actor=actor, reason=reason) if ids else ResetCounts()
 
 
 # --- A person's actions -------------------------------------------------------------

@@ -184,6 +184,14 @@ BUS_STALL_TIMEOUT = env.positive_float("BUS_STALL_TIMEOUT", 0.0, allow_zero=True
 # session, and the stored size of one result (bigger ones become a marker).
 BUS_MAX_SLOTS = env.positive_int("BUS_MAX_SLOTS", 1000)
 BUS_MAX_RESULT = env.positive_int("BUS_MAX_RESULT", 64 * 1024, minimum=1024)
+# The fleet (jobs/fleet.py, bus/runtime.py): a bus process owns crawlers for
+# as long as its lease lasts; a dead process's crawlers are taken over after
+# it. Self-registered crawlers unreachable for BUS_ANNOUNCE_TTL are dropped.
+BUS_OWNER_LEASE = env.positive_float("BUS_OWNER_LEASE", 1.5)
+BUS_ANNOUNCE_TTL = env.positive_float("BUS_ANNOUNCE_TTL", 300.0)
+BUS_HANDOVER_RESUME = env.positive_float("BUS_HANDOVER_RESUME", 10.0)
+if BUS_OWNER_LEASE < 0.3:
+    raise ImproperlyConfigured("BUS_OWNER_LEASE must be at least 0.3 seconds")
 JOB_RETRY_BACKOFF_BASE = env.positive_float("JOB_RETRY_BACKOFF_BASE", 2.0, allow_zero=True)
 JOB_RETRY_BACKOFF_CAP = env.positive_float("JOB_RETRY_BACKOFF_CAP", 600.0, allow_zero=True)
 if BUS_BACKOFF_CAP < BUS_BACKOFF_BASE:

@@ -16,7 +16,7 @@ import pytest
 
 from bus.models import BusSession
 from jobs import services
-from jobs.models import Job, JobEvent, Status
+from jobs.models import BusNode, Job, JobEvent, Status
 from tests.conftest import ROOT, free_port, wait_until
 from tests.crawler_peer import CrawlerPeer
 
@@ -321,6 +321,7 @@ def test_runserver_sigterm_says_bye_and_requeues_its_sessions_jobs(processes, sh
 
 @pytest.mark.parametrize("preload", [False, True], ids=["workers-load-app", "preload"])
 def test_gunicorn_workers_each_run_a_bus_and_the_master_none(processes, short_socket_path, preload):
+    """Each worker is a bus node of the fleet; the crawler is owned by one of them, with one session."""
     crawler = processes.manage("runcrawler", "--listen", short_socket_path, "--slots", "4", "--noop")
     wait_until(lambda: os.path.exists(short_socket_path), timeout=20, message="crawler listening")
     ids = enqueue(6)
@@ -338,11 +339,10 @@ def test_gunicorn_workers_each_run_a_bus_and_the_master_none(processes, short_so
     )
     processes.started.append(master)
     try:
-        wait_until(
-            lambda: BusSession.objects.open().count() == 2, timeout=30, message="one bus session per gunicorn worker"
-        )
-        pids = {int(node.rsplit(":", 1)[1]) for node in BusSession.objects.open().values_list("node", flat=True)}
+        wait_until(lambda: BusNode.objects.count() == 2, timeout=30, message="one bus node per gunicorn worker")
+        pids = set(BusNode.objects.values_list("pid", flat=True))
         assert master.pid not in pids and len(pids) == 2
+        wait_until(lambda: BusSession.objects.open().count() == 1, timeout=10, message="the crawler's one session")
         wait_until(
             lambda: Job.objects.filter(id__in=ids, status=Status.SUCCEEDED).count() == 6,
             timeout=20,

@@ -40,15 +40,21 @@ class Command(BaseCommand):
             action="append",
             type=endpoint_argument,
             metavar="ENDPOINT",
-            help="crawler endpoint (/path.sock, unix:/path.sock or tcp://host:port); repeatable; "
-            "overrides BUS_ENDPOINTS / SUPERVISOR_SOCKET_PATH / SOCKET_PATH",
+            help="crawler endpoint (/path.sock, unix:/path.sock or tcp://host:port) to register at start-up; "
+            "repeatable; used instead of BUS_ENDPOINTS / SUPERVISOR_SOCKET_PATH / SOCKET_PATH. The bus serves "
+            "its fair share of every registered crawler, these included",
         )
 
     def handle(self, *args: Any, endpoint: list[str] | None = None, **options: Any) -> None:
         endpoints = endpoint or settings.BUS_ENDPOINTS
         if not endpoints:
-            raise CommandError(
-                "no crawler endpoint: pass --endpoint or set BUS_ENDPOINTS, SUPERVISOR_SOCKET_PATH or SOCKET_PATH"
+            log.info(
+                kv(
+                    "bus.waiting_for_crawlers",
+                    detail="no endpoint in --endpoint, BUS_ENDPOINTS, SUPERVISOR_SOCKET_PATH or SOCKET_PATH: "
+                    "serving the crawlers registered in the database (manage.py crawlers add, the admin, "
+                    "the crawlers page, or runcrawler --announce)",
+                )
             )
         try:
             bus = Bus.from_settings(endpoints=endpoints)
