@@ -248,9 +248,21 @@ class Bus:
                 return
             self._shut_down = True
         deadline = time.monotonic() + timeout
+        self._stopping = True
+        others = self._others_alive
+        try:  # a fresh look: a node that joined since the last pass can take over too
+            view = self.store.fleet_renew(
+                node=self.owner_id, host=self.machine, pid=os.getpid(), lease_seconds=self.owner_lease, stopping=True
+            )
+            others = any(
+                node.node != self.owner_id and not node.stopping and self._alive(node, view.now) for node in view.nodes
+            )
+        except Exception as exc:
+            log.warning(kv("bus.lease_renewal_failed", during="shutdown", error=exc.__class__.__name__))
+        finally:
+            self.store.close_connection()
         with self._lock:
-            self._stopping = True
-            mode = "handover" if self._others_alive else "closed"
+            mode = "handover" if others else "closed"
             for owned in list(self._owned.values()):
                 self._end_owned(owned, mode)
         self.stop_event.set()
@@ -393,9 +405,9 @@ class Bus:
                             owned.io.worker.wake()
             mine = [key for key, owned in self._owned.items() if not owned.release.is_set()]
             busy = set(self._owned)  # includes endpoints still closing: not taken again before that ends
-        quotas = _quotas(len(ownable), voters)
-        quota = quotas.get(me, 0)
         counts = Counter(row.owner for row in ownable if row.owner in live)
+        quotas = _quotas(len(ownable), voters, counts)
+        quota = quotas.get(me, 0)
         if len(mine) > quota:
             starved = any(counts.get(node, 0) < quotas[node] for node in voters if node != me)
             if starved or (quota == 0 and voters):
@@ -648,12 +660,19 @@ class Bus:
                 return
 
 
-def _quotas(endpoints: int, voters: list[str]) -> dict[str, int]:
-    """How many endpoints each node should own: as even as can be, the first ones in order taking the remainder."""
+def _quotas(endpoints: int, voters: list[str], owned: Counter) -> dict[str, int]:
+    """How many endpoints each node should own: as even as can be (max - min <= 1).
+
+    The remainder goes to the nodes that own the most already, so a node
+    joining or leaving moves no more endpoints than evenness needs (one
+    endpoint and many nodes: its owner keeps it). Every node computes the
+    same quotas from the same view.
+    """
     if not voters:
         return {}
     share, extra = divmod(endpoints, len(voters))
-    return {node: share + (1 if rank < extra else 0) for rank, node in enumerate(voters)}
+    ranked = sorted(voters, key=lambda node: (-owned.get(node, 0), node))
+    return {node: share + (1 if rank < extra else 0) for rank, node in enumerate(ranked)}
 
 
 # --- the background bus of server processes --------------------------------------------
