@@ -80,13 +80,34 @@ class Store(Protocol):
     def fleet_leave(self, *, node: str) -> None: ...
 
 
+# A bus thread's PostgreSQL session: a cut-off bus must not hold row locks
+# that keep its crawlers' next owner waiting (a partition hangs, it does not
+# error). The server ends a transaction left idle for 10 s and notices a dead
+# client within about 25 s, releasing its locks either way.
+BUS_CONNECTION_SETTINGS = (
+    "SET idle_in_transaction_session_timeout = '10s'; "
+    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; SET tcp_keepalives_count = 3"
+)
+
+
+def _harden_bus_connection(sender, connection, **kwargs) -> None:
+    import threading
+
+    if connection.vendor == "postgresql" and threading.current_thread().name.startswith("bus"):
+        with connection.cursor() as cursor:
+            cursor.execute(BUS_CONNECTION_SETTINGS)
+
+
 class DjangoStore:
     """Store backed by jobs.services, bus.models and bus.signals."""
 
     def __init__(self, *, heartbeat_timeout: float, sender: object = None):
+        from django.db.backends.signals import connection_created
+
         self.lease_seconds = 2 * heartbeat_timeout
         self.sender = sender
         self.live_sessions: set[UUID] = set()  # sessions of this process, never "dead"
+        connection_created.connect(_harden_bus_connection, dispatch_uid="bus-connection-settings")
 
     # Imports are local so that importing bus.store stays free of model imports
     # until Django is set up.
@@ -139,6 +160,7 @@ class DjangoStore:
                 actor="bus",
                 reason="its bus session is gone and the crawler did not list it as still running",
             )
+            fleet.close_earlier_sessions(endpoint=endpoint, keep=session)
             fleet.connected(endpoint=endpoint, epoch=epoch, session=session, slots=slots)
         return taken, refused
 
@@ -443,12 +465,14 @@ class DjangoStore:
 
         if not fleet.owns(endpoint=endpoint, epoch=epoch):
             return None
-        return services.requeue_orphans(
+        counts = services.requeue_orphans(
             crawler=endpoint,
             keep_session=None,
             actor="bus",
             reason="its bus session is gone and the crawler cannot be reached",
         )
+        fleet.close_earlier_sessions(endpoint=endpoint, keep=None)
+        return counts
 
     def fleet_idle(self, *, endpoint):
         from jobs import fleet

@@ -35,10 +35,12 @@ from .models import (
     OWNED_STATES,
     AnnounceNonce,
     BusNode,
+    BusSession,
     Crawler,
     CrawlerSource,
     CrawlerState,
     Job,
+    SessionState,
 )
 
 # A crawler announcing itself proves it knows BUS_TOKEN with this HMAC; its
@@ -340,6 +342,20 @@ def release(*, endpoint: str, node: str, epoch: int, then: str = "") -> bool:
                 return True
             return bool(rows.update(owner="", session=None, state=CrawlerState.PAUSED, updated_at=timezone.now()))
     return bool(rows.update(owner="", session=None))
+
+
+def close_earlier_sessions(*, endpoint: str, keep: Any) -> int:
+    """The owner settled the endpoint: session rows of earlier owners still marked open are closed as lost."""
+    return (
+        BusSession.objects.open()
+        .filter(endpoint=endpoint)
+        .exclude(session=keep)
+        .update(
+            state=SessionState.LOST,
+            closed_at=timezone.now(),
+            close_reason="its bus node is gone or cut off: the crawler was taken over by another node",
+        )
+    )
 
 
 def connected(*, endpoint: str, epoch: int, session: Any, slots: int) -> None:

@@ -270,3 +270,105 @@ def test_thirty_crawlers_spread_ten_each_over_three_buses_and_follow_a_join_and_
     assert time.monotonic() - stopped <= 10
     buses[1].send_signal(signal.SIGKILL)
     wait_until(lambda: spread() == [30], timeout=10, message="all 30 on the last bus after a SIGKILL")
+
+
+class FreezableProxy:
+    """A TCP proxy to the database that can freeze: it stops forwarding but keeps every socket open.
+
+    That is a network partition as the bus behind it sees it: queries hang,
+    nothing errors, and the database sees nothing close either.
+    """
+
+    def __init__(self, host: str, port: int):
+        import socket
+        import threading
+
+        self.target = (host, port)
+        self.frozen = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.sockets: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source, sink) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                return
+            while self.frozen.is_set():
+                time.sleep(0.01)  # hold the bytes: a partition, not a reset
+            if not data:
+                sink.close()
+                return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        import socket
+
+        self.frozen.clear()
+        self.server.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pumps and sends the FIN now (close alone does not)
+            except OSError:
+                pass
+            sock.close()
+
+
+@pytest.mark.postgres
+def test_a_bus_cut_off_from_the_database_ends_its_session_before_another_bus_takes_the_crawler_over(
+    processes, short_socket_path
+):
+    from django.db import connection
+
+    from tests.conftest import database_url
+
+    path = short_socket_path
+    log = start_crawler(processes, path, "--slots", "2", "--noop", "--noop-delay-ms", "4000", "--resume-grace", "15")
+    config = connection.settings_dict
+    proxy = FreezableProxy(config.get("HOST") or "127.0.0.1", int(config.get("PORT") or 5432))
+    try:
+        behind = database_url().replace(f":{config.get('PORT') or 5432}/", f":{proxy.port}/")
+        ids = enqueue(2)
+        cut = runbus(processes, path, DATABASE_URL=behind)
+        wait_until(lambda: Job.objects.running().filter(id__in=ids).count() == 2, timeout=30, message="2 running")
+        other = runbus(processes, path)
+        wait_until(lambda: BusNode.objects.count() == 2, timeout=30, message="the second node joined")
+        first_session = log.ready_sessions()[-1]["session"]
+        frozen_at = time.time()
+        proxy.frozen.set()
+        wait_until(lambda: len(log.ready_sessions()) == 2, timeout=10, message="the other node's session")
+        new_ready = log.ready_sessions()[-1]["t"]
+        closes = [e for e in log.events() if e["event"] == "close" and e.get("session") == first_session]
+        assert closes, "the cut-off bus's session was never closed"
+        # The cut-off node closed its session before the new owner's session was ready.
+        assert closes[0]["t"] <= new_ready, (closes[0]["t"] - frozen_at, new_ready - frozen_at)
+        assert new_ready - frozen_at <= 5.0
+        assert "event=bus.fenced" in processes.output(cut)
+        wait_until(lambda: finished(ids), timeout=30, message="the jobs finish under the new owner")
+        assert sorted(log.assigns()) == sorted((job_id, 1) for job_id in ids)  # re-leased, not run again
+        assert log.max_open_sessions() == 1
+        proxy.frozen.clear()  # the cut-off node comes back: it must not take the crawler back by force
+        time.sleep(2)
+        assert log.max_open_sessions() == 1
+        assert other.poll() is None and cut.poll() is None
+    finally:
+        proxy.close()
