@@ -1,14 +1,16 @@
-"""The bulk actions (requeue, retry, cancel) as the admin and the jobs pages both run them.
+"""The bulk actions (requeue, retry, cancel) and the crawler actions, as the admin, the pages and
+`manage.py crawlers` run them.
 
-One function calls the service and words what it did, so the two places
-print the same message for the same outcome.
+One function calls the service and words what it did, so every place prints
+the same message for the same outcome.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import services
+from . import fleet, services
+from .models import CrawlerState
 
 # The verb in each action's audit reason: "requeued by alice from the jobs page".
 _DONE = {"requeue": "requeued", "retry": "retried", "cancel": "cancelled"}
@@ -52,3 +54,28 @@ def run_action(*, action: str, job_ids: list[int], username: str, actor: str, pl
             result.changed,
         )
     raise ValueError(f"unknown action {action!r}")
+
+
+# --- Crawlers ---------------------------------------------------------------------
+
+
+def run_crawler_action(*, action: str, endpoint: str, actor: str) -> str:
+    """Run `action` on one crawler through jobs.fleet and say what happened ("<endpoint>: ...").
+
+    Raises fleet.RegistryError (an unknown or unparseable endpoint); nothing changed then.
+    """
+    if action == "drain":
+        crawler = fleet.drain_crawler(endpoint=endpoint)
+        if crawler.state == CrawlerState.PAUSED:
+            return f"{crawler.endpoint}: paused already; nothing to drain"
+        return f"{crawler.endpoint}: draining: no new jobs; paused once its running jobs finish"
+    if action == "resume":
+        crawler = fleet.resume_crawler(endpoint=endpoint)
+        return f"{crawler.endpoint}: active: takes new jobs"
+    if action in ("remove", "remove_now"):
+        removal = fleet.remove_crawler(endpoint=endpoint, now=action == "remove_now", actor=actor)
+        if not removal.removed:
+            return f"{removal.endpoint}: draining: removed once its running jobs finish"
+        jobs = "job" if removal.requeued == 1 else "jobs"
+        return f"{removal.endpoint}: removed, {removal.requeued} {jobs} requeued"
+    raise ValueError(f"unknown crawler action {action!r}")

@@ -1,8 +1,9 @@
-"""The operator's view of jobs: find them, read their history, and hand them to the services.
+"""The operator's view of jobs and crawlers: find them, read their history, and hand them to the services.
 
 Requeue, retry and cancel are admin actions that call jobs/services.py; the
 change form edits only the definition of a job that is still queued, never
-its status or lease.
+its status or lease. Crawlers are added, drained, resumed and removed through
+jobs/fleet.py; their ownership (owner, epoch, session) is the bus's to write.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import reverse
 from django.utils.html import format_html
 
-from . import selectors, services
-from .actions import run_action
+from . import fleet, selectors, services
+from .actions import run_action, run_crawler_action
 from .forms import parse_id
-from .models import Job, JobEvent, Status
+from .models import BusNode, Crawler, Job, JobEvent, Status
 
 # What an operator may change, and only while the job waits in the queue: once
 # claimed, the crawler already runs what it was given.
@@ -348,3 +349,137 @@ class JobEventAdmin(admin.ModelAdmin):
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return self.has_view_permission(request)
+
+
+# --- The fleet -------------------------------------------------------------------
+
+
+class CrawlerForm(forms.ModelForm):
+    """A new crawler's endpoint, checked and spelled as jobs.fleet stores it; the label of any."""
+
+    class Meta:
+        model = Crawler
+        fields = ("endpoint", "label")
+
+    def clean_endpoint(self) -> str:
+        try:
+            return fleet.normalize_endpoint(self.cleaned_data["endpoint"])
+        except fleet.RegistryError as exc:
+            raise ValidationError(str(exc)) from None
+
+
+# What only the bus (or a fleet function) writes: shown, never edited here.
+CRAWLER_READONLY = (
+    "state",
+    "remove_when_drained",
+    "source",
+    "owner",
+    "owner_epoch",
+    "owned_at",
+    "session",
+    "slots",
+    "last_seen_at",
+    "last_error",
+    "created_at",
+    "updated_at",
+)
+
+
+@admin.register(Crawler)
+class CrawlerAdmin(admin.ModelAdmin):
+    list_display = ("endpoint", "label", "state", "source", "owner", "last_seen_at", "session_link")
+    list_filter = ("state", "source")
+    search_fields = ("endpoint", "label", "owner")
+    search_help_text = "Part of an endpoint, a label or an owning bus node."
+    form = CrawlerForm
+    actions = ("drain", "resume", "remove", "remove_now")
+    readonly_fields = CRAWLER_READONLY
+
+    def get_fieldsets(self, request: HttpRequest, obj: Crawler | None = None):
+        if obj is None:
+            return [(None, {"fields": ("endpoint", "label")})]
+        return [
+            (None, {"fields": ("endpoint", "label", "state", "remove_when_drained", "source")}),
+            ("Ownership", {"fields": ("owner", "owner_epoch", "owned_at", "session", "slots")}),
+            ("Health", {"fields": ("last_seen_at", "last_error", "created_at", "updated_at")}),
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Crawler | None = None):
+        # An endpoint is the crawler's identity (jobs record it): a different one is another crawler.
+        return CRAWLER_READONLY if obj is None else ("endpoint", *CRAWLER_READONLY)
+
+    @admin.display(description="session", ordering="session")
+    def session_link(self, crawler: Crawler) -> str:
+        if crawler.session is None:
+            return "-"
+        url = reverse("admin:jobs_bussession_change", args=[crawler.session])
+        return format_html('<a href="{}" title="{}">{}</a>', url, crawler.session, str(crawler.session)[:8])
+
+    # --- Actions: each calls one jobs.fleet function per crawler ---------------------
+
+    @admin.action(description="Drain selected crawlers (no new jobs; paused once idle)", permissions=["change"])
+    def drain(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._run(request, queryset, "drain")
+
+    @admin.action(description="Resume selected crawlers", permissions=["change"])
+    def resume(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._run(request, queryset, "resume")
+
+    @admin.action(description="Remove selected crawlers once their running jobs finish", permissions=["change"])
+    def remove(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._run(request, queryset, "remove")
+
+    @admin.action(description="Remove selected crawlers now (requeue their running jobs)", permissions=["change"])
+    def remove_now(self, request: HttpRequest, queryset: QuerySet) -> None:
+        self._run(request, queryset, "remove_now")
+
+    def _run(self, request: HttpRequest, queryset: QuerySet, action: str) -> None:
+        actor = f"admin:{request.user.get_username()}"
+        for endpoint in queryset.values_list("endpoint", flat=True):
+            try:
+                line = run_crawler_action(action=action, endpoint=endpoint, actor=actor)
+            except fleet.RegistryError as exc:  # removed meanwhile
+                self.message_user(request, str(exc), messages.WARNING)
+            else:
+                self.message_user(request, line, messages.SUCCESS)
+
+    # --- Add and change: through jobs.fleet, never a save() of the whole row ---------
+
+    def save_model(self, request: HttpRequest, obj: Crawler, form, change: bool) -> None:
+        if change:
+            # save() would write back owner, epoch and session as the form loaded them,
+            # undoing what the owning bus wrote since: write the label alone.
+            if "label" in form.changed_data:
+                Crawler.objects.filter(pk=obj.pk).update(label=obj.label, updated_at=services.now())
+            return
+        crawler, created = fleet.add_crawler(endpoint=obj.endpoint, label=obj.label)
+        for model_field in Crawler._meta.concrete_fields:
+            setattr(obj, model_field.attname, getattr(crawler, model_field.attname))
+        if not created:  # registered meanwhile (the form checked it was not)
+            self.message_user(request, f"{crawler.endpoint} was already registered.", messages.WARNING)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Crawler | None = None) -> bool:
+        # Deleting the row would leave its running jobs to the lease sweeper: remove it with an action.
+        return False
+
+
+@admin.register(BusNode)
+class BusNodeAdmin(admin.ModelAdmin):
+    """The bus processes and their leases, read-only: each node writes its own row."""
+
+    list_display = ("node", "host", "pid", "started_at", "lease_expires_at", "lease_live", "stopping")
+    search_fields = ("node", "host")
+    actions = None
+
+    @admin.display(description="lease", boolean=True)
+    def lease_live(self, node: BusNode) -> bool:
+        return node.lease_expires_at >= services.now()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: BusNode | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: BusNode | None = None) -> bool:
+        return False

@@ -9,6 +9,7 @@ from django import forms
 MAX_LINES = 10_000
 MAX_BULK = 1_000
 ACTIONS = {"requeue": "Requeue", "retry": "Retry", "cancel": "Cancel"}
+CRAWLER_ACTIONS = {"drain": "Drain", "resume": "Resume", "remove": "Remove after draining", "remove_now": "Remove now"}
 MAX_ID = 2**63 - 1
 
 
@@ -66,3 +67,21 @@ class BulkActionForm(forms.Form):
         # Any id is accepted: the services skip jobs that are not in a state the action applies to.
         cleaned["job_ids"] = sorted(set(job_ids))
         return cleaned
+
+
+class CrawlerAddForm(forms.Form):
+    """A crawler to register from the crawlers page; jobs.fleet checks and spells the endpoint."""
+
+    endpoint = forms.CharField(
+        max_length=1000,
+        help_text="unix:/abs/path.sock (or /abs/path.sock), or tcp://host:port when BUS_TOKEN is set.",
+        widget=forms.TextInput(attrs={"spellcheck": "false", "autocomplete": "off"}),
+    )
+    label = forms.CharField(max_length=200, required=False, help_text="A name for people (optional).")
+
+
+class CrawlerActionForm(forms.Form):
+    """One crawler action (CRAWLER_ACTIONS, run by jobs.actions.run_crawler_action) on one endpoint."""
+
+    action = forms.ChoiceField(choices=list(CRAWLER_ACTIONS.items()))
+    endpoint = forms.CharField(max_length=1000)

@@ -1,4 +1,4 @@
-"""Read-side questions the web pages and the JSON API ask: dashboard figures, job pages, sessions.
+"""Read-side questions the web pages and the JSON API ask: dashboard figures, job pages, sessions, crawlers.
 
 Every function here only reads, in a fixed and small number of queries, each
 backed by an index at a million jobs (see the comments): pages poll them every
@@ -18,13 +18,15 @@ from django.db.models import Count, Q, QuerySet, TextField
 from django.db.models.functions import Cast, TruncMinute
 
 from .forms import parse_id
-from .models import TERMINAL, BusSession, EventKind, Job, JobEvent, SessionState, Status
+from .models import TERMINAL, BusNode, BusSession, Crawler, EventKind, Job, JobEvent, SessionState, Status
 
 SESSION_WINDOW = timedelta(hours=1)  # closed and lost sessions stay on the dashboard this long
 MAX_SESSIONS = 200
 REQUEUE_WINDOW = timedelta(hours=24)
 RECENT_REQUEUES = 10
 THROUGHPUT_MINUTES = 60
+MAX_CRAWLERS = 2000  # the crawlers page and `manage.py crawlers list` show at most this many
+FINISHED_WINDOW = timedelta(hours=1)  # "jobs finished in the last hour" per crawler
 MAX_EVENTS = 200  # a job's timeline on its page: the latest ones; the admin pages through the rest
 
 # The list reads only these columns: payload, progress and result can each be
@@ -145,6 +147,115 @@ def session_of(job: Job) -> BusSession | None:
     if job.lease_session is None:
         return None
     return BusSession.objects.filter(session=job.lease_session).first()
+
+
+# --- Crawlers --------------------------------------------------------------------
+
+
+@dataclass
+class CrawlerStatus:
+    """A registered crawler as an operator reads it: its registry row, its session and its work."""
+
+    endpoint: str
+    label: str
+    state: str  # active, draining, paused
+    remove_when_drained: bool
+    source: str
+    owner: str  # the owning bus node, "" when none
+    owner_live: bool  # the owner's node lease has not expired
+    session: UUID | None
+    session_state: str  # of its BusSession: connected, closed, lost; "" without one
+    heartbeat_age: float | None  # seconds since the session's last heartbeat, while connected
+    heartbeat_level: str  # "ok", "late", "overdue"; "" when not connected
+    slots: int
+    slots_in_use: int  # running jobs whose attempt was given to this crawler
+    finished_last_hour: int
+    last_seen_at: datetime | None
+    last_error: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "label": self.label,
+            "state": self.state,
+            "remove_when_drained": self.remove_when_drained,
+            "source": self.source,
+            "owner": self.owner,
+            "owner_live": self.owner_live,
+            "session": str(self.session) if self.session else None,
+            "session_state": self.session_state,
+            "heartbeat_age": None if self.heartbeat_age is None else round(self.heartbeat_age, 3),
+            "slots": self.slots,
+            "slots_in_use": self.slots_in_use,
+            "finished_last_hour": self.finished_last_hour,
+            "last_seen_at": self.last_seen_at.isoformat() if self.last_seen_at else None,
+            "last_error": self.last_error,
+        }
+
+
+@dataclass
+class FleetStatus:
+    crawlers: list[CrawlerStatus]
+    cut: bool  # more than MAX_CRAWLERS are registered: the first ones by endpoint are listed
+
+
+def fleet_status(*, at: datetime, limit: int = MAX_CRAWLERS) -> FleetStatus:
+    """Every registered crawler (up to `limit`), by endpoint, in five queries whatever their number.
+
+    The crawlers; the nodes that own them; their sessions; running jobs per
+    crawler (a GROUP BY over the running jobs, on the job_status_id index); and
+    jobs finished in the last hour per crawler (the job_crawler_finished index).
+    """
+    registered = list(Crawler.objects.order_by("endpoint")[: limit + 1])
+    cut = len(registered) > limit
+    registered = registered[:limit]
+    if not registered:
+        return FleetStatus(crawlers=[], cut=False)
+    endpoints = [crawler.endpoint for crawler in registered]
+    owners = {crawler.owner for crawler in registered if crawler.owner}
+    live_nodes = set(
+        BusNode.objects.filter(node__in=owners, lease_expires_at__gte=at).values_list("node", flat=True)
+        if owners
+        else []
+    )
+    session_ids = [crawler.session for crawler in registered if crawler.session]
+    sessions = {row.session: row for row in BusSession.objects.filter(session__in=session_ids)} if session_ids else {}
+    running = dict(
+        Job.objects.running().filter(crawler__in=endpoints).order_by().values_list("crawler").annotate(n=Count("id"))
+    )
+    finished = dict(
+        Job.objects.filter(crawler__in=endpoints, finished_at__gte=at - FINISHED_WINDOW)
+        .order_by()
+        .values_list("crawler")
+        .annotate(n=Count("id"))
+    )
+    rows = []
+    for crawler in registered:
+        session = sessions.get(crawler.session) if crawler.session else None
+        age = None
+        if session is not None and session.state == SessionState.CONNECTED:
+            age = max(0.0, (at - (session.last_heartbeat_at or session.connected_at)).total_seconds())
+        rows.append(
+            CrawlerStatus(
+                endpoint=crawler.endpoint,
+                label=crawler.label,
+                state=crawler.state,
+                remove_when_drained=crawler.remove_when_drained,
+                source=crawler.source,
+                owner=crawler.owner,
+                owner_live=crawler.owner in live_nodes,
+                session=crawler.session,
+                session_state=session.state if session else "",
+                heartbeat_age=age,
+                heartbeat_level=heartbeat_level(age) if age is not None else "",
+                slots=crawler.slots,
+                slots_in_use=running.get(crawler.endpoint, 0),
+                finished_last_hour=finished.get(crawler.endpoint, 0),
+                last_seen_at=crawler.last_seen_at,
+                last_error=crawler.last_error,
+            )
+        )
+    return FleetStatus(crawlers=rows, cut=cut)
 
 
 # --- Dashboard -------------------------------------------------------------------

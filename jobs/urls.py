@@ -1,4 +1,4 @@
-"""URLs of the web pages, /health and the read-only JSON API."""
+"""URLs of the web pages, /health, crawlers' announcements and the read-only JSON API."""
 
 from django.urls import path
 
@@ -12,6 +12,11 @@ urlpatterns = [
     path("jobs/new", views.enqueue, name="new"),
     path("jobs/actions", views.job_actions, name="actions"),
     path("jobs/<int:job_id>/", views.job_detail, name="detail"),
+    path("crawlers/", views.crawlers, name="crawlers"),
+    path("crawlers/add", views.crawler_add, name="crawler_add"),
+    path("crawlers/action", views.crawler_action, name="crawler_action"),
+    path("crawlers/remove", views.crawler_remove, name="crawler_remove"),
+    path("crawlers/announce", views.announce, name="announce"),
     path("health", views.health, name="health"),
     path("api/jobs/", api.job_list, name="api_list"),
     path("api/jobs/<int:job_id>/", api.job_detail, name="api_detail"),

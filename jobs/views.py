@@ -1,4 +1,4 @@
-"""The web pages: dashboard, job list, job detail, enqueue, and /health.
+"""The web pages: dashboard, job list, job detail, enqueue, crawlers, /health, and crawlers announcing themselves.
 
 Each view parses input, asks jobs/selectors.py or calls one service from
 jobs/services.py, and renders. Pages with live data also render their live
@@ -7,6 +7,7 @@ part alone (`?fragment=1`), which jobs/static/jobs/live.js fetches every 2 s.
 
 from __future__ import annotations
 
+import json
 import re
 from functools import wraps
 
@@ -21,12 +22,13 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import selectors, services
-from .actions import run_action
-from .forms import ACTIONS, BulkActionForm, EnqueueForm, parse_id
-from .models import Job, Status
+from . import fleet, selectors, services
+from .actions import run_action, run_crawler_action
+from .forms import ACTIONS, CRAWLER_ACTIONS, BulkActionForm, CrawlerActionForm, CrawlerAddForm, EnqueueForm, parse_id
+from .models import Crawler, Job, Status
 
 PAGE_SIZE = 50
 LIVE_INTERVAL_MS = 2000
@@ -321,6 +323,162 @@ def _enqueued_message(jobs: list[Job]) -> str:
         more,
         listing,
     )
+
+
+# --- Crawlers ----------------------------------------------------------------------
+
+
+def can_manage_crawlers(user, *, permission: str = "change") -> bool:
+    """Staff with the admin's permission on crawlers ("change" to drain/resume/remove, "add" to add)."""
+    return user.is_active and user.is_staff and user.has_perm(f"jobs.{permission}_crawler")
+
+
+def _require_crawlers(request: HttpRequest, *, permission: str = "change") -> None:
+    if not can_manage_crawlers(request.user, permission=permission):
+        raise PermissionDenied(f"This needs a staff account with permission to {permission} crawlers.")
+
+
+def _crawlers_page(request: HttpRequest, add_form: CrawlerAddForm | None = None) -> HttpResponse:
+    at = services.now()
+    return _page(
+        request,
+        "jobs/crawlers.html",
+        "jobs/_crawlers_live.html",
+        {
+            "fleet": selectors.fleet_status(at=at),
+            "now": at,
+            "heartbeat_timeout": settings.HEARTBEAT_TIMEOUT,
+            "can_manage": can_manage_crawlers(request.user),
+            "can_add": can_manage_crawlers(request.user, permission="add"),
+            "add_form": add_form or CrawlerAddForm(),
+            "live_url": reverse("jobs:crawlers") + "?fragment=1",  # also after a POST to crawlers/add
+        },
+    )
+
+
+@view_permission_required
+@require_GET
+def crawlers(request: HttpRequest) -> HttpResponse:
+    return _crawlers_page(request)
+
+
+@login_required
+@require_POST
+def crawler_add(request: HttpRequest) -> HttpResponse:
+    """Register an endpoint (jobs.fleet.add_crawler); a bad one shows the page again with the reason."""
+    _require_crawlers(request, permission="add")
+    form = CrawlerAddForm(request.POST)
+    if form.is_valid():
+        try:
+            crawler, created = fleet.add_crawler(
+                endpoint=form.cleaned_data["endpoint"], label=form.cleaned_data["label"]
+            )
+        except fleet.RegistryError as exc:
+            form.add_error("endpoint", str(exc))
+        else:
+            if created:
+                messages.success(request, f"{crawler.endpoint}: registered.")
+            else:
+                messages.warning(request, f"{crawler.endpoint}: already registered; nothing added.")
+            return HttpResponseRedirect(reverse("jobs:crawlers"))
+    return _crawlers_page(request, add_form=form)
+
+
+@login_required
+@require_POST
+def crawler_action(request: HttpRequest) -> HttpResponse:
+    """Drain, resume or remove one crawler through jobs.fleet; say what happened on the crawlers page."""
+    _require_crawlers(request)
+    form = CrawlerActionForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Choose an action and a crawler.")
+        return HttpResponseRedirect(reverse("jobs:crawlers"))
+    try:
+        line = run_crawler_action(
+            action=form.cleaned_data["action"],
+            endpoint=form.cleaned_data["endpoint"],
+            actor=f"web:{request.user.get_username()}",
+        )
+    except fleet.RegistryError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, line)
+    return HttpResponseRedirect(reverse("jobs:crawlers"))
+
+
+@login_required
+@require_GET
+def crawler_remove(request: HttpRequest) -> HttpResponse:
+    """Ask before removing: after draining, or now (requeueing the running jobs)."""
+    _require_crawlers(request)
+    try:
+        endpoint = fleet.normalize_endpoint(request.GET.get("endpoint", ""))
+        crawler = Crawler.objects.get(endpoint=endpoint)
+    except (fleet.RegistryError, Crawler.DoesNotExist):
+        raise Http404("No such crawler is registered.") from None
+    return render(
+        request,
+        "jobs/crawler_remove.html",
+        {
+            "crawler": crawler,
+            "running": Job.objects.running().filter(crawler=crawler.endpoint).count(),
+            "actions": {name: CRAWLER_ACTIONS[name] for name in ("remove", "remove_now")},
+            "can_change": can_change_jobs(request.user),
+            "now": services.now(),
+        },
+    )
+
+
+# A crawler's announcement: one small JSON object (docs in README.md, "Crawlers").
+MAX_ANNOUNCE_BYTES = 4096
+# fleet.announce's refusals of the proof itself (wrong HMAC, stale ts, replay): 403; other problems are 400.
+REFUSED_PROOFS = ("wrong or missing auth", "ts is more than", "this announcement was already used")
+
+
+def _announce_error(message: str, status: int) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+@csrf_exempt  # no session and no cookie: the HMAC with BUS_TOKEN is the proof
+@never_cache
+def announce(request: HttpRequest) -> JsonResponse:
+    """POST /crawlers/announce: a crawler registers or deregisters itself (jobs.fleet.announce)."""
+    if request.method != "POST":
+        response = _announce_error("POST a JSON object", 405)
+        response["Allow"] = "POST"
+        return response
+    if not settings.BUS_TOKEN:
+        return _announce_error("self-registration is off: it needs BUS_TOKEN", 404)
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        declared = 0
+    too_large = _announce_error(f"the body is larger than {MAX_ANNOUNCE_BYTES} bytes", 413)
+    if declared > MAX_ANNOUNCE_BYTES:
+        return too_large
+    body = request.read(MAX_ANNOUNCE_BYTES + 1)
+    if len(body) > MAX_ANNOUNCE_BYTES:
+        return too_large
+    try:
+        fields = json.loads(body)
+    except (ValueError, RecursionError):
+        return _announce_error("the body is not JSON", 400)
+    if not isinstance(fields, dict):
+        return _announce_error("the body must be a JSON object", 400)
+    # Two inputs fleet.announce does not refuse yet (asked of its owner): a non-ASCII auth,
+    # on which hmac.compare_digest raises TypeError (a 500 for anyone), and a NUL in the
+    # endpoint, which PostgreSQL refuses to store (a 500 for a token holder).
+    if isinstance(fields.get("auth"), str) and not fields["auth"].isascii():
+        return _announce_error("wrong or missing auth: the proof is HMAC-SHA256 with BUS_TOKEN", 403)
+    if isinstance(fields.get("endpoint"), str) and "\x00" in fields["endpoint"]:
+        return _announce_error("the endpoint must not contain NUL characters", 400)
+    try:
+        status, crawler = fleet.announce(fields=fields)
+    except fleet.RegistryError as exc:
+        message = str(exc)
+        return _announce_error(message, 403 if message.startswith(REFUSED_PROOFS) else 400)
+    endpoint = crawler.endpoint if crawler is not None else fleet.normalize_endpoint(fields["endpoint"])
+    return JsonResponse({"status": status, "endpoint": endpoint})
 
 
 # --- Sign-in throttling ---------------------------------------------------------------
