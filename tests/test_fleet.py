@@ -372,3 +372,23 @@ def test_a_bus_cut_off_from_the_database_ends_its_session_before_another_bus_tak
         assert other.poll() is None and cut.poll() is None
     finally:
         proxy.close()
+
+
+def test_a_self_registered_crawler_unreachable_past_the_ttl_is_dropped_and_a_persons_is_kept(processes, tmp_path):
+    from jobs.models import CrawlerSource
+
+    gone = str(tmp_path / "gone.sock")
+    kept = str(tmp_path / "kept.sock")
+    fleet.add_crawler(endpoint=gone, source=CrawlerSource.ANNOUNCED)
+    fleet.add_crawler(endpoint=kept)
+    bus = runbus(processes, BUS_ANNOUNCE_TTL="1", BUS_BACKOFF_CAP="0.3")
+    wait_until(
+        lambda: not Crawler.objects.filter(endpoint=f"unix:{gone}").exists(),
+        timeout=15,
+        message="the unreachable self-registered crawler dropped",
+    )
+    assert "event=bus.crawler_dropped" in processes.output(bus)
+    time.sleep(1.5)
+    crawler = Crawler.objects.get(endpoint=f"unix:{kept}")
+    assert crawler.last_error  # unreachable too, and says why, but a person registered it
+    assert bus.poll() is None
