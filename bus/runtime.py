@@ -332,8 +332,10 @@ class Bus:
     # --- the fleet: ownership -------------------------------------------------------------
     def _coordinate_loop(self) -> None:
         registered = False
+        passes = 0
         while not self.stop_event.is_set():
             started = time.monotonic()
+            passes += 1
             try:
                 if not registered:
                     self.store.register_endpoints([str(endpoint) for endpoint in self.endpoints])
@@ -344,6 +346,7 @@ class Bus:
                     pid=os.getpid(),
                     lease_seconds=self.owner_lease,
                     stopping=self._stopping,
+                    forget=passes % 240 == 1,  # about once a minute: rows of nodes gone for good
                 )
             except Exception as exc:
                 self._renew_failures += 1

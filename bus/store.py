@@ -70,7 +70,9 @@ class Store(Protocol):
 
     # --- the fleet: this node's lease and the crawlers it owns (jobs/fleet.py) ---
     def register_endpoints(self, endpoints: Sequence[str]) -> None: ...
-    def fleet_renew(self, *, node: str, host: str, pid: int, lease_seconds: float, stopping: bool) -> FleetView: ...
+    def fleet_renew(
+        self, *, node: str, host: str, pid: int, lease_seconds: float, stopping: bool, forget: bool = False
+    ) -> FleetView: ...
     def fleet_acquire(self, *, endpoint: str, node: str, seen_epoch: int) -> int | None: ...
     def fleet_release(self, *, endpoint: str, node: str, epoch: int, then: str = "") -> bool: ...
     def fleet_seen(self, *, node: str, endpoints: Sequence[str]) -> None: ...
@@ -434,10 +436,12 @@ class DjangoStore:
 
         fleet.register_endpoints(list(endpoints))
 
-    def fleet_renew(self, *, node, host, pid, lease_seconds, stopping):
+    def fleet_renew(self, *, node, host, pid, lease_seconds, stopping, forget=False):
         from jobs import fleet
 
-        return fleet.renew_node(node=node, host=host, pid=pid, lease_seconds=lease_seconds, stopping=stopping)
+        return fleet.renew_node(
+            node=node, host=host, pid=pid, lease_seconds=lease_seconds, stopping=stopping, forget=forget
+        )
 
     def fleet_acquire(self, *, endpoint, node, seen_epoch):
         from jobs import fleet

@@ -287,10 +287,17 @@ class FleetView:
     crawlers: list[CrawlerRow]
 
 
-def renew_node(*, node: str, host: str, pid: int, lease_seconds: float, stopping: bool) -> FleetView:
-    """Extend this node's lease (creating its row the first time) and read the fleet, in one transaction."""
+def renew_node(
+    *, node: str, host: str, pid: int, lease_seconds: float, stopping: bool, forget: bool = False
+) -> FleetView:
+    """Extend this node's lease (creating its row the first time) and read the fleet, in one transaction.
+
+    With forget, rows of nodes whose lease ended more than NODE_ROWS_KEPT ago are deleted first.
+    """
     with transaction.atomic():
         at = db_now()
+        if forget:
+            BusNode.objects.filter(lease_expires_at__lt=at - NODE_ROWS_KEPT).delete()
         expires = at + timedelta(seconds=lease_seconds)
         if not BusNode.objects.filter(node=node).update(lease_expires_at=expires, stopping=stopping):
             BusNode.objects.create(
@@ -309,10 +316,6 @@ def renew_node(*, node: str, host: str, pid: int, lease_seconds: float, stopping
             )
         ]
     return FleetView(at, nodes, crawlers)
-
-
-def forget_expired_nodes(*, at: datetime) -> int:
-    return BusNode.objects.filter(lease_expires_at__lt=at - NODE_ROWS_KEPT).delete()[0]
 
 
 def leave(*, node: str) -> None:
