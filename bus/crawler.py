@@ -1,13 +1,16 @@
 """The reference crawler: the crawler side of PROTOCOL.md, serving several bus sessions at once.
 
 No Django here: `manage.py runcrawler` builds a Crawler and runs it, and the
-tests run one in a thread and talk to it over real sockets.
+tests run one in a thread and talk to it over real sockets. A ConnectionLog
+records, from the crawler's own view, when each bus session opened and ended
+and which jobs it carried (one JSON line per event).
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import logging
 import os
 import random
@@ -62,15 +65,50 @@ IDLE_TICK = 1.0  # the longest a loop sleeps without looking at its clocks
 class _Job:
     key: JobKey
     url: str
-    session: _Session | None  # None: orphaned, its session ended (see resume_grace)
+    session: _Session | None  # None: orphaned, its session ended (see resume_grace, bye.resume_within)
     cancellation: Cancellation = field(default_factory=Cancellation)
-    orphaned_at: float | None = None
+    orphan_until: float | None = None  # monotonic time after which an orphaned job is stopped
 
 
 @dataclass(eq=False)
 class _Outcome:
     data: bytes  # the encoded done/failed frame, resent as is
     owner: _Session | None  # the session it was last sent on; None: send after the next ready
+
+
+class ConnectionLog:
+    """Appends one JSON line per session or job event to a file, flushed at once; any thread may write.
+
+    Session events: `open` (connection accepted), `ready` (handshake done),
+    `close` (the crawler noticed the session end: EOF, a socket error, a bye,
+    a timeout; with `reason`). Job events: `assign`, and `finish` with
+    `status` done, failed or stopped. Fleet and chaos tests read it to check,
+    from the crawler's side, that two bus sessions never overlap. The time
+    is taken under the lock, so lines are in the order of their `t`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = os.fspath(path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the crawler's life
+        self._lock = threading.Lock()
+        self._failed = False
+
+    def write(self, event: str, **fields: Any) -> None:
+        with self._lock:
+            if self._file.closed:
+                return
+            line = json.dumps({"t": time.time(), "event": event, **fields}, ensure_ascii=False, default=str)
+            try:
+                self._file.write(line + "\n")
+                self._file.flush()
+            except (OSError, ValueError) as exc:  # a full disk must not end a session
+                if not self._failed:
+                    self._failed = True
+                    log.error(kv("crawler.connection_log_failed", path=self.path, error=exc))
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
 
 
 class Crawler:
@@ -88,6 +126,11 @@ class Crawler:
     Job state (running jobs and unacked outcomes) belongs to the crawler, not
     to a session, so outcomes outlive the session they were produced on.
     All sessions are assumed to come from one jobsite (one database).
+
+    When a session ends, its jobs are stopped, unless they are orphaned: kept
+    running for the next session to resume (listed in its ready.running) for
+    `resume_grace` seconds, or for the bye's `resume_within` when the bus
+    announced a hand-over and that is longer.
     """
 
     def __init__(
@@ -103,6 +146,7 @@ class Crawler:
         noop_delay: tuple[float, float] | None = None,
         resume_grace: float = 0.0,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        connection_log: ConnectionLog | None = None,
     ):
         self.endpoints = [parse_endpoint(e) if isinstance(e, str) else e for e in endpoints]
         if not self.endpoints:
@@ -126,6 +170,7 @@ class Crawler:
         self.noop_delay = noop_delay if noop_delay and noop_delay[1] > 0 else None
         self.resume_grace = resume_grace
         self.handshake_timeout = handshake_timeout
+        self.connection_log = connection_log  # the caller opens and closes it
 
         self.listening = threading.Event()  # set once every endpoint is bound
         self._stopping = threading.Event()
@@ -211,6 +256,7 @@ class Crawler:
             with self._lock:
                 self._sessions.add(session)
             log.info(kv("crawler.session.accepted", conn=session.label, peer=peer or None))
+            self._record("open", conn=session.label, session=None, peer=None)
             session.thread.start()
 
     def _shutdown(self, timer_thread: threading.Thread | None) -> None:
@@ -225,6 +271,8 @@ class Crawler:
             jobs = list(self._running.values())
             self._running.clear()
             threads = list(self._job_threads)
+            for job in jobs:
+                self._record_stopped(job, "crawler stopping")
         for job in jobs:
             job.cancellation.cancel()
         with self._timer_cond:
@@ -235,21 +283,36 @@ class Crawler:
         self._wake_w.close()
         log.info(kv("crawler.stopped", crawler=self.name, unacked=len(self._unacked)))
 
+    # --- Connection log -------------------------------------------------------------
+    # Job events are written under self._lock, at the moment the job's state
+    # changes; the log's own lock is taken inside it and never the other way.
+
+    def _record(self, event: str, **fields: Any) -> None:
+        if self.connection_log is not None:
+            self.connection_log.write(event, **fields)
+
+    def _record_stopped(self, job: _Job, reason: str, *, session: str | None = None) -> None:
+        if session is None and job.session is not None:
+            session = job.session.bus_session
+        self._record("finish", job_id=job.key[0], attempt=job.key[1], status="stopped", session=session, reason=reason)
+
     # --- Jobs -----------------------------------------------------------------------
 
     def _start_job(self, session: _Session, key: JobKey, url: str) -> None:
+        self._record("assign", job_id=key[0], attempt=key[1], session=session.bus_session)
         if self.noop and not self.noop_delay:
             data = encode_frame({"type": "done", "job_id": key[0], "attempt": key[1], "result": {"noop": True}})
+            self._record("finish", job_id=key[0], attempt=key[1], status="done", session=session.bus_session)
             with self._lock:
                 self._unacked[key] = _Outcome(data, session)
-                session.queue(data)
+                session.queue(data)  # sent by this (the session) thread after this frame's batch
             return
         with self._lock:
             existing = self._running.get(key)
             if existing is not None:
                 # A repeated assign for a job already running here: keep the
                 # one fetch, now reported on this session.
-                existing.session, existing.orphaned_at = session, None
+                existing.session, existing.orphan_until = session, None
                 return
             job = self._running[key] = _Job(key, url, session)
         if self.noop:
@@ -314,6 +377,14 @@ class Crawler:
             if self._running.get(job.key) is not job or job.cancellation.is_set():
                 return False  # cancelled or stopped: its outcome no longer matters
             del self._running[job.key]
+            # Recorded before the outcome can reach the bus, so the log never shows an ack's effect first.
+            self._record(
+                "finish",
+                job_id=job.key[0],
+                attempt=job.key[1],
+                status="done" if outcome["type"] == "done" else "failed",
+                session=job.session.bus_session if job.session is not None else None,
+            )
             owner = job.session if job.session is not None and job.session.live else self._live_session()
             self._unacked[job.key] = _Outcome(data, owner)
             if owner is not None:
@@ -326,6 +397,8 @@ class Crawler:
         with self._lock:
             job = self._running.pop(key, None)
             dropped = self._unacked.pop(key, None)
+            if job is not None:
+                self._record_stopped(job, reason)
         if job is not None:
             job.cancellation.cancel()
             log.info(kv("crawler.job.cancelled", job_id=key[0], attempt=key[1], reason=reason))
@@ -352,33 +425,36 @@ class Crawler:
                 )
 
     def _reap_timeout(self) -> float:
-        return min(IDLE_TICK, self.resume_grace) if self.resume_grace > 0 else IDLE_TICK
+        """How long serve_forever may sleep: until the first orphan is due, IDLE_TICK at most."""
+        with self._lock:
+            orphans = [job.orphan_until for job in self._running.values() if job.orphan_until is not None]
+        due = min(orphans, default=None)
+        return IDLE_TICK if due is None else min(IDLE_TICK, max(0.0, due - time.monotonic()))
 
     def _reap_orphans(self) -> None:
-        """Stop orphaned jobs that no new session took over within resume_grace."""
-        if self.resume_grace <= 0:
-            return
+        """Stop orphaned jobs that no new session took over in time."""
         now = time.monotonic()
         with self._lock:
             expired = [
                 job
                 for job in self._running.values()
-                if job.session is None and job.orphaned_at is not None and now - job.orphaned_at >= self.resume_grace
+                if job.session is None and job.orphan_until is not None and now >= job.orphan_until
             ]
             for job in expired:
                 del self._running[job.key]
+                self._record_stopped(job, "no session resumed it")
         for job in expired:
             job.cancellation.cancel()
             log.info(kv("crawler.job.cancelled", job_id=job.key[0], attempt=job.key[1], reason="no session resumed it"))
 
     # --- Session hooks (called by the session threads) ---------------------------------
 
-    def _session_ready(self, session: _Session, hello_nonce: str) -> tuple[int, int]:
+    def _session_ready(self, session: _Session, hello_nonce: str) -> tuple[list[JobKey], int]:
         """Send ready (resuming orphaned jobs), then every outcome no live session owns."""
         with self._lock:
             resumed = [job for job in self._running.values() if job.session is None]
             for job in resumed:
-                job.session, job.orphaned_at = session, None
+                job.session, job.orphan_until = session, None
             ready: dict[str, Any] = {
                 "type": "ready",
                 "slots": self.slots,
@@ -395,11 +471,19 @@ class Crawler:
                     outcome.owner = session
                     session.queue(outcome.data)
                     resent += 1
-        return len(resumed), resent
+        return [job.key for job in resumed], resent
 
     def _session_ended(self, session: _Session) -> None:
-        """Stop the session's jobs (or orphan them for resume_grace); free its unacked outcomes."""
+        """Stop the session's jobs (or orphan them for the next session); free its unacked outcomes.
+
+        Orphaned for max(resume_grace, the bye's resume_within): a bus handing
+        this crawler over to another bus process says how soon that one
+        connects. A session that connected meanwhile does not take them (its
+        ready is sent already); their outcomes still go to it when they finish.
+        """
         now = time.monotonic()
+        hold = 0.0 if self._stopping.is_set() else max(self.resume_grace, session.resume_within or 0.0)
+        orphaned = 0
         with self._lock:
             session.live = False
             self._sessions.discard(session)
@@ -407,12 +491,14 @@ class Crawler:
             for job in self._running.values():
                 if job.session is session:
                     job.session = None
-                    if self.resume_grace > 0 and not self._stopping.is_set():
-                        job.orphaned_at = now
+                    if hold > 0:
+                        job.orphan_until = now + hold
+                        orphaned += 1
                     else:
                         stopped.append(job)
             for job in stopped:
                 del self._running[job.key]
+                self._record_stopped(job, "session ended", session=session.bus_session)
             # Another live session takes the outcomes over at once: waiting for
             # the next ready could wait forever when the bus already reconnected
             # before this (half-dead) session was noticed as gone.
@@ -426,6 +512,9 @@ class Crawler:
             job.cancellation.cancel()
         if stopped:
             log.info(kv("crawler.session.jobs_stopped", session=session.bus_session, jobs=len(stopped)))
+        if orphaned:
+            log.info(kv("crawler.session.jobs_orphaned", session=session.bus_session, jobs=orphaned, hold_s=hold))
+            _wake(self._wake_w)  # serve_forever sleeps until the new deadline, not a whole IDLE_TICK
 
     def _live_session(self) -> _Session | None:
         """Any session past its handshake (caller holds the lock); all serve the same jobsite."""
@@ -461,6 +550,8 @@ class _Session:
         self.sock = sock
         self.label = label
         self.bus_session: str | None = None
+        self.node: str | None = None  # the bus's node id, from hello
+        self.resume_within: float | None = None  # from the bus's bye: it hands this crawler over
         self.live = False  # handshake done and not ended; guarded by crawler._lock
         self.thread = threading.Thread(target=self._run, name=f"crawler-session-{label}", daemon=True)
         self._reader = FrameReader(crawler.max_frame)
@@ -503,8 +594,9 @@ class _Session:
             self._serve()
         except Exception:  # noqa: BLE001 - a bug must end this session, not the crawler
             log.exception(kv("crawler.session.crashed", conn=self.label, session=self.bus_session))
-            self._closing = self._closing or "crawler error"
+            self._set_closing("crawler error")
         finally:
+            self._set_closing("session ended")  # not noticed before: still recorded, once
             self.crawler._session_ended(self)
             for sock in (self.sock, self._wake_r, self._wake_w):
                 sock.close()
@@ -628,15 +720,25 @@ class _Session:
         """End the session after sending last_frame (an error or a bye), if the socket takes it in time."""
         if self._closing:
             return
-        self._closing = reason
+        self._set_closing(reason)
         self._close_by = time.monotonic() + CLOSE_FLUSH_TIMEOUT
         if last_frame is not None:
             self.queue(encode_frame(last_frame))
 
     def _end(self, reason: str) -> None:
         """End the session now: the socket is broken or the bus has gone."""
-        self._closing = self._closing or reason
+        self._set_closing(reason)
         self._dead = True
+
+    def _set_closing(self, reason: str) -> None:
+        """Remember the first reason the session ends, and record it at once in the connection log."""
+        if self._closing:
+            return
+        self._closing = reason
+        fields: dict[str, Any] = {"resume_within": self.resume_within} if self.resume_within else {}
+        self.crawler._record(
+            "close", conn=self.label, session=self.bus_session, peer=self.node, reason=reason, **fields
+        )
 
     # --- Frames -------------------------------------------------------------------------
 
@@ -701,6 +803,8 @@ class _Session:
             )
             return
         self.bus_session = session
+        node = frame.get("node")
+        self.node = node[:200] if isinstance(node, str) else None
         self._heartbeat = max(float(heartbeat), MIN_HEARTBEAT)
         self._state = READY
         resumed, resent = self.crawler._session_ready(self, hello_nonce if isinstance(hello_nonce, str) else "")
@@ -712,9 +816,16 @@ class _Session:
                 node=frame.get("node"),
                 heartbeat=self._heartbeat,
                 slots=self.crawler.slots,
-                resumed=resumed,
+                resumed=len(resumed),
                 resent=resent,
             )
+        )
+        self.crawler._record(
+            "ready",
+            conn=self.label,
+            session=session,
+            peer=self.node,
+            resumed=[list(key) for key in resumed],
         )
 
     def _on_frame(self, frame: dict[str, Any]) -> None:
@@ -733,6 +844,7 @@ class _Session:
             elif kind == "heartbeat":
                 pass  # receiving it renewed _last_received
             elif kind == "bye":
+                self.resume_within = self._resume_within_of(frame)
                 self._close(f"bye from the bus: {frame.get('reason')}")
             elif kind == "error":
                 log.warning(
@@ -751,6 +863,27 @@ class _Session:
         except FieldError as exc:
             ids = {name: frame[name] for name in ("job_id", "attempt") if isinstance(frame.get(name), int)}
             self.queue(encode_frame(error_frame(INVALID, f"{kind}: {exc}", **ids)))
+
+    def _resume_within_of(self, bye: dict[str, Any]) -> float | None:
+        """The bye's optional `resume_within` (seconds), or None when absent or not a positive finite number."""
+        if "resume_within" not in bye:
+            return None
+        try:
+            value = number_of(bye, "resume_within")
+            if value is None or value <= 0:
+                raise FieldError("resume_within must be a positive number of seconds")
+        except FieldError as exc:
+            # A bye ends the session whatever it carries: ignore the field, stop the jobs as without it.
+            log.warning(
+                kv(
+                    "crawler.session.bad_resume_within",
+                    session=self.bus_session,
+                    value=repr(bye["resume_within"])[:80],
+                    error=exc,
+                )
+            )
+            return None
+        return float(value)
 
 
 # Frames a bus sends; anything else a bus sends gets unknown_type.

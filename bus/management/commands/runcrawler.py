@@ -1,6 +1,9 @@
 """`manage.py runcrawler`: the reference crawler (bus/crawler.py) in the foreground.
 
 SIGTERM or SIGINT says bye on every session and exits 0; a second SIGINT exits at once.
+With --announce it registers itself with jobsite once it listens and
+deregisters at that clean exit; --connection-log keeps a JSON line per session
+and job event.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import signal
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from bus.crawler import Crawler
-from bus.endpoints import EndpointError, parse_endpoints
+from bus.announce import Announcer
+from bus.crawler import ConnectionLog, Crawler
+from bus.endpoints import Endpoint, EndpointError, parse_endpoint, parse_endpoints
 from bus.fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, Fetcher
 from jobsite.argtypes import seconds, whole_number
 from jobsite.logging import kv
@@ -37,6 +41,24 @@ def _delay_range_ms(text: str) -> tuple[float, float]:
     if not 0 <= low <= high:
         raise argparse.ArgumentTypeError(f"{text!r}: expected 0 <= MIN <= MAX")
     return low / 1000, high / 1000
+
+
+def _advertised(listening: list[Endpoint], advertise: str | None) -> str:
+    """The endpoint to announce, spelled as the bus names it (unix:/path, tcp://host:port)."""
+    if advertise is not None:
+        try:
+            return str(parse_endpoint(advertise))
+        except EndpointError as exc:
+            raise CommandError(f"--advertise: {exc}") from None
+    if len(listening) > 1:
+        raise CommandError("--announce with several --listen: name the endpoint to announce with --advertise")
+    endpoint = listening[0]
+    if endpoint.is_tcp and endpoint.host in ("0.0.0.0", "::", ""):
+        raise CommandError(
+            f"--announce: {endpoint} listens on every address and is no address a bus can connect to; "
+            "name one with --advertise tcp://HOST:PORT"
+        )
+    return str(endpoint)
 
 
 class Command(BaseCommand):
@@ -102,7 +124,35 @@ class Command(BaseCommand):
             default=0.0,
             metavar="SECONDS",
             help="keep a lost session's jobs running this long for the next session to "
-            "resume (reported in ready.running); default 0 stops them at once",
+            "resume (reported in ready.running); default 0 stops them at once. A bus "
+            "handing the crawler over says how long in bye.resume_within; the longer wins",
+        )
+        parser.add_argument(
+            "--announce",
+            default=None,
+            metavar="URL",
+            help="jobsite's announce URL (e.g. https://jobs.example.org/crawlers/announce): POST a "
+            "register once listening (retried with backoff for up to 60 s, sessions are served "
+            "meanwhile) and a deregister on SIGTERM/SIGINT; signed with BUS_TOKEN, which it requires",
+        )
+        parser.add_argument(
+            "--advertise",
+            default=None,
+            metavar="ENDPOINT",
+            help="with --announce, the endpoint a bus connects to (default: the --listen endpoint; "
+            "required with several --listen or a tcp:// wildcard address)",
+        )
+        parser.add_argument(
+            "--label",
+            default=None,
+            help="with --announce, the name jobsite shows for this crawler (default: --name)",
+        )
+        parser.add_argument(
+            "--connection-log",
+            default=None,
+            metavar="PATH",
+            help="append a JSON line per event, flushed at once: open, ready, close (with reason) of "
+            "each bus session, and assign and finish (done, failed, stopped) of each job",
         )
 
     def handle(self, *args, **options) -> None:
@@ -124,6 +174,20 @@ class Command(BaseCommand):
                 max_redirects=options["max_redirects"],
             )
         )
+        for flag in ("advertise", "label"):
+            if options[flag] is not None and not options["announce"]:
+                raise CommandError(f"--{flag} only goes with --announce")
+        if options["announce"] and not token:
+            raise CommandError(
+                "--announce needs BUS_TOKEN (or --token): the announcement is signed with it, "
+                "and jobsite accepts none without it"
+            )
+        connection_log = None
+        if options["connection_log"]:
+            try:
+                connection_log = ConnectionLog(options["connection_log"])
+            except OSError as exc:
+                raise CommandError(f"--connection-log: {exc}") from None
         try:
             crawler = Crawler(
                 endpoints=endpoints,
@@ -135,9 +199,26 @@ class Command(BaseCommand):
                 noop=options["noop"],
                 noop_delay=options["noop_delay_ms"],
                 resume_grace=options["resume_grace"],
+                connection_log=connection_log,
+            )
+            announcer = (
+                Announcer(
+                    options["announce"],
+                    token=token or "",
+                    endpoint=_advertised(endpoints, options["advertise"]),
+                    label=options["label"] if options["label"] is not None else crawler.name,
+                )
+                if options["announce"]
+                else None
             )
         except ValueError as exc:
+            if connection_log is not None:
+                connection_log.close()
             raise CommandError(str(exc)) from None
+        except CommandError:
+            if connection_log is not None:
+                connection_log.close()
+            raise
 
         interrupted: list[int] = []
 
@@ -149,9 +230,19 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        if announcer is not None:
+            announcer.start(after=crawler.listening)
         try:
             crawler.serve_forever()
-        except OSError as exc:  # e.g. the address is in use
-            raise CommandError(f"cannot listen: {exc}") from None
         except EndpointError as exc:
             raise CommandError(str(exc)) from None
+        except OSError as exc:  # e.g. the address is in use
+            raise CommandError(f"cannot listen: {exc}") from None
+        else:
+            if announcer is not None:
+                announcer.deregister()  # a failure is logged; the exit stays clean
+        finally:
+            if announcer is not None:
+                announcer.stop()
+            if connection_log is not None:
+                connection_log.close()
