@@ -57,6 +57,10 @@ class RegistryError(ValueError):
     """A registry request that cannot be done; the message says why, and nothing changed."""
 
 
+class AnnounceRefused(RegistryError):
+    """A self-registration whose proof is refused: wrong HMAC, a stale timestamp, or a replay."""
+
+
 # --- Endpoints ---------------------------------------------------------------------------
 
 
@@ -64,6 +68,8 @@ def normalize_endpoint(text: Any) -> str:
     """The canonical spelling of an endpoint (unix:/path or tcp://host:port), or RegistryError naming it."""
     if not isinstance(text, str):
         raise RegistryError("the endpoint must be a string")
+    if any(ord(char) < 32 or ord(char) == 127 for char in text.strip()):
+        raise RegistryError(f"{text.strip()[:200]!r} is not a crawler endpoint: it contains control characters")
     try:
         endpoint = parse_endpoint(text)
     except EndpointError as exc:
@@ -214,13 +220,12 @@ def announce(*, fields: dict[str, Any], at: datetime | None = None) -> tuple[str
         ts_value = float(ts_text)
     except ValueError:
         raise RegistryError("ts must be Unix seconds") from None
-    if not isinstance(auth, str) or not hmac.compare_digest(
-        announce_proof(token, action=action, endpoint=endpoint, ts=ts_text, nonce=nonce), auth
-    ):
-        raise RegistryError("wrong or missing auth: the proof is HMAC-SHA256 with BUS_TOKEN")
+    expected = announce_proof(token, action=action, endpoint=endpoint, ts=ts_text, nonce=nonce)
+    if not isinstance(auth, str) or not hmac.compare_digest(expected.encode(), auth.encode(errors="replace")):
+        raise AnnounceRefused("wrong or missing auth: the proof is HMAC-SHA256 with BUS_TOKEN")
     at = at or timezone.now()
     if not abs(at.timestamp() - ts_value) <= ANNOUNCE_WINDOW:  # also refuses nan and inf
-        raise RegistryError(f"ts is more than {ANNOUNCE_WINDOW:g} s away from the server's clock")
+        raise AnnounceRefused(f"ts is more than {ANNOUNCE_WINDOW:g} s away from the server's clock")
     key = normalize_endpoint(endpoint)
     label = _label(fields.get("label"))
     with transaction.atomic():
@@ -229,7 +234,7 @@ def announce(*, fields: dict[str, Any], at: datetime | None = None) -> tuple[str
             with transaction.atomic():
                 AnnounceNonce.objects.create(nonce=nonce, at=at)
         except IntegrityError:
-            raise RegistryError("this announcement was already used (replay refused)") from None
+            raise AnnounceRefused("this announcement was already used (replay refused)") from None
         if action == "deregister":
             crawler = Crawler.objects.filter(endpoint=key).first()
             if crawler is None:
