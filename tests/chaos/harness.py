@@ -434,8 +434,22 @@ TRANSITIONS = {
 }
 
 
-def check_invariant(db: ChaosDatabase, max_problems: int = 50) -> Verdict:
-    """Every job terminal exactly once, its trail a valid walk of the state machine, no lease left."""
+# The fleet (issue 10) adds one move: a bus that takes a crawler over re-leases the jobs the crawler
+# still runs straight from the earlier bus session's lease (running -> running, same attempt).
+FLEET_TRANSITIONS = {
+    **TRANSITIONS,
+    "re_lease": {"queued": {"running"}, "running": {"running"}},
+}
+
+
+def check_invariant(
+    db: ChaosDatabase, max_problems: int = 50, transitions: dict[str, dict[str, set[str]]] | None = None
+) -> Verdict:
+    """Every job terminal exactly once, its trail a valid walk of the state machine, no lease left.
+
+    `transitions` replaces TRANSITIONS (FLEET_TRANSITIONS for the fleet's take-over re-lease).
+    """
+    transitions = TRANSITIONS if transitions is None else transitions
     verdict = Verdict()
     jobs = db.query(
         "SELECT id, status, attempt, interruptions, outcome_attempt, lease_session, lease_expires_at "
@@ -473,7 +487,7 @@ def check_invariant(db: ChaosDatabase, max_problems: int = 50) -> Verdict:
                 if from_status or to_status:
                     problem(job_id, f"stale event #{event_id} claims a transition {from_status}->{to_status}")
                 continue
-            allowed = TRANSITIONS.get(kind)
+            allowed = transitions.get(kind)
             if allowed is None:
                 problem(job_id, f"event #{event_id} of unknown kind {kind!r}")
                 continue
@@ -708,3 +722,56 @@ def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
     for job_id, error in db.query("SELECT id, error FROM jobs_job WHERE status = 'failed' ORDER BY id"):
         problem(f"job {job_id} ended failed: {str(error)[:200]}")
     return verdict
+
+
+# --- the crawlers' own connection logs (runcrawler --connection-log) -------------------------------
+
+
+def read_connection_log(path: str | Path) -> list[dict]:
+    """The JSON lines of one crawler's --connection-log (a line cut short by a kill is left out)."""
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [json.loads(line) for line in lines if line.strip().endswith("}")]
+
+
+def session_overlaps(events: list[dict], killed: dict[str, float] | None = None) -> tuple[list[str], list[float]]:
+    """Each moment a session to this crawler became ready while another one to it was still open.
+
+    A session is open from its `ready` (handshake done) to its `close`, as the crawler itself saw
+    them: the rule of the fleet (issue 10) is that no two are open at once. One case is told
+    apart: `killed` maps a bus node name (hello's `node`, host:pid by default) to the time it was
+    SIGKILLed; a session of a bus killed before the new session was ready is dead already, the
+    crawler just has not read its connection's end yet. Those are not problems; what is returned
+    for them is how long after the new session's `ready` the crawler noticed (seconds).
+
+    Returns (problems, lags).
+    """
+    killed = killed or {}
+    found: list[str] = []
+    lags: list[float] = []
+    open_now: dict[str, Any] = {}
+    late: dict[str, float] = {}  # an excused dead session -> the ready it overlapped
+    for event in events:
+        if event.get("event") == "ready":
+            alive = {
+                session: peer
+                for session, peer in open_now.items()
+                if not (peer in killed and killed[peer] <= event["t"])
+            }
+            for session in set(open_now) - set(alive):
+                late.setdefault(session, event["t"])
+            if alive:
+                others = ", ".join(f"{session} (bus {peer})" for session, peer in alive.items())
+                found.append(
+                    f"t={event['t']:.3f}: session {event['session']} (bus {event.get('peer')}) ready while "
+                    f"{others} still open"
+                )
+            open_now[event["session"]] = event.get("peer")
+        elif event.get("event") == "close":
+            session = event.get("session")
+            open_now.pop(session, None)
+            if session in late:
+                lags.append(event["t"] - late.pop(session))
+    return found, lags

@@ -1,0 +1,479 @@
+"""Fleet benchmark (issue 10): 3 `runbus` processes sharing 30 crawlers, one of them SIGKILLed.
+
+    python bench/fleet.py [--db postgres|sqlite|both] [--jobs 20000] [--crawlers 30] [--slots 100]
+                          [--buses 3] [--runs 3] [--kills 3] [--kill-at 0.3]
+
+The 30 `runcrawler --noop --slots S --connection-log FILE` crawlers are
+started once and registered in the crawler registry (jobs.fleet.add_crawler);
+every `runbus` is started without --endpoint and takes its share from the
+registry. Each run: fresh job tables, `--jobs` jobs queued and held
+(run_after far ahead, not timed), the buses started and left to settle (every
+crawler owned by a live bus and connected, nothing changed for 1 s), then the
+jobs released at once (run_after cleared, NOTIFY) and timed from the first
+claim event to the moment the benchmark's poll (every 50 ms) sees them all
+succeeded, as in bus_throughput.py.
+
+Figures:
+- throughput with `--buses` buses, and with one bus on the same crawlers in the
+  same session (single and fleet runs alternate); target >= 5,000 jobs/s on
+  PostgreSQL, and the fleet at most 20 % below the single bus (ratio >= 0.80);
+- take-over: in each of `--kills` more fleet runs one bus is SIGKILLed (and
+  reaped at once, as a supervisor would) once `--kill-at` of the jobs
+  succeeded; for every crawler it owned (Crawler.owner just before the kill),
+  the seconds from the kill to that crawler's first `ready` event after it in
+  its own connection log; p50 / p99 / max over all kills; target p99 <= 2 s;
+- endpoints per bus, max - min, from Crawler.owner once settled (before every
+  fleet run, and after each kill with the survivors); target <= 1.
+
+Checked (a failure exits 1): every job succeeded, with exactly one `outcome`
+event; no job left running or leased; and, from each crawler's connection log
+over the whole benchmark, never two sessions open to it at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._django import throwaway_database  # noqa: E402
+from bench._procs import (  # noqa: E402
+    CheckFailed,
+    Poller,
+    Procs,
+    backend_label,
+    check,
+    empty_tables,
+    enqueue_jobs,
+    load_line,
+    median,
+    parser_for,
+    per_backend,
+    percentile,
+    verdict,
+)
+
+TARGET_JOBS_S = {"postgresql": 5000.0}
+TARGET_RATIO = 0.80  # fleet throughput / single-bus throughput
+TARGET_TAKEOVER_P99 = 2.0  # seconds, kill -> the crawler's next session ready
+TARGET_SPREAD = 1  # endpoints per bus, max - min
+POLL_INTERVAL = 0.05
+SETTLE_STABLE = 1.0  # seconds without any change of owner or session
+HOLD = "2999-01-01 00:00:00+00:00"
+
+
+def _timestamp(value) -> float:
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return datetime.fromisoformat(str(value)).timestamp()
+
+
+# --- the crawlers' connection logs (the logic of tests/test_fleet.py's ConnectionLog) -------------
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def overlaps(events: list[dict], killed: dict[str, float]) -> tuple[list[str], list[float]]:
+    """Each moment a second session to this crawler became ready while another one was still open.
+
+    A session of a bus that was SIGKILLed before the new session was ready (`killed`: its hello
+    `node`, host:pid, -> kill time) is dead already; the crawler has not read its end yet. Those
+    are not counted as two open sessions: returned instead is how much later the crawler noticed.
+    """
+    found, lags, open_now, late = [], [], {}, {}
+    for event in events:
+        if event["event"] == "ready":
+            alive = {s: p for s, p in open_now.items() if not (p in killed and killed[p] <= event["t"])}
+            for session in set(open_now) - set(alive):
+                late.setdefault(session, event["t"])
+            if alive:
+                found.append(f"t={event['t']:.3f} session {event['session']} ready while {sorted(alive)} open")
+            open_now[event["session"]] = event.get("peer")
+        elif event["event"] == "close":
+            open_now.pop(event.get("session"), None)
+            if event.get("session") in late:
+                lags.append(event["t"] - late.pop(event.get("session")))
+    return found, lags
+
+
+def first_ready_after(events: list[dict], t: float) -> float | None:
+    for event in events:
+        if event["event"] == "ready" and event["t"] > t:
+            return event["t"]
+    return None
+
+
+# --- one benchmark session on one database ------------------------------------------------------
+
+
+class Fleet:
+    def __init__(self, url: str, args):
+        self.url, self.args = url, args
+        self.procs = Procs(url, keep_logs=args.keep_logs)
+        self.poller = Poller(url)
+        self.logs: dict[str, Path] = {}  # endpoint -> its crawler's connection log
+        self.buses: list = []
+        self.kills = 0
+        self.killed: dict[str, float] = {}  # the killed buses' node names (host:pid) -> kill time
+        env = {"LOG_LEVEL": args.log_level}
+        if self.poller.vendor == "sqlite":
+            env["BUS_POLL_INTERVAL"] = "0.2"  # no NOTIFY on SQLite: the release is seen at the next poll
+        self.bus_env = self.procs.env(**env)
+        self.bus_env.pop("BUS_NODE", None)  # node = host:pid, as the crawlers' logs name their peer
+
+    def start_crawlers(self) -> None:
+        from jobs import fleet
+
+        started = []
+        for number in range(self.args.crawlers):
+            sock = self.procs.socket_path()
+            log_path = self.procs.folder / f"connections-{number}.jsonl"
+            self.procs.manage(
+                "runcrawler",
+                "--listen",
+                sock,
+                "--slots",
+                str(self.args.slots),
+                "--noop",
+                "--connection-log",
+                str(log_path),
+                env=self.procs.env(LOG_LEVEL="WARNING"),
+            )
+            crawler, _ = fleet.add_crawler(endpoint=sock, label=f"bench-{number}")
+            self.logs[crawler.endpoint] = log_path
+            started.append(sock)
+        deadline = time.monotonic() + 120
+        while not all(os.path.exists(sock) for sock in started):
+            check(time.monotonic() < deadline, "the crawlers did not all listen within 120 s")
+            for proc in self.procs.started:
+                check(proc.poll() is None, f"a crawler exited:\n{self.procs.log_text(proc)[-2000:]}")
+            time.sleep(0.1)
+
+    def start_buses(self, count: int) -> None:
+        self.buses = [self.procs.manage("runbus", env=self.bus_env) for _ in range(count)]
+
+    def stop_buses(self) -> None:
+        for bus in self.buses:
+            Procs.stop(bus, timeout=15)  # stays in procs.started: its log file keeps a name of its own
+        self.buses = []
+
+    def owners(self) -> dict[str, int | None]:
+        """endpoint -> pid of the live bus that owns it and holds a session to it (None: not yet)."""
+        nodes = dict(self.query("SELECT node, pid FROM jobs_busnode"))
+        live = {bus.pid for bus in self.buses if bus.poll() is None}
+        result = {}
+        for endpoint, owner, session in self.query("SELECT endpoint, owner, session FROM jobs_crawler"):
+            pid = nodes.get(owner)
+            result[endpoint] = pid if pid in live and session is not None else None
+        return result
+
+    def settle(self, timeout: float = 60.0) -> dict[int, int]:
+        """Wait until every crawler is owned and connected and nothing changed for SETTLE_STABLE s.
+
+        Returns endpoints per live bus pid (0 for a bus that owns none).
+        """
+        deadline = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while True:
+            for bus in self.buses:
+                if bus.poll() is not None and bus.returncode != -signal.SIGKILL:
+                    raise CheckFailed(f"runbus exited with {bus.returncode}:\n{self.procs.log_text(bus)[-2000:]}")
+            owners = self.owners()
+            snapshot = (tuple(sorted(owners.items())), self.query("SELECT endpoint, session FROM jobs_crawler"))
+            now = time.monotonic()
+            if snapshot != last:
+                last, since = snapshot, now
+            elif all(owners.values()) and now - since >= SETTLE_STABLE:
+                counts = Counter(owners.values())
+                return {bus.pid: counts.get(bus.pid, 0) for bus in self.buses if bus.poll() is None}
+            check(now < deadline, f"the fleet did not settle within {timeout:g} s: {Counter(owners.values())}")
+            time.sleep(0.1)
+
+    def query(self, sql: str) -> list[tuple]:
+        self.poller.cursor.execute(sql)
+        return sorted(self.poller.cursor.fetchall(), key=repr)
+
+    def prepare_jobs(self) -> None:
+        from django.db import connection
+
+        from jobs.models import Job
+
+        empty_tables()
+        enqueue_jobs(self.args.jobs)
+        Job.objects.update(run_after=datetime.fromisoformat(HOLD))
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("VACUUM ANALYZE jobs_job")
+                cursor.execute("VACUUM ANALYZE jobs_jobevent")
+
+    def release_jobs(self) -> None:
+        from django.db import connection, transaction
+
+        from jobs.models import Job
+        from jobs.services import NOTIFY_CHANNEL
+
+        with transaction.atomic():
+            Job.objects.update(run_after=None)
+            if connection.vendor == "postgresql":
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])
+
+    def wait_done(self, *, kill_at: float | None = None):
+        """Poll until every job succeeded; with kill_at, SIGKILL one bus once that share succeeded.
+
+        Returns (done_at, kill) with kill = (t_kill, endpoints the victim owned, victim pid) or None.
+        """
+        deadline = time.monotonic() + self.args.timeout
+        kill = None
+        while time.monotonic() < deadline:
+            done = self.poller.count("succeeded")
+            if done >= self.args.jobs:
+                return time.time(), kill
+            if kill_at is not None and kill is None and done >= kill_at * self.args.jobs:
+                victim = self.buses[self.kills % len(self.buses)]
+                owned = [endpoint for endpoint, pid in self.owners().items() if pid == victim.pid]
+                t_kill = time.time()
+                self.killed[f"{socket.gethostname()}:{victim.pid}"] = t_kill
+                os.kill(victim.pid, signal.SIGKILL)
+                victim.wait(10)  # reaped at once: a zombie still answers kill(pid, 0)
+                self.kills += 1
+                kill = (t_kill, owned, victim.pid, done)
+            for bus in self.buses:
+                if bus.poll() is not None and (kill is None or bus.pid != kill[2]):
+                    raise CheckFailed(f"runbus exited with {bus.returncode}:\n{self.procs.log_text(bus)[-2000:]}")
+            time.sleep(POLL_INTERVAL)
+        raise CheckFailed(
+            f"not all {self.args.jobs} jobs succeeded within {self.args.timeout:g} s "
+            f"(succeeded: {self.poller.count('succeeded')}, running: {self.poller.count('running')})"
+        )
+
+    def check_jobs(self) -> None:
+        jobs = self.args.jobs
+        check(self.poller.count("succeeded") == jobs, f"succeeded {self.poller.count('succeeded')} of {jobs}")
+        twice = int(
+            self.poller.scalar(
+                "SELECT count(*) FROM (SELECT job_id FROM jobs_jobevent WHERE kind = 'outcome' "
+                "GROUP BY job_id HAVING count(*) <> 1) AS x"
+            )
+        )
+        check(twice == 0, f"{twice} jobs have more than one outcome event")
+        with_outcome = int(
+            self.poller.scalar("SELECT count(DISTINCT job_id) FROM jobs_jobevent WHERE kind = 'outcome'")
+        )
+        check(with_outcome == jobs, f"{jobs - with_outcome} succeeded jobs have no outcome event")
+        leased = int(
+            self.poller.scalar(
+                "SELECT count(*) FROM jobs_job WHERE lease_session IS NOT NULL OR lease_expires_at IS NOT NULL"
+            )
+        )
+        check(leased == 0, f"{leased} jobs still hold a lease")
+
+    def one_run(self, buses: int, *, kill_at: float | None = None) -> dict:
+        self.prepare_jobs()
+        self.start_buses(buses)
+        try:
+            spread = self.settle()
+            self.release_jobs()
+            done_at, kill = self.wait_done(kill_at=kill_at)
+            first_claim = self.poller.scalar("SELECT min(at) FROM jobs_jobevent WHERE kind = 'claim'")
+            last_finish = self.poller.scalar("SELECT max(finished_at) FROM jobs_job")
+            self.check_jobs()
+            start = _timestamp(first_claim)
+            result = {
+                "rate": self.args.jobs / (done_at - start),
+                "stamped": self.args.jobs / (_timestamp(last_finish) - start),
+                "spread": spread,
+                "reclaims": int(self.poller.scalar("SELECT count(*) FROM jobs_jobevent WHERE kind = 'claim'"))
+                - self.args.jobs,
+                "re_leases": int(self.poller.scalar("SELECT count(*) FROM jobs_jobevent WHERE kind = 're_lease'")),
+            }
+            if kill is not None:
+                t_kill, owned, pid, done = kill
+                samples, missing = [], []
+                for endpoint in owned:
+                    ready = first_ready_after(read_log(self.logs[endpoint]), t_kill)
+                    if ready is None:
+                        missing.append(endpoint)
+                    else:
+                        samples.append(ready - t_kill)
+                check(
+                    not missing,
+                    f"no new session became ready after the kill for {len(missing)} crawlers: {missing[:3]}",
+                )
+                check(bool(owned), f"the killed bus (pid {pid}) owned no crawler")
+                result.update(takeover=samples, killed_at=done, after_kill=self.settle())
+            return result
+        finally:
+            self.stop_buses()
+
+    def check_logs(self) -> tuple[int, int, list[float]]:
+        """Never two sessions open at once to one crawler, over the whole benchmark.
+
+        Returns (sessions, events, lags: how late the crawlers noticed a killed bus's session end
+        after the next session was ready, when they did).
+        """
+        problems, sessions, events, lags = [], 0, 0, []
+        for endpoint, path in sorted(self.logs.items()):
+            log_events = read_log(path)
+            events += len(log_events)
+            sessions += sum(1 for event in log_events if event["event"] == "ready")
+            found, noticed = overlaps(log_events, self.killed)
+            problems += [f"{endpoint}: {text}" for text in found]
+            lags += noticed
+        check(not problems, "two sessions open at once to one crawler:\n" + "\n".join(problems[:10]))
+        return sessions, events, lags
+
+    def close(self) -> None:
+        self.poller.close()
+        self.procs.stop_all()
+
+
+def spread_of(counts: dict[int, int]) -> int:
+    return max(counts.values()) - min(counts.values())
+
+
+def run_backend(args) -> int:
+    with throwaway_database(args.db, postgres_url=args.postgres) as url:
+        from django.db import connection
+
+        vendor = connection.vendor
+        label = backend_label(vendor)
+        print(
+            f"# fleet on {label}: {args.jobs} jobs, {args.crawlers} x runcrawler --noop --slots {args.slots}, "
+            f"{args.buses} runbus vs 1; {load_line()}",
+            flush=True,
+        )
+        fleet = Fleet(url, args)
+        singles, fleets, takeovers, spreads = [], [], [], []
+        log_failure = ""
+        try:
+            started = time.monotonic()
+            fleet.start_crawlers()
+            print(f"#   {args.crawlers} crawlers listening after {time.monotonic() - started:.1f} s", flush=True)
+            for number in range(1, args.runs + 1):
+                one = fleet.one_run(1)
+                singles.append(one["rate"])
+                print(
+                    f"#   run {number}, 1 bus: {one['rate']:,.0f} jobs/s (bus timestamps: {one['stamped']:,.0f}); "
+                    f"{load_line()}",
+                    flush=True,
+                )
+                many = fleet.one_run(args.buses)
+                fleets.append(many["rate"])
+                spreads.append(spread_of(many["spread"]))
+                print(
+                    f"#   run {number}, {args.buses} buses: {many['rate']:,.0f} jobs/s (bus timestamps: "
+                    f"{many['stamped']:,.0f}); endpoints per bus {sorted(many['spread'].values())}; {load_line()}",
+                    flush=True,
+                )
+            for number in range(1, args.kills + 1):
+                run = fleet.one_run(args.buses, kill_at=args.kill_at)
+                takeovers += run["takeover"]
+                spreads += [spread_of(run["spread"]), spread_of(run["after_kill"])]
+                times = ", ".join(f"{value:.2f}" for value in sorted(run["takeover"]))
+                print(
+                    f"#   kill {number}: SIGKILL at {run['killed_at']:,} succeeded; {len(run['takeover'])} crawlers "
+                    f"taken over, kill -> ready (s): {times}; endpoints per bus before "
+                    f"{sorted(run['spread'].values())}, after {sorted(run['after_kill'].values())}; "
+                    f"re-claims {run['reclaims']}, re-leases {run['re_leases']}; run {run['rate']:,.0f} jobs/s; "
+                    f"{load_line()}",
+                    flush=True,
+                )
+            try:
+                sessions, events, lags = fleet.check_logs()
+            except CheckFailed as exc:  # the figures are still printed, then the failure
+                log_failure, sessions, events, lags = str(exc), 0, 0, []
+            else:
+                log_failure = ""
+        except CheckFailed as exc:
+            print(f"CHECK FAILED ({label}): {exc}", flush=True)
+            fleet.procs.keep_logs = True
+            print(f"# logs kept in {fleet.procs.folder}", flush=True)
+            return 1
+        finally:
+            if log_failure:
+                fleet.procs.keep_logs = True
+            fleet.close()
+
+        figure, single = median(fleets), median(singles)
+        target = TARGET_JOBS_S.get(vendor)
+        runs = ", ".join(f"{r:,.0f}" for r in fleets)
+        if target:
+            print(
+                f"fleet throughput, {args.buses} buses ({label}): {figure:,.0f} jobs/s  "
+                f"target >= {target:,.0f} jobs/s  "
+                f"{verdict(figure >= target)}  (runs: {runs})",
+                flush=True,
+            )
+        else:
+            print(f"fleet throughput, {args.buses} buses ({label}): {figure:,.0f} jobs/s  (no target)  (runs: {runs})")
+        ratio = figure / single
+        print(
+            f"single bus, same crawlers ({label}): {single:,.0f} jobs/s (runs: "
+            f"{', '.join(f'{r:,.0f}' for r in singles)}); fleet / single: {ratio:.2f}  target >= {TARGET_RATIO:.2f}  "
+            f"{verdict(ratio >= TARGET_RATIO)}",
+            flush=True,
+        )
+        if takeovers:
+            p50, p99, worst = percentile(takeovers, 50), percentile(takeovers, 99), max(takeovers)
+            print(
+                f"take-over, bus SIGKILLed -> each of its crawlers' next session ready ({label}): p50 {p50:.2f} s, "
+                f"p99 {p99:.2f} s, max {worst:.2f} s over {len(takeovers)} crawlers in {args.kills} kills  "
+                f"target p99 <= {TARGET_TAKEOVER_P99:g} s  {verdict(p99 <= TARGET_TAKEOVER_P99)}",
+                flush=True,
+            )
+        worst_spread = max(spreads)
+        print(
+            f"endpoints per bus, max - min, settled ({label}): {worst_spread} at worst over {len(spreads)} "
+            f"settlements  target <= {TARGET_SPREAD}  {verdict(worst_spread <= TARGET_SPREAD)}",
+            flush=True,
+        )
+        if log_failure:
+            print(f"CHECK FAILED ({label}): {log_failure}", flush=True)
+            print(f"# logs kept in {fleet.procs.folder}", flush=True)
+            return 1
+        print(
+            f"checks ({label}): every job succeeded with one outcome event, none leased; never two sessions "
+            f"open to one crawler ({sessions} sessions, {events:,} connection-log events): OK",
+            flush=True,
+        )
+        if lags:
+            print(
+                f"# a killed bus's session was noticed by its crawler after the next session was ready: "
+                f"{len(lags)} times, at most {max(lags) * 1000:.0f} ms later",
+                flush=True,
+            )
+        print(f"# {label} done; {load_line()}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = parser_for(__doc__)
+    parser.set_defaults(db="postgres")
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--crawlers", type=int, default=30)
+    parser.add_argument("--slots", type=int, default=100, help="runcrawler --slots (default 100)")
+    parser.add_argument("--buses", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="pairs of single-bus and fleet runs (default 3)")
+    parser.add_argument("--kills", type=int, default=3, help="fleet runs with a bus SIGKILLed (default 3)")
+    parser.add_argument("--kill-at", type=float, default=0.3, help="share of jobs succeeded at the kill")
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds a run may take at most")
+    parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of runbus (default INFO)")
+    args = parser.parse_args(argv)
+    return per_backend(args, __file__, argv, run_backend)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
