@@ -451,6 +451,7 @@ class Crawler:
 
     def _session_ready(self, session: _Session, hello_nonce: str) -> tuple[list[JobKey], int]:
         """Send ready (resuming orphaned jobs), then every outcome no live session owns."""
+        self._reap_gone_sessions(session)
         with self._lock:
             resumed = [job for job in self._running.values() if job.session is None]
             for job in resumed:
@@ -472,6 +473,23 @@ class Crawler:
                     session.queue(outcome.data)
                     resent += 1
         return [job.key for job in resumed], resent
+
+    def _reap_gone_sessions(self, new: _Session) -> None:
+        """Before a new session is ready, end the sessions whose bus has already closed its socket.
+
+        Their own threads notice the EOF a moment later (later still on a busy
+        machine); noticing it here keeps the order true to what happened (the
+        bus that died, or handed this crawler over, was gone before its
+        successor's session began) and lets the new ready list their jobs
+        for the successor to re-lease.
+        """
+        with self._lock:
+            others = [session for session in self._sessions if session is not new and session.live]
+        for old in others:
+            if old.peer_closed():
+                old._end("connection closed by the bus (EOF)")
+                old.wake()
+                self._session_ended(old)
 
     def _session_ended(self, session: _Session) -> None:
         """Stop the session's jobs (or orphan them for the next session); free its unacked outcomes.
@@ -586,6 +604,15 @@ class _Session:
 
     def wake(self) -> None:
         _wake(self._wake_w)
+
+    def peer_closed(self) -> bool:
+        """Whether the bus has closed (or reset) this connection, without consuming what it sent."""
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # open, nothing to read
+        except OSError:
+            return True  # reset, or closed here already
 
     # --- The session thread ---------------------------------------------------------------
 
@@ -732,9 +759,10 @@ class _Session:
 
     def _set_closing(self, reason: str) -> None:
         """Remember the first reason the session ends, and record it at once in the connection log."""
-        if self._closing:
-            return
-        self._closing = reason
+        with self._out_lock:  # the session's thread and a successor's (_reap_gone_sessions) may race
+            if self._closing:
+                return
+            self._closing = reason
         fields: dict[str, Any] = {"resume_within": self.resume_within} if self.resume_within else {}
         self.crawler._record(
             "close", conn=self.label, session=self.bus_session, peer=self.node, reason=reason, **fields

@@ -135,8 +135,9 @@ class Bus:
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.sweep_interval = sweep_interval
         self.owner_lease = owner_lease
-        # Renew six times a lease; stop trusting it a sixth of a lease before it ends.
-        self.coordinate_interval = owner_lease / 6
+        # Renew (and read the registry) four times a second, and at least six times a lease;
+        # stop trusting the lease a sixth of it before it ends.
+        self.coordinate_interval = min(0.25, owner_lease / 6)
         self.fence_margin = owner_lease / 6
         self.announce_ttl = announce_ttl
         self.supervised = supervised
@@ -399,7 +400,7 @@ class Bus:
                     self._end_owned(owned, "removed")
                 elif row.owner != me or row.owner_epoch != owned.control.epoch:
                     log.warning(kv("bus.ownership_lost", endpoint=key, owner=row.owner, epoch=row.owner_epoch))
-                    self._end_owned(owned, "fenced")
+                    self._end_owned(owned, "disowned")
                 else:
                     draining = row.state != "active"
                     if draining != owned.control.draining:

@@ -90,6 +90,7 @@ BYE_REASONS = {
     "drained": "crawler drained: no more jobs for it",
     "removed": "crawler removed from the registry",
     "fenced": "this bus lost its database lease: another bus process takes over",
+    "disowned": "this bus no longer owns the crawler in the registry",
 }
 
 
@@ -255,16 +256,25 @@ class SessionIO:
 
     def _next_handshake_frame(self, expected: str, deadline: float) -> dict:
         selector = selectors.DefaultSelector()
-        selector.register(self.sock, selectors.EVENT_READ)
+        selector.register(self.sock, selectors.EVENT_READ, "sock")
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")  # end() during the handshake: at once
         try:
             while not self._pending:
-                if self.stop.is_set():
-                    raise _Ended("bus shutdown during handshake", "closed")
+                if self.stop.is_set() or self.end_cause:
+                    cause = self.end_cause or "closed"
+                    raise _Ended(f"{BYE_REASONS.get(cause, 'bus shutdown')} (during the handshake)", cause)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._fail(protocol.TIMEOUT, f"no {expected} within {self.config.handshake_timeout:g} s")
-                if selector.select(min(remaining, 0.5)) and not self._read_some():
-                    raise _Ended(f"connection closed during handshake (waiting for {expected})")
+                for key, _ in selector.select(min(remaining, 0.5)):
+                    if key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                    elif not self._read_some():
+                        raise _Ended(f"connection closed during handshake (waiting for {expected})")
         finally:
             selector.close()
         frame = self._pending.pop(0)

@@ -308,16 +308,19 @@ def renew_node(
             BusNode.objects.create(
                 node=node, host=host[:200], pid=pid, started_at=at, lease_expires_at=expires, stopping=stopping
             )
-        nodes = [
-            NodeRow(*row)
-            for row in BusNode.objects.filter(lease_expires_at__gte=at - NODE_ROWS_KEPT).values_list(
-                "node", "host", "pid", "stopping", "lease_expires_at"
-            )
-        ]
+        # Crawlers first, nodes second: each statement has its own snapshot (READ
+        # COMMITTED), and a node's row is committed before it owns anything, so
+        # every owner in the crawler rows is among the nodes read after them.
         crawlers = [
             CrawlerRow(*row)
             for row in Crawler.objects.order_by("endpoint").values_list(
                 "endpoint", "state", "owner", "owner_epoch", "remove_when_drained"
+            )
+        ]
+        nodes = [
+            NodeRow(*row)
+            for row in BusNode.objects.filter(lease_expires_at__gte=at - NODE_ROWS_KEPT).values_list(
+                "node", "host", "pid", "stopping", "lease_expires_at"
             )
         ]
     return FleetView(at, nodes, crawlers)

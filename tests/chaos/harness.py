@@ -426,7 +426,9 @@ class Verdict:
 TRANSITIONS = {
     "enqueue": {"": {"queued"}},
     "claim": {"queued": {"running"}},
-    "re_lease": {"queued": {"running"}},
+    # A re-lease moves a job the crawler still runs to its new session: from the queue after a
+    # reconnect, or straight from the earlier session's lease when a bus takes the crawler over.
+    "re_lease": {"queued": {"running"}, "running": {"running"}},
     "outcome": {"running": {"succeeded", "failed", "queued"}, "queued": {"succeeded", "failed", "queued"}},
     "interrupt": {"running": {"queued", "failed"}},
     "cancel": {"queued": {"cancelled"}, "running": {"cancelled"}},
@@ -434,22 +436,9 @@ TRANSITIONS = {
 }
 
 
-# The fleet (issue 10) adds one move: a bus that takes a crawler over re-leases the jobs the crawler
-# still runs straight from the earlier bus session's lease (running -> running, same attempt).
-FLEET_TRANSITIONS = {
-    **TRANSITIONS,
-    "re_lease": {"queued": {"running"}, "running": {"running"}},
-}
-
-
-def check_invariant(
-    db: ChaosDatabase, max_problems: int = 50, transitions: dict[str, dict[str, set[str]]] | None = None
-) -> Verdict:
-    """Every job terminal exactly once, its trail a valid walk of the state machine, no lease left.
-
-    `transitions` replaces TRANSITIONS (FLEET_TRANSITIONS for the fleet's take-over re-lease).
-    """
-    transitions = TRANSITIONS if transitions is None else transitions
+def check_invariant(db: ChaosDatabase, max_problems: int = 50) -> Verdict:
+    """Every job terminal exactly once, its trail a valid walk of the state machine, no lease left."""
+    transitions = TRANSITIONS
     verdict = Verdict()
     jobs = db.query(
         "SELECT id, status, attempt, interruptions, outcome_attempt, lease_session, lease_expires_at "

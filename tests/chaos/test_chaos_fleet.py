@@ -34,7 +34,6 @@ import pytest
 
 from tests import pg_instance
 from tests.chaos.harness import (
-    FLEET_TRANSITIONS,
     PostgresChaosDatabase,
     Processes,
     SqliteChaosDatabase,
@@ -162,7 +161,7 @@ class FleetChaosRun:
             fault_seconds = self.inject_faults()
             drained, drain_seconds = self.drain()
             self.stop_everything()
-            verdict = check_invariant(self.db, transitions=FLEET_TRANSITIONS)
+            verdict = check_invariant(self.db)
             overlaps, lags = {}, []
             for number, path in enumerate(self.conn_logs):
                 found, noticed = session_overlaps(read_connection_log(path), killed=self.killed)
