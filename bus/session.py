@@ -46,6 +46,10 @@ MAX_ERROR_TEXT = 10_000
 STALE_AUDIT_PER_SESSION = 100
 STALE_FLOOD_BASE = 1000
 TOO_MANY_STALE = "too_many_stale"  # our error code, then close
+# After a take-over, the crawler's other jobs of earlier sessions are requeued
+# this long after ready: its resent outcomes arrive first and are recorded,
+# instead of their jobs being requeued, claimed again and run a second time.
+ORPHAN_GRACE = 0.5
 
 
 @dataclass(frozen=True)
@@ -561,6 +565,7 @@ class _WorkerState:
     suspects: set[int] = field(default_factory=set)  # run_alone jobs: nothing else is claimed while one runs
     stale: int = 0  # stale outcomes from this session so far
     stale_limit: int = STALE_FLOOD_BASE
+    orphans_at: float = 0.0  # when to requeue the jobs earlier sessions left (0: done)
 
 
 class SessionWorker(threading.Thread):
@@ -672,6 +677,7 @@ class SessionWorker(threading.Thread):
             ),
         )
         now = time.monotonic()
+        self.state.orphans_at = now + ORPHAN_GRACE
         for job_id, attempt in taken:
             self.state.outstanding[job_id] = _Assignment(attempt, now)
         if refused:
@@ -691,6 +697,8 @@ class SessionWorker(threading.Thread):
         timeout = min(state.poll_at - now, max(0.0, state.seen_at + self.config.heartbeat_interval - now))
         if state.progress:
             timeout = min(timeout, PROGRESS_WRITE_INTERVAL)
+        if state.orphans_at:
+            timeout = min(timeout, max(0.0, state.orphans_at - now))
         if self.config.stall_timeout and state.outstanding:
             timeout = min(timeout, 1.0)  # stalls are checked on every pass, whatever the crawler sends
         if state.outcomes or state.lost or state.stalled or state.started or state.reported_running is not None:
@@ -844,6 +852,8 @@ class SessionWorker(threading.Thread):
             state.outcomes = []
         if self.ended:
             return
+        if state.orphans_at and time.monotonic() >= state.orphans_at:
+            self._settle_orphans()
         if state.lost:
             counts = store.requeue_lost_assignments(session=session, job_ids=state.lost)
             log.info(kv("bus.lost_assignments", session=session, jobs=len(state.lost), counts=counts))
@@ -910,7 +920,15 @@ class SessionWorker(threading.Thread):
             if not self.inbox.empty():
                 break  # outcomes waiting: record and ack them before claiming more
 
+    def _settle_orphans(self) -> None:
+        counts = self.store.settle_orphans(session=self.session, endpoint=self.io.endpoint, epoch=self.io.control.epoch)
+        self.state.orphans_at = 0.0
+        if counts is not None and counts.total:
+            log.info(kv("bus.orphans_requeued", session=self.session, requeued=counts.requeued, failed=counts.failed))
+
     def _end_session(self) -> None:
+        if self.state.orphans_at:  # ended within the grace: the next owner would wait for them otherwise
+            self._retrying("settle_orphans", self._settle_orphans)
         reason, cause = self.ended or ("session ended", "lost")
         unaudited = self.state.stale - STALE_AUDIT_PER_SESSION
         if unaudited > 0:

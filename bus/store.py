@@ -58,6 +58,7 @@ class Store(Protocol):
     def requeue_lost_assignments(self, *, session: UUID, job_ids: Sequence[int]) -> ResetCounts: ...
     def requeue_stalled(self, *, session: UUID, job_ids: Sequence[int], reason: str) -> ResetCounts: ...
     def end_session(self, *, session: UUID, reason: str, cause: str) -> ResetCounts | None: ...
+    def settle_orphans(self, *, session: UUID, endpoint: str, epoch: int) -> ResetCounts | None: ...
     def close_connection(self) -> None: ...
 
     # --- the Bus's helper threads ---
@@ -134,12 +135,14 @@ class DjangoStore:
         )
 
     def session_ready(self, *, session, endpoint, epoch, slots, running):
-        """A new session is ready: it takes what its crawler still runs, and the rest of the crawler's jobs go back.
+        """A new session is ready: it takes what its crawler still runs.
 
         Only while this node's ownership (epoch) stands: then every other
         session of this endpoint is gone or handed it over, so the jobs the
         crawler lists move to this session even if still leased to an old
-        one, and its other running jobs are requeued.
+        one. Its other running jobs are requeued a moment later
+        (settle_orphans), once the outcomes the crawler resends after ready
+        are recorded.
         """
         from jobs import fleet, services
 
@@ -156,12 +159,6 @@ class DjangoStore:
             else ([], [])
         )
         if owner:
-            services.requeue_orphans(
-                crawler=endpoint,
-                keep_session=session,
-                actor="bus",
-                reason="its bus session is gone and the crawler did not list it as still running",
-            )
             fleet.close_earlier_sessions(endpoint=endpoint, keep=session)
             fleet.connected(endpoint=endpoint, epoch=epoch, session=session, slots=slots)
         return taken, refused
@@ -462,6 +459,19 @@ class DjangoStore:
         from jobs import fleet
 
         return fleet.unreachable(endpoint=endpoint, epoch=epoch, error=error, forget_after=forget_after)
+
+    def settle_orphans(self, *, session, endpoint, epoch):
+        """Requeue the crawler's jobs still running under earlier sessions (only while we own it)."""
+        from jobs import fleet, services
+
+        if not fleet.owns(endpoint=endpoint, epoch=epoch):
+            return None
+        return services.requeue_orphans(
+            crawler=endpoint,
+            keep_session=session,
+            actor="bus",
+            reason="its bus session is gone and the crawler did not list it as still running",
+        )
 
     def fleet_orphans(self, *, endpoint, epoch):
         """The crawler cannot be reached: requeue its jobs left by earlier sessions (only while we own it)."""
