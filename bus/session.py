@@ -159,6 +159,14 @@ class SessionIO:
         except (BlockingIOError, OSError):
             pass  # already awake, or closing
 
+    def _clear_wake(self) -> None:
+        """Read away the wake-up bytes (the IO thread, after its selector said so)."""
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
     def close_wake(self) -> None:
         try:
             self._wake_w.close()
@@ -272,11 +280,7 @@ class SessionIO:
                     self._fail(protocol.TIMEOUT, f"no {expected} within {self.config.handshake_timeout:g} s")
                 for key, _ in selector.select(min(remaining, 0.5)):
                     if key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except (BlockingIOError, OSError):
-                            pass
+                        self._clear_wake()
                     elif not self._read_some():
                         raise _Ended(f"connection closed during handshake (waiting for {expected})")
         finally:
@@ -411,11 +415,7 @@ class SessionIO:
                     timeout = min(timeout, 0.05)
                 for key, events in selector.select(max(0.0, timeout)):
                     if key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except (BlockingIOError, OSError):
-                            pass
+                        self._clear_wake()
                     elif events & selectors.EVENT_READ and not self._read_some():
                         raise _Ended("connection closed by the crawler (EOF)")
         finally:

@@ -764,3 +764,11 @@ def session_overlaps(events: list[dict], killed: dict[str, float] | None = None)
             if session in late:
                 lags.append(event["t"] - late.pop(session))
     return found, lags
+
+
+def suite_database() -> str:
+    """ "postgresql" or "sqlite": the database of this pytest run (each chaos variant runs in its own)."""
+    from django.conf import settings
+
+    engine = settings.DATABASES["default"]["ENGINE"]
+    return "postgresql" if "postgresql" in engine else "sqlite"

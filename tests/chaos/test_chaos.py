@@ -60,6 +60,7 @@ from tests.chaos.harness import (
     log,
     remove_folder,
     short_folder,
+    suite_database,
     tail,
     wait_for_log,
 )
@@ -97,13 +98,6 @@ BUS_ENV = {
     "BUS_SWEEP_INTERVAL": "1",
     "LOG_LEVEL": "INFO",
 }
-
-
-def suite_database() -> str:
-    from django.conf import settings
-
-    engine = settings.DATABASES["default"]["ENGINE"]
-    return "postgresql" if "postgresql" in engine else "sqlite"
 
 
 @pytest.mark.slow

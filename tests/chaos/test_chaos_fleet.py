@@ -45,6 +45,7 @@ from tests.chaos.harness import (
     remove_folder,
     session_overlaps,
     short_folder,
+    suite_database,
     tail,
     wait_for_log,
 )
@@ -65,13 +66,6 @@ MIN_KILLS = 4
 HEARTBEAT_TIMEOUT = 2.0
 DRAIN_TIMEOUT = 45.0
 HARD_DEADLINE = 170.0  # seconds for the whole scenario, set-up to verdict
-
-
-def suite_database() -> str:
-    from django.conf import settings
-
-    engine = settings.DATABASES["default"]["ENGINE"]
-    return "postgresql" if "postgresql" in engine else "sqlite"
 
 
 @pytest.mark.slow
