@@ -394,3 +394,32 @@ def test_a_self_registered_crawler_unreachable_past_the_ttl_is_dropped_and_a_per
     crawler = Crawler.objects.get(endpoint=f"unix:{kept}")
     assert crawler.last_error  # unreachable too, and says why, but a person registered it
     assert bus.poll() is None
+
+
+@pytest.fixture
+def short_folder():
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="jsr-", dir="/tmp")  # AF_UNIX paths must be short
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_bus_that_joins_takes_its_share_without_requeueing_or_rerunning_a_job(processes, short_folder):
+    """Rebalance: one bus owns two busy crawlers; a second bus joins and one crawler is handed over to it."""
+    folder = short_folder
+    paths = [os.path.join(folder, f"{name}.sock") for name in ("a", "b")]
+    logs = [start_crawler(processes, path, "--slots", "2", "--noop", "--noop-delay-ms", "3000") for path in paths]
+    ids = enqueue(4)
+    first = runbus(processes, *paths)
+    wait_until(lambda: Job.objects.running().filter(id__in=ids).count() == 4, timeout=30, message="4 running")
+    second = runbus(processes)
+    wait_until(lambda: spread() == [1, 1], timeout=10, message="one crawler each")
+    wait_until(lambda: finished(ids), timeout=30, message="all finish")
+    assert not JobEvent.objects.filter(job_id__in=ids, kind=EventKind.INTERRUPT).exists()
+    assert JobEvent.objects.filter(job_id__in=ids, kind=EventKind.RELEASE).count() == 2  # the handed-over pair
+    for log in logs:
+        assert len(log.assigns()) == 2 and log.max_open_sessions() == 1
+    assert sum(len(log.ready_sessions()) for log in logs) == 3  # one crawler moved, once
+    assert first.poll() is None and second.poll() is None
