@@ -101,7 +101,7 @@ class Bus:
         stall_timeout: float = 0.0,
         max_slots: int = 1000,
         max_result: int = 64 * 1024,
-        owner_lease: float = 1.5,
+        owner_lease: float = 1.2,
         announce_ttl: float = 300.0,
         handover_resume: float = 10.0,
         node: str | None = None,
@@ -431,9 +431,10 @@ class Bus:
                 if row.endpoint not in busy and (not row.owner or row.owner not in live or row.owner == me)
             ]
             free.sort(key=lambda row: preference(me, row.endpoint))
-            wanted = quota - len(mine)
+            chosen: dict[str, tuple[Endpoint, str]] = {}
+            seen: dict[str, int] = {}
             for row in free:
-                if wanted <= 0 or self.stop_event.is_set():
+                if len(chosen) >= quota - len(mine):
                     break
                 try:
                     endpoint = parse_endpoint(row.endpoint)
@@ -443,11 +444,13 @@ class Bus:
                 if endpoint.is_tcp and not self.token:
                     log.error(kv("bus.not_owning", endpoint=endpoint, reason="TCP sessions need BUS_TOKEN"))
                     continue
-                epoch = self.store.fleet_acquire(endpoint=row.endpoint, node=me, seen_epoch=row.owner_epoch)
-                if epoch is None:
-                    continue  # another node was quicker
-                wanted -= 1
-                self._take(endpoint, epoch, previous=row.owner)
+                chosen[row.endpoint] = (endpoint, row.owner)
+                seen[row.endpoint] = row.owner_epoch
+            # One statement for all: the last of a dead node's crawlers is taken as soon as the first.
+            won = self.store.fleet_acquire(node=me, seen=seen) if seen else {}
+            for key, epoch in won.items():  # the rest went to another node meanwhile
+                endpoint, previous = chosen[key]
+                self._take(endpoint, epoch, previous=previous)
         now = time.monotonic()
         if now - self._seen_at >= 2.0:
             self._seen_at = now

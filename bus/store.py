@@ -74,7 +74,7 @@ class Store(Protocol):
     def fleet_renew(
         self, *, node: str, host: str, pid: int, lease_seconds: float, stopping: bool, forget: bool = False
     ) -> FleetView: ...
-    def fleet_acquire(self, *, endpoint: str, node: str, seen_epoch: int) -> int | None: ...
+    def fleet_acquire(self, *, node: str, seen: dict[str, int]) -> dict[str, int]: ...
     def fleet_release(self, *, endpoint: str, node: str, epoch: int, then: str = "") -> bool: ...
     def fleet_seen(self, *, node: str, endpoints: Sequence[str]) -> None: ...
     def fleet_unreachable(self, *, endpoint: str, epoch: int, error: str, forget_after: float) -> bool: ...
@@ -440,10 +440,10 @@ class DjangoStore:
             node=node, host=host, pid=pid, lease_seconds=lease_seconds, stopping=stopping, forget=forget
         )
 
-    def fleet_acquire(self, *, endpoint, node, seen_epoch):
+    def fleet_acquire(self, *, node, seen):
         from jobs import fleet
 
-        return fleet.acquire(endpoint=endpoint, node=node, seen_epoch=seen_epoch)
+        return fleet.acquire(node=node, seen=seen)
 
     def fleet_release(self, *, endpoint, node, epoch, then=""):
         from jobs import fleet

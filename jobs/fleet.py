@@ -331,12 +331,25 @@ def leave(*, node: str) -> None:
     BusNode.objects.filter(node=node).delete()
 
 
-def acquire(*, endpoint: str, node: str, seen_epoch: int) -> int | None:
-    """Take ownership if nobody changed the row since `seen_epoch`; return the new epoch, or None."""
-    won = Crawler.objects.filter(endpoint=endpoint, owner_epoch=seen_epoch, state__in=OWNED_STATES).update(
-        owner=node, owner_epoch=F("owner_epoch") + 1, owned_at=timezone.now(), session=None
-    )
-    return seen_epoch + 1 if won else None
+def acquire(*, node: str, seen: dict[str, int]) -> dict[str, int]:
+    """Take the ownership of every endpoint in `seen` whose row nobody changed since (its epoch is as seen).
+
+    One statement for all, so a node taking over a dead node's crawlers
+    connects to the last as soon as to the first. Returns {endpoint: new
+    epoch} for those won; the others were taken by another node meanwhile.
+    """
+    if not seen:
+        return {}
+    cas = Q()
+    for endpoint, epoch in seen.items():
+        cas |= Q(endpoint=endpoint, owner_epoch=epoch)
+    with transaction.atomic():
+        Crawler.objects.filter(cas, state__in=OWNED_STATES).update(
+            owner=node, owner_epoch=F("owner_epoch") + 1, owned_at=timezone.now(), session=None
+        )
+        # Our own writes, read in the same transaction (the rows stay locked until it ends).
+        rows = Crawler.objects.filter(endpoint__in=list(seen), owner=node).values_list("endpoint", "owner_epoch")
+        return {endpoint: epoch for endpoint, epoch in rows if epoch == seen[endpoint] + 1}
 
 
 def owns(*, endpoint: str, epoch: int) -> bool:

@@ -190,7 +190,7 @@ BUS_MAX_RESULT = env.positive_int("BUS_MAX_RESULT", 64 * 1024, minimum=1024)
 # On SQLite (one machine) a dead node is seen at once from its pid, and a long
 # write by anyone delays every lease renewal: a longer lease costs nothing there.
 BUS_OWNER_LEASE = env.positive_float(
-    "BUS_OWNER_LEASE", 10.0 if DATABASES["default"]["ENGINE"].endswith("sqlite3") else 1.5
+    "BUS_OWNER_LEASE", 10.0 if DATABASES["default"]["ENGINE"].endswith("sqlite3") else 1.2
 )
 BUS_ANNOUNCE_TTL = env.positive_float("BUS_ANNOUNCE_TTL", 300.0)
 BUS_HANDOVER_RESUME = env.positive_float("BUS_HANDOVER_RESUME", 10.0)

@@ -23,28 +23,32 @@ def renew(node: str, **kwargs):
 
 def test_only_one_of_two_nodes_that_saw_the_same_epoch_acquires_the_endpoint():
     fleet.add_crawler(endpoint=ENDPOINT)
-    seen = Crawler.objects.get(endpoint=ENDPOINT).owner_epoch
-    first = fleet.acquire(endpoint=ENDPOINT, node="a", seen_epoch=seen)
-    second = fleet.acquire(endpoint=ENDPOINT, node="b", seen_epoch=seen)
-    assert (first, second) == (seen + 1, None)
+    fleet.add_crawler(endpoint="/tmp/second.sock")
+    seen = {ENDPOINT: 0, "unix:/tmp/second.sock": 0}
+    first = fleet.acquire(node="a", seen=seen)
+    second = fleet.acquire(node="b", seen=seen)
+    assert (first, second) == ({ENDPOINT: 1, "unix:/tmp/second.sock": 1}, {})
     crawler = Crawler.objects.get(endpoint=ENDPOINT)
-    assert (crawler.owner, crawler.owner_epoch) == ("a", seen + 1)
-    assert fleet.owns(endpoint=ENDPOINT, epoch=seen + 1) and not fleet.owns(endpoint=ENDPOINT, epoch=seen)
+    assert (crawler.owner, crawler.owner_epoch) == ("a", 1)
+    assert fleet.owns(endpoint=ENDPOINT, epoch=1) and not fleet.owns(endpoint=ENDPOINT, epoch=0)
+    # A batch wins the rows whose epoch is as seen and only those.
+    Crawler.objects.filter(endpoint=ENDPOINT).update(owner="", owner_epoch=5)
+    assert fleet.acquire(node="b", seen={ENDPOINT: 4, "unix:/tmp/second.sock": 1}) == {"unix:/tmp/second.sock": 2}
 
 
 def test_a_release_by_a_stale_epoch_changes_nothing_and_a_drained_release_pauses_or_removes():
     fleet.add_crawler(endpoint=ENDPOINT)
-    epoch = fleet.acquire(endpoint=ENDPOINT, node="a", seen_epoch=0)
+    epoch = fleet.acquire(node="a", seen={ENDPOINT: 0})[ENDPOINT]
     assert not fleet.release(endpoint=ENDPOINT, node="a", epoch=epoch - 1)
     assert not fleet.release(endpoint=ENDPOINT, node="b", epoch=epoch)
     fleet.drain_crawler(endpoint=ENDPOINT)
     assert fleet.release(endpoint=ENDPOINT, node="a", epoch=epoch, then="paused")
     crawler = Crawler.objects.get(endpoint=ENDPOINT)
     assert (crawler.owner, crawler.state) == ("", CrawlerState.PAUSED)
-    assert fleet.acquire(endpoint=ENDPOINT, node="a", seen_epoch=epoch) is None  # paused: nobody owns it
+    assert fleet.acquire(node="a", seen={ENDPOINT: epoch}) == {}  # paused: nobody owns it
 
     fleet.resume_crawler(endpoint=ENDPOINT)
-    epoch = fleet.acquire(endpoint=ENDPOINT, node="a", seen_epoch=epoch)
+    epoch = fleet.acquire(node="a", seen={ENDPOINT: epoch})[ENDPOINT]
     Crawler.objects.filter(endpoint=ENDPOINT).update(session=uuid.uuid4())  # a session is open: drains first
     assert not fleet.remove_crawler(endpoint=ENDPOINT, actor="test").removed
     assert fleet.release(endpoint=ENDPOINT, node="a", epoch=epoch, then="paused")
