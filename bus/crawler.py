@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import select
 import selectors
 import socket
 import threading
@@ -606,13 +607,25 @@ class _Session:
         _wake(self._wake_w)
 
     def peer_closed(self) -> bool:
-        """Whether the bus has closed (or reset) this connection, without consuming what it sent."""
-        try:
+        """Whether the bus has closed (or reset) this connection, even with frames still unread before the end.
+
+        Those frames cannot matter any more: an ack is answered again when the
+        outcome is resent, an assign was never started.
+        """
+        hangup = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+        if hasattr(select, "poll") and getattr(select, "POLLRDHUP", 0):
+            poller = select.poll()
+            try:
+                poller.register(self.sock, hangup)
+                return any(events & hangup for _, events in poller.poll(0))
+            except (OSError, ValueError):
+                return True  # closed here already
+        try:  # without POLLRDHUP: only an end with nothing unread before it is seen
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except (BlockingIOError, InterruptedError):
-            return False  # open, nothing to read
+            return False
         except OSError:
-            return True  # reset, or closed here already
+            return True
 
     # --- The session thread ---------------------------------------------------------------
 
