@@ -612,8 +612,9 @@ class _Session:
         Those frames cannot matter any more: an ack is answered again when the
         outcome is resent, an assign was never started.
         """
-        hangup = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
-        if hasattr(select, "poll") and getattr(select, "POLLRDHUP", 0):
+        rdhup: int = vars(select).get("POLLRDHUP", 0)  # Linux only
+        if rdhup and hasattr(select, "poll"):
+            hangup = rdhup | select.POLLHUP | select.POLLERR
             poller = select.poll()
             try:
                 poller.register(self.sock, hangup)
