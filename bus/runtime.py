@@ -37,6 +37,9 @@ from .store import Store, pid_alive
 log = logging.getLogger("bus.runtime")
 
 EXIT_SUPERVISOR_LOST = 3
+# How long a node that hands a crawler over waits for another node to take it
+# (a coordination pass is a quarter second) before it requeues the jobs itself.
+HANDOVER_WAIT = 1.0
 
 
 class BusConfigError(ValueError):
@@ -604,12 +607,36 @@ class Bus:
                     log.warning(kv("bus.release_failed", endpoint=key, error=exc.__class__.__name__))
                     self.store.close_connection()
                     time.sleep(0.1 * (attempt + 1))
+        if owned.mode == "handover" and io is not None and io.worker is not None:
+            self._await_successor(key, io.session)
         self.store.close_connection()
         with self._lock:
             if self._owned.get(key) is owned:
                 del self._owned[key]
         log.info(kv("bus.released", endpoint=key, mode=owned.mode or "closed"))
         self._nudge.set()
+
+    def _await_successor(self, key: str, session: uuid.UUID) -> None:
+        """A hand-over kept the session's jobs leased for the next owner: if none comes, requeue them.
+
+        Another node usually takes the crawler within a coordination pass. When
+        none does within HANDOVER_WAIT (every node is stopping: a whole
+        deployment shut down at once), the jobs go back to the queue here, as
+        when no other node was alive: nobody would settle them otherwise.
+        """
+        deadline = time.monotonic() + HANDOVER_WAIT
+        try:
+            while time.monotonic() < deadline:
+                if self.store.fleet_owner(endpoint=key):
+                    return
+                time.sleep(0.05)
+            counts = self.store.requeue_session(
+                session=session, reason=f"handed over, but no other bus took the crawler within {HANDOVER_WAIT:g} s"
+            )
+            log.info(kv("bus.hand_over_unanswered", endpoint=key, requeued=counts.requeued, failed=counts.failed))
+        except Exception as exc:  # the lease sweeper requeues them once their lease ends
+            log.warning(kv("bus.db_error", during="hand_over", error=exc.__class__.__name__, detail=str(exc)[:200]))
+            self.store.close_connection()
 
     def _track_worker(self, worker: SessionWorker) -> None:
         with self._lock:

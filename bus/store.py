@@ -81,6 +81,8 @@ class Store(Protocol):
     def fleet_orphans(self, *, endpoint: str, epoch: int) -> ResetCounts | None: ...
     def fleet_idle(self, *, endpoint: str) -> bool: ...
     def fleet_leave(self, *, node: str) -> None: ...
+    def fleet_owner(self, *, endpoint: str) -> str | None: ...
+    def requeue_session(self, *, session: UUID, reason: str) -> ResetCounts: ...
 
 
 # A bus thread's PostgreSQL session: a cut-off bus must not hold row locks
@@ -497,6 +499,17 @@ class DjangoStore:
         from jobs import fleet
 
         fleet.leave(node=node)
+
+    def fleet_owner(self, *, endpoint):
+        """The endpoint's owning node ("" for none), or None when it is no longer registered."""
+        from jobs.models import Crawler
+
+        return Crawler.objects.filter(endpoint=endpoint).values_list("owner", flat=True).first()
+
+    def requeue_session(self, *, session, reason):
+        from jobs import services
+
+        return services.reset_running_jobs(session=session, actor="bus", reason=reason)
 
 
 def pid_alive(pid: int) -> bool:

@@ -423,3 +423,20 @@ def test_a_bus_that_joins_takes_its_share_without_requeueing_or_rerunning_a_job(
         assert len(log.assigns()) == 2 and log.max_open_sessions() == 1
     assert sum(len(log.ready_sessions()) for log in logs) == 3  # one crawler moved, once
     assert first.poll() is None and second.poll() is None
+
+
+def test_every_bus_stopping_at_once_still_requeues_the_jobs(processes, short_socket_path):
+    """A whole deployment stopped at once (every gunicorn worker gets SIGTERM together): each node
+    hands its crawlers over, nobody takes them, and the jobs go back to the queue all the same."""
+    path = short_socket_path
+    start_crawler(processes, path, "--slots", "4", "--noop", "--noop-delay-ms", "60000")
+    ids = enqueue(4)
+    buses = [runbus(processes, path) for _ in range(2)]
+    wait_until(lambda: Job.objects.running().filter(id__in=ids).count() == 4, timeout=30, message="4 running")
+    wait_until(lambda: BusNode.objects.count() == 2, timeout=30, message="both nodes up")
+    for bus in buses:
+        bus.send_signal(signal.SIGTERM)
+    for bus in buses:
+        assert bus.wait(timeout=15) == 0, processes.output(bus)
+    assert Job.objects.filter(id__in=ids, status=Status.QUEUED).count() == 4
+    assert not BusNode.objects.exists()
