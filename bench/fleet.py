@@ -95,7 +95,7 @@ def _timestamp(value) -> float:
 def read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]  # whole lines only
 
 
 def overlaps(

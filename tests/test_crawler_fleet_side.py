@@ -42,7 +42,8 @@ from tests.test_fetch import site  # noqa: F401  (the local HTTP server fixture)
 def log_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    # Only whole lines: the crawler may be writing the last one while this reads.
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
 
 
 def events(path: Path, event: str, **fields: Any) -> list[dict[str, Any]]:

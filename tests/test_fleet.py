@@ -41,8 +41,8 @@ class ConnectionLog:
     def events(self) -> list[dict]:
         if not self.path.exists():
             return []
-        lines = self.path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip().endswith("}")]
+        lines = self.path.read_text().split("\n")[:-1]  # whole lines: the crawler may be writing the last
+        return [json.loads(line) for line in lines if line.strip()]
 
     def ready_sessions(self) -> list[dict]:
         return [event for event in self.events() if event["event"] == "ready"]

@@ -719,10 +719,16 @@ def check_hostile(db: ChaosDatabase, endpoint_suffix: str) -> HostileVerdict:
 def read_connection_log(path: str | Path) -> list[dict]:
     """The JSON lines of one crawler's --connection-log (a line cut short by a kill is left out)."""
     try:
-        lines = Path(path).read_text(errors="replace").splitlines()
+        lines = Path(path).read_text(errors="replace").split("\n")[:-1]  # whole lines only
     except OSError:
         return []
-    return [json.loads(line) for line in lines if line.strip().endswith("}")]
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except ValueError:  # a line a kill cut short, with the next run's first line appended to it
+            continue
+    return events
 
 
 def session_overlaps(events: list[dict], killed: dict[str, float] | None = None) -> tuple[list[str], list[float]]:
