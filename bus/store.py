@@ -464,31 +464,33 @@ class DjangoStore:
 
     def settle_orphans(self, *, session, endpoint, epoch):
         """Requeue the crawler's jobs still running under earlier sessions (only while we own it)."""
-        from jobs import fleet, services
-
-        if not fleet.owns(endpoint=endpoint, epoch=epoch):
-            return None
-        return services.requeue_orphans(
-            crawler=endpoint,
+        return self._requeue_orphans(
+            endpoint=endpoint,
+            epoch=epoch,
             keep_session=session,
-            actor="bus",
             reason="its bus session is gone and the crawler did not list it as still running",
         )
 
     def fleet_orphans(self, *, endpoint, epoch):
         """The crawler cannot be reached: requeue its jobs left by earlier sessions (only while we own it)."""
+        from jobs import fleet
+
+        counts = self._requeue_orphans(
+            endpoint=endpoint,
+            epoch=epoch,
+            keep_session=None,
+            reason="its bus session is gone and the crawler cannot be reached",
+        )
+        if counts is not None:
+            fleet.close_earlier_sessions(endpoint=endpoint, keep=None)
+        return counts
+
+    def _requeue_orphans(self, *, endpoint, epoch, keep_session, reason):
         from jobs import fleet, services
 
         if not fleet.owns(endpoint=endpoint, epoch=epoch):
             return None
-        counts = services.requeue_orphans(
-            crawler=endpoint,
-            keep_session=None,
-            actor="bus",
-            reason="its bus session is gone and the crawler cannot be reached",
-        )
-        fleet.close_earlier_sessions(endpoint=endpoint, keep=None)
-        return counts
+        return services.requeue_orphans(crawler=endpoint, keep_session=keep_session, actor="bus", reason=reason)
 
     def fleet_idle(self, *, endpoint):
         from jobs import fleet

@@ -166,14 +166,16 @@ def remove_crawler(*, endpoint: Any, now: bool = False, actor: str) -> Removal:
     """
     with transaction.atomic():
         crawler = _get(endpoint, lock=True)
-        running = list(Job.objects.running().filter(crawler=crawler.endpoint).values_list("id", flat=True))
         if now:
-            counts = services.reset_running_jobs(
-                job_ids=running, actor=actor, reason=f"crawler {crawler.endpoint} removed at once"
+            counts = services.requeue_orphans(
+                crawler=crawler.endpoint,
+                keep_session=None,
+                actor=actor,
+                reason=f"crawler {crawler.endpoint} removed at once",
             )
             crawler.delete()
             return Removal(crawler.endpoint, True, counts.requeued)
-        if not running and crawler.session is None:
+        if idle(endpoint=crawler.endpoint) and crawler.session is None:
             crawler.delete()
             return Removal(crawler.endpoint, True)
         crawler.state, crawler.remove_when_drained = CrawlerState.DRAINING, True
@@ -405,8 +407,9 @@ def unreachable(*, endpoint: str, epoch: int, error: str, forget_after: float) -
     silent = Q(last_seen_at__lt=cutoff) | Q(last_seen_at__isnull=True, created_at__lt=cutoff)
     with transaction.atomic():
         if forget_after > 0 and rows.filter(silent, source=CrawlerSource.ANNOUNCED).exists():
-            services.reset_running_jobs(
-                job_ids=list(Job.objects.running().filter(crawler=endpoint).values_list("id", flat=True)),
+            services.requeue_orphans(
+                crawler=endpoint,
+                keep_session=None,
                 actor="bus",
                 reason=f"self-registered crawler {endpoint} unreachable for {forget_after:g} s: dropped",
             )

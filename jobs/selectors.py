@@ -105,10 +105,8 @@ def recent_sessions(*, at: datetime) -> list[SessionRow]:
             if row.state != SessionState.CONNECTED and row.endpoint not in connected_endpoints:
                 # The bus keeps reconnecting to an endpoint whose session ended.
                 display = "reconnecting"
-        age = level = None
-        if row.state == SessionState.CONNECTED:
-            age = max(0.0, (at - (row.last_heartbeat_at or row.connected_at)).total_seconds())
-            level = heartbeat_level(age)
+        age = heartbeat_age(row, at)
+        level = heartbeat_level(age) if age is not None else None
         sessions.append(
             SessionRow(
                 session=row.session,
@@ -199,6 +197,13 @@ class FleetStatus:
     cut: bool  # more than MAX_CRAWLERS are registered: the first ones by endpoint are listed
 
 
+def heartbeat_age(session: BusSession, at: datetime) -> float | None:
+    """Seconds since an open session's last heartbeat (its connection until the first); None once it is closed."""
+    if session.state != SessionState.CONNECTED:
+        return None
+    return max(0.0, (at - (session.last_heartbeat_at or session.connected_at)).total_seconds())
+
+
 def fleet_status(*, at: datetime, limit: int = MAX_CRAWLERS) -> FleetStatus:
     """Every registered crawler (up to `limit`), by endpoint, in five queries whatever their number.
 
@@ -232,9 +237,7 @@ def fleet_status(*, at: datetime, limit: int = MAX_CRAWLERS) -> FleetStatus:
     rows = []
     for crawler in registered:
         session = sessions.get(crawler.session) if crawler.session else None
-        age = None
-        if session is not None and session.state == SessionState.CONNECTED:
-            age = max(0.0, (at - (session.last_heartbeat_at or session.connected_at)).total_seconds())
+        age = heartbeat_age(session, at) if session is not None else None
         rows.append(
             CrawlerStatus(
                 endpoint=crawler.endpoint,
