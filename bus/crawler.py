@@ -346,6 +346,8 @@ class Crawler:
                 "error": str(exc)[:2000],
                 "retryable": exc.retryable,
             }
+            if exc.network:
+                outcome["cause"] = "network"  # politeness extension: the bus backs the host off
         except Exception as exc:  # noqa: BLE001 - a crawler bug fails the job, it must not kill the thread silently
             log.exception(kv("crawler.job.crashed", job_id=job_id, attempt=attempt))
             # Not retryable: the same bug would fail every attempt.

@@ -31,9 +31,11 @@ CHUNK = 64 * 1024
 class FetchError(Exception):
     """The job failed; `retryable` says whether another attempt could succeed."""
 
-    def __init__(self, message: str, *, retryable: bool):
+    def __init__(self, message: str, *, retryable: bool, network: bool = False):
         super().__init__(message)
         self.retryable = retryable
+        # The host could not be reached or dropped the connection: the bus backs the host off.
+        self.network = network
 
 
 class FetchCancelled(Exception):
@@ -127,9 +129,14 @@ class FetchResult:
     elapsed_ms: int
     truncated: bool
     redirects: int
+    # The Retry-After header of a 429 or 503 (the bus backs the host off for it).
+    retry_after: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        result = asdict(self)
+        if self.retry_after is None:
+            del result["retry_after"]
+        return result
 
 
 class _PageParser(HTMLParser):
@@ -263,7 +270,7 @@ class Fetcher:
                     sock.close()
             except (OSError, http.client.HTTPException) as exc:
                 cancel.check()  # a cancel shuts the socket down: that error is the cancel
-                raise FetchError(f"{url}: {_describe(exc)}", retryable=True) from None
+                raise FetchError(f"{url}: {_describe(exc)}", retryable=True, network=True) from None
             redirects += 1
             if redirects > self.max_redirects:
                 raise FetchError(f"too many redirects (more than {self.max_redirects})", retryable=False)
@@ -282,6 +289,9 @@ class Fetcher:
             elapsed_ms=round((time.monotonic() - started) * 1000),
             truncated=truncated,
             redirects=redirects,
+            retry_after=(response.getheader("Retry-After") or "").strip()[:100] or None
+            if response.status in (429, 503)
+            else None,
         )
 
     def _split(self, url: str) -> tuple[str, str, int, str]:
@@ -307,7 +317,7 @@ class Fetcher:
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError) as exc:
-            raise FetchError(f"cannot resolve {host!r}: {_describe(exc)}", retryable=True) from None
+            raise FetchError(f"cannot resolve {host!r}: {_describe(exc)}", retryable=True, network=True) from None
         # A TCP lookup answers AF_INET and AF_INET6 only, whose sockaddr starts with the address text;
         # the (int, bytes) sockaddr in the type is that of other families.
         addresses = list(dict.fromkeys(info[4][0] for info in infos if isinstance(info[4][0], str)))
@@ -349,7 +359,7 @@ class Fetcher:
                 continue
             cancel.watch(conn.sock)
             return conn
-        raise FetchError(f"cannot connect to {host}:{port}: {_describe(error)}", retryable=True)
+        raise FetchError(f"cannot connect to {host}:{port}: {_describe(error)}", retryable=True, network=True)
 
     def _request(
         self,

@@ -40,6 +40,8 @@ EXIT_SUPERVISOR_LOST = 3
 # How long a node that hands a crawler over waits for another node to take it
 # (a coordination pass is a quarter second) before it requeues the jobs itself.
 HANDOVER_WAIT = 1.0
+# How often the sweeper checks that every host with queued jobs is visible to the claim.
+HOST_REPAIR_INTERVAL = 60.0
 
 
 class BusConfigError(ValueError):
@@ -652,6 +654,7 @@ class Bus:
         """
         wait = 0.0
         outage = False
+        repair_at = 0.0
         while not self.stop_event.wait(wait):
             try:
                 if outage:
@@ -670,6 +673,9 @@ class Bus:
                     node=self.node, explicit_node=self.explicit_node, heartbeat_timeout=self.config.heartbeat_timeout
                 )
                 self.store.sweep_expired_leases()
+                if time.monotonic() >= repair_at:
+                    self.store.repair_hosts()
+                    repair_at = time.monotonic() + HOST_REPAIR_INTERVAL
                 wait = self.sweep_interval
             except Exception as exc:
                 log.warning(kv("bus.sweep_failed", error=exc.__class__.__name__, detail=str(exc).strip()[:200]))

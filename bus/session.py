@@ -23,7 +23,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.outcomes import Outcome
+from jobs import dispatch
+from jobs.outcomes import Outcome, http_status_of, retry_after_of
 from jobsite.logging import kv
 
 from . import protocol
@@ -35,7 +36,8 @@ log = logging.getLogger("bus.session")
 
 MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 MAX_INBOX_MESSAGES = 20_000  # past this the IO thread stops reading until the worker catches up
-MAX_CLAIM_BATCH = 500
+# A host's turn comes at its ready time: claim a moment after, not a moment before.
+READY_MARGIN = 0.001
 PROGRESS_WRITE_INTERVAL = 1.0
 MAX_PROGRESS_MESSAGE = 1000
 MAX_ERROR_TEXT = 10_000
@@ -491,7 +493,12 @@ class SessionIO:
                     )
                 )
                 result = {"result_too_large": {"bytes": size, "limit": self.config.max_result}}
-            return Outcome(job_id=job_id, attempt=attempt, succeeded=True, result=_without_nul(result))
+            return Outcome(
+                job_id=job_id,
+                attempt=attempt,
+                succeeded=True,
+                result=_without_nul(result),
+            )
         error = frame.get("error", "")
         retryable = frame.get("retryable", False)
         if not isinstance(error, str):
@@ -504,6 +511,9 @@ class SessionIO:
             succeeded=False,
             error=error[:MAX_ERROR_TEXT].replace("\x00", ""),
             retryable=retryable,
+            http_status=http_status_of(frame.get("status")),
+            retry_after=retry_after_of(frame.get("retry_after")),
+            network=frame.get("cause") == "network",
         )
 
     @staticmethod
@@ -566,6 +576,7 @@ class _WorkerState:
     stale: int = 0  # stale outcomes from this session so far
     stale_limit: int = STALE_FLOOD_BASE
     orphans_at: float = 0.0  # when to requeue the jobs earlier sessions left (0: done)
+    ready_at: float = 0.0  # when a host that was waiting becomes ready: claim again then (0: none waits)
 
 
 class SessionWorker(threading.Thread):
@@ -695,6 +706,11 @@ class SessionWorker(threading.Thread):
             state.want_dispatch = True
             state.poll_at = now + self.config.poll_interval
         timeout = min(state.poll_at - now, max(0.0, state.seen_at + self.config.heartbeat_interval - now))
+        if state.ready_at:
+            if now >= state.ready_at:
+                state.want_dispatch, state.ready_at = True, 0.0
+                return
+            timeout = min(timeout, state.ready_at - now)
         if state.progress:
             timeout = min(timeout, PROGRESS_WRITE_INTERVAL)
         if state.orphans_at:
@@ -891,13 +907,15 @@ class SessionWorker(threading.Thread):
             and self.io.end_cause is None  # ending (a hand-over, a drain): nothing new to this session
             and not self.io.control.draining
         ):
-            free = state.slots - len(state.outstanding)
             state.suspects = {job_id for job_id in state.suspects if job_id in state.outstanding}
-            if free <= 0 or state.suspects:
+            wanted = dispatch.ask(
+                slots=state.slots, outstanding=len(state.outstanding), running_suspect=bool(state.suspects)
+            )
+            if wanted.limit <= 0:
                 state.want_dispatch = False  # full, or running a suspect alone
                 break
-            limit = min(free, MAX_CLAIM_BATCH)
-            claimed = store.claim(session=session, endpoint=self.io.endpoint, limit=limit, alone=not state.outstanding)
+            limit = wanted.limit
+            claimed = store.claim(session=session, endpoint=self.io.endpoint, limit=limit, alone=wanted.alone)
             at = time.monotonic()
             for job in claimed:
                 state.outstanding[job.id] = _Assignment(job.attempt, at)
@@ -917,6 +935,10 @@ class SessionWorker(threading.Thread):
                     )
                 )
             state.want_dispatch = len(claimed) == limit and not claimed[0].run_alone
+            if not state.want_dispatch and len(claimed) < limit:
+                # Hosts that must wait were skipped: ask again when the next one is ready.
+                wait = store.next_ready_in()
+                state.ready_at = 0.0 if wait is None else time.monotonic() + wait + READY_MARGIN
             if not self.inbox.empty():
                 break  # outcomes waiting: record and ack them before claiming more
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Greatest
 from django.urls import reverse
+
+from .hosts import long_ago
 
 
 class Status(models.TextChoices):
@@ -50,6 +53,10 @@ class JobQuerySet(models.QuerySet):
 
 class Job(models.Model):
     url = models.URLField(max_length=2048)
+    # The politeness unit the URL belongs to (jobs.hosts.host_key), set at enqueue.
+    host = models.ForeignKey(
+        "Host", on_delete=models.PROTECT, related_name="jobs", null=True, blank=True, db_constraint=False
+    )
     payload = models.JSONField(default=dict, blank=True)
     priority = models.IntegerField(default=0, help_text="Higher runs first.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
@@ -60,6 +67,9 @@ class Job(models.Model):
     # Retryable failures so far; a retryable `failed` requeues while
     # failures < max_attempts. Interruptions have their own budget.
     failures = models.PositiveIntegerField(default=0)
+    # Times the job went back to the queue because its host said "slow down"
+    # (429, 503, unreachable): no attempt spent, but bounded (HOST_BACKOFF_JOB_LIMIT).
+    backoffs = models.PositiveIntegerField(default=0, db_default=0)
     interruptions = models.PositiveIntegerField(default=0)
     max_interruptions = models.PositiveIntegerField(default=3)
     # The attempt whose outcome (done/failed) was last recorded: tells a resend
@@ -97,6 +107,10 @@ class Job(models.Model):
         indexes = [
             # "Next queued jobs by priority": an index scan in claim order.
             models.Index(fields=["-priority", "id"], condition=Q(status="queued"), name="job_claim_order"),
+            # The claim's "best queued jobs of host H" and "is anything of H still queued".
+            models.Index(fields=["host", "-priority", "id"], condition=Q(status="queued"), name="job_host_queue"),
+            # "How many jobs of host H are in flight" (the concurrency limit).
+            models.Index(fields=["host"], condition=Q(status="running"), name="job_host_running"),
             # Suspects waiting to run alone, taken first by a session that holds nothing.
             models.Index(
                 fields=["-priority", "id"], condition=Q(status="queued", run_alone=True), name="job_run_alone_order"
@@ -129,6 +143,26 @@ class Job(models.Model):
 
     def __str__(self) -> str:
         return f"Job {self.pk} {self.status} {self.url}"
+
+    def save(self, *args, **kwargs):
+        """A job saved through the ORM (not jobs.services.enqueue) gets its host too, and a queued one wakes it."""
+        if self.host_id is None and self.url:
+            from .hosts import HostKeyError, host_key
+
+            try:
+                key = host_key(self.url)
+            except HostKeyError:
+                key = "invalid"
+            self.host, _ = Host.objects.get_or_create(key=key)
+        super().save(*args, **kwargs)
+        if self.status == Status.QUEUED and self.host_id is not None:
+            Host.objects.filter(pk=self.host_id).update(
+                active=True,
+                top_priority=models.Case(
+                    models.When(active=True, then=Greatest("top_priority", models.Value(self.priority))),
+                    default=models.Value(self.priority),
+                ),
+            )
 
     def get_absolute_url(self) -> str:
         return reverse("jobs:detail", args=[self.pk])
@@ -227,6 +261,69 @@ class BusSession(models.Model):
 
     def __str__(self) -> str:
         return f"{self.crawler or 'crawler'} @ {self.endpoint} ({self.state})"
+
+
+# --- Hosts: politeness, enforced by the claim ------------------------------------
+
+
+class Host(models.Model):
+    """One politeness unit (a hostname, plus the port when not the default) and its dispatch state.
+
+    The claim (jobs.dispatch) starts a job of a host only when the host is
+    `active` (it may have queued jobs), not paused, `ready_at` has passed
+    (the delay since the last start, and any back-off) and fewer than its
+    concurrency are running. `delay` and `concurrency` left empty follow the
+    HOST_DELAY and HOST_CONCURRENCY settings.
+    """
+
+    key = models.CharField(max_length=300, unique=True, help_text="hostname[:port], lowercased, IDNA-encoded")
+    delay = models.FloatField(
+        null=True, blank=True, help_text="Seconds between two starts; empty: the HOST_DELAY setting."
+    )
+    concurrency = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Most jobs running at once; empty: the HOST_CONCURRENCY setting."
+    )
+    crawl_delay = models.FloatField(null=True, blank=True, help_text="The Crawl-delay robots.txt asks for.")
+    paused = models.BooleanField(default=False, help_text="No job of a paused host starts.")
+
+    # Dispatch state, written by the claim and by back-offs.
+    active = models.BooleanField(default=False, help_text="May have queued jobs (set whenever one is queued).")
+    top_priority = models.IntegerField(default=0, help_text="The best priority among its queued jobs.")
+    next_start_at = models.DateTimeField(null=True, blank=True, help_text="No job starts before this.")
+    backoff_until = models.DateTimeField(null=True, blank=True)
+    backoff_reason = models.CharField(max_length=500, blank=True, default="")
+    errors = models.PositiveIntegerField(default=0, help_text="Connection errors in a row (exponential back-off).")
+    # max(next_start_at, backoff_until): what the claim and the wake-up timer look at.
+    ready_at = models.DateTimeField(default=long_ago)
+    last_start_at = models.DateTimeField(null=True, blank=True)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["key"]
+        indexes = [
+            # The claim's scan: ready hosts, best priority first, longest waiting first.
+            models.Index(
+                fields=["-top_priority", "ready_at", "id"],
+                condition=Q(active=True, paused=False),
+                name="host_dispatch_order",
+            ),
+            # The wake-up timer's "when is the next host ready".
+            models.Index(fields=["ready_at"], condition=Q(active=True, paused=False), name="host_ready_at"),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(delay__isnull=True) | Q(delay__gte=0), name="host_delay_not_negative"),
+            models.CheckConstraint(
+                condition=Q(concurrency__isnull=True) | Q(concurrency__gte=1), name="host_concurrency_positive"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.key
+
+    def get_absolute_url(self) -> str:
+        return reverse("jobs:host", args=[self.key])
 
 
 # --- The fleet: crawlers, bus nodes, and who owns which crawler ------------------------

@@ -20,3 +20,30 @@ class Outcome:
     result: dict[str, Any] | None = None
     error: str = ""
     retryable: bool = False
+    # Politeness extension (docs/protocol.md): what the site answered. A 429
+    # or 503, or a connection error (`network`), backs the whole host off.
+    http_status: int | None = None
+    retry_after: str | float | None = None
+    network: bool = False
+
+    def answer(self) -> tuple[int | None, str | float | None]:
+        """The site's HTTP status and Retry-After this outcome reports (a `done` says it in its result)."""
+        if self.http_status is not None or not self.succeeded or not isinstance(self.result, dict):
+            return self.http_status, self.retry_after
+        return http_status_of(self.result.get("status")), retry_after_of(self.result.get("retry_after"))
+
+
+def http_status_of(value: Any) -> int | None:
+    """An HTTP status code from a crawler's report, or None when it is not one."""
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return value
+    return None
+
+
+def retry_after_of(value: Any) -> str | float | None:
+    """A Retry-After value from a crawler's report (header text or seconds), or None when unusable."""
+    if isinstance(value, str) and 0 < len(value) <= 100:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e9:
+        return float(value)
+    return None

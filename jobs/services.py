@@ -29,8 +29,7 @@ from django.db.models import (
     Count,
     DateTimeField,
     F,
-    Field,
-    Model,
+    Max,
     PositiveIntegerField,
     Q,
     TextField,
@@ -38,13 +37,18 @@ from django.db.models import (
     When,
 )
 from django.db.models.expressions import RawSQL
+from django.db.models.functions import Greatest
 from django.dispatch import Signal
 from django.utils import timezone
 
 from jobsite.logging import kv
 
-from .models import BusSession, EventKind, Job, JobEvent, Status
+from .dispatch import ClaimedJob, claim_jobs  # noqa: F401  (re-exported: services.claim_jobs)
+from .hosts import BACKOFF_STATUSES, HostKeyError, backoff_for, effective_delay, host_key
+from .models import BusSession, EventKind, Host, Job, JobEvent, Status
 from .outcomes import Outcome  # noqa: F401  (re-exported: services.Outcome)
+from .sql import column as _column
+from .sql import db_value, dialect
 
 log = logging.getLogger("jobs.services")
 
@@ -72,6 +76,23 @@ def _announce_queued() -> None:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])  # delivered at commit
     transaction.on_commit(lambda: jobs_available.send(sender=Job))
+
+
+def _queued_on(priorities: dict[int, int]) -> None:
+    """Jobs of these hosts (host id: best priority) became queued: mark the hosts, tell the buses.
+
+    Every transition to `queued` calls this in its transaction, after the
+    jobs changed: the claim only looks at active hosts, and a host goes
+    inactive when a claim finds nothing queued on it.
+    """
+    priorities = {host: priority for host, priority in priorities.items() if host is not None}
+    dialect().wake_hosts(priorities)
+    _announce_queued()
+
+
+def _hosts_of(jobs: Any) -> dict[int, int]:
+    """{host id: best priority} of a queryset of jobs."""
+    return dict(jobs.order_by().values("host_id").annotate(p=Max("priority")).values_list("host_id", "p"))
 
 
 def _id_in(ids: Iterable[int], field: str = "id") -> Q:
@@ -132,11 +153,9 @@ def _event_db(field_name: str, value: Any) -> Any:
     return _column(JobEvent, field_name).get_db_prep_value(value, connection)
 
 
-def _column(model: type[Model], name: str) -> Field:
-    """A model's concrete field (get_field may also return relations, which these names never are)."""
-    field = model._meta.get_field(name)
-    assert isinstance(field, Field), name
-    return field
+def _db(field_name: str, value: Any) -> Any:
+    """Adapt a Python value for a raw SQL parameter of Job.<field_name>."""
+    return db_value(Job, field_name, value)
 
 
 # --- Enqueue -----------------------------------------------------------------
@@ -160,6 +179,10 @@ def _validate_url(url: Any) -> str:
         _url_validator(url)
     except ValidationError:
         raise ValidationError({"url": f"{url[:200]!r} is not a valid http:// or https:// URL"}) from None
+    try:
+        host_key(url)
+    except HostKeyError as exc:
+        raise ValidationError({"url": str(exc)}) from None
     return url
 
 
@@ -216,230 +239,25 @@ def enqueue_many(*, urls: Sequence[str], payload: dict | None = None, priority: 
         raise ValidationError(problems)
     if not checked:
         raise ValidationError("no URLs given")
+    keys = [host_key(url) for url in checked]
     at = now()
-    fields = {name: _column(Job, name).default for name in ("max_attempts", "max_interruptions")}
-    table = connection.ops.quote_name(Job._meta.db_table)
-    events = connection.ops.quote_name(JobEvent._meta.db_table)
-    at_db = _db("created_at", at)
-    payload_json = json.dumps(payload)
+    limits = {name: _column(Job, name).default for name in ("max_attempts", "max_interruptions")}
+    sql = dialect()
     with transaction.atomic():
-        with connection.cursor() as cursor:
-            if _is_postgres():
-                cursor.execute(
-                    f"""
-                    WITH added AS (
-                        INSERT INTO {table} (url, payload, priority, status, attempt, max_attempts, failures,
-                                             interruptions, max_interruptions, error, created_at, updated_at)
-                        SELECT u.url, %s::jsonb, %s, 'queued', 0, %s, 0, 0, %s, '', %s, %s
-                        FROM unnest(%s::text[]) WITH ORDINALITY AS u(url, n) ORDER BY u.n
-                        RETURNING id
-                    ),
-                    logged AS (
-                        INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, actor, reason)
-                        SELECT id, %s, 'enqueue', '', 'queued', 0, %s, '' FROM added
-                    )
-                    SELECT id FROM added ORDER BY id
-                    """,
-                    (
-                        payload_json,
-                        priority,
-                        fields["max_attempts"],
-                        fields["max_interruptions"],
-                        at_db,
-                        at_db,
-                        checked,
-                        at_db,
-                        actor,
-                    ),
-                )
-                ids = [row[0] for row in cursor.fetchall()]
-            else:
-                cursor.execute(
-                    f"""
-                    INSERT INTO {table} (url, payload, priority, status, attempt, max_attempts, failures,
-                                         interruptions, max_interruptions, error, created_at, updated_at)
-                    SELECT u.value, %s, %s, 'queued', 0, %s, 0, 0, %s, '', %s, %s
-                    FROM json_each(%s) AS u ORDER BY u.key
-                    RETURNING id
-                    """,
-                    (
-                        payload_json,
-                        priority,
-                        fields["max_attempts"],
-                        fields["max_interruptions"],
-                        at_db,
-                        at_db,
-                        json.dumps(checked),
-                    ),
-                )
-                ids = sorted(row[0] for row in cursor.fetchall())
-                cursor.execute(
-                    f"""
-                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, actor, reason)
-                    SELECT value, %s, 'enqueue', '', 'queued', 0, %s, '' FROM json_each(%s)
-                    """,
-                    (at_db, actor, json.dumps(ids)),
-                )
-        _announce_queued()
+        hosts = sql.upsert_hosts(sorted(set(keys)), at)
+        ids = sql.insert_jobs(
+            urls=checked,
+            hosts=[hosts[key] for key in keys],
+            payload=json.dumps(payload),
+            priority=priority,
+            limits=limits,
+            at=_db("created_at", at),
+            actor=actor,
+        )
+        _queued_on({hosts[key]: priority for key in keys})
     jobs = list(Job.objects.filter(_id_in(ids)).order_by("id"))
     log.info(kv("jobs.enqueued", count=len(jobs), actor=actor))
     return jobs
-
-
-# --- Claim -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClaimedJob:
-    id: int
-    attempt: int
-    url: str
-    payload: dict
-    run_alone: bool = False
-
-
-def _json_value(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
-
-
-def _db(field_name: str, value: Any) -> Any:
-    """Adapt a Python value for a raw SQL parameter of Job.<field_name>."""
-    return _column(Job, field_name).get_db_prep_value(value, connection)
-
-
-def claim_jobs(
-    *,
-    session: UUID,
-    limit: int,
-    lease_seconds: float,
-    crawler: str = "",
-    alone: bool = False,
-    at: datetime | None = None,
-    actor: str = "bus",
-) -> list[ClaimedJob]:
-    """Lease up to `limit` queued jobs to `session` (a session of `crawler`), in priority order.
-
-    Each claimed job becomes running with attempt + 1 (the new fencing token)
-    and remembers the crawler it was given to: only that crawler may record
-    the attempt's outcome. Two concurrent claimers never get the same job:
-    PostgreSQL skips rows another claimer has locked; SQLite serialises
-    writers (BEGIN IMMEDIATE).
-
-    A suspected poison job (`run_alone`) goes only to a session that holds
-    nothing (`alone`), and alone: the claim then returns just that job, and
-    the caller claims nothing more while it runs.
-    """
-    if limit <= 0:
-        return []
-    at = at or now()
-    claimable = Job.objects.claimable(at)
-    if alone:
-        suspects = _claim(
-            claimable.filter(run_alone=True),
-            limit=1,
-            session=session,
-            crawler=crawler,
-            lease_seconds=lease_seconds,
-            at=at,
-            actor=actor,
-        )
-        if suspects:
-            return suspects
-    return _claim(
-        claimable.filter(run_alone=False),
-        limit=limit,
-        session=session,
-        crawler=crawler,
-        lease_seconds=lease_seconds,
-        at=at,
-        actor=actor,
-    )
-
-
-def _claim(
-    candidates: Any, *, limit: int, session: UUID, crawler: str, lease_seconds: float, at: datetime, actor: str
-) -> list[ClaimedJob]:
-    picked = candidates.order_by("-priority", "id").values("id")[:limit]
-    values = {
-        "session": _db("lease_session", session),
-        "until": _db("lease_expires_at", at + timedelta(seconds=lease_seconds)),
-        "at": _db("started_at", at),
-    }
-    table = connection.ops.quote_name(Job._meta.db_table)
-    events = connection.ops.quote_name(JobEvent._meta.db_table)
-    with transaction.atomic():
-        if _is_postgres():
-            picked_sql, picked_params = picked.select_for_update(skip_locked=True).query.sql_with_params()
-            sql = f"""
-                WITH picked AS ({picked_sql}),
-                claimed AS (
-                    UPDATE {table} AS j SET status = 'running', attempt = j.attempt + 1,
-                        lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
-                        attempt_session = %s, updated_at = %s, run_after = NULL, progress = NULL
-                    FROM picked WHERE j.id = picked.id
-                    RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority
-                ),
-                logged AS (
-                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
-                    SELECT id, %s, 'claim', 'queued', 'running', attempt, %s, %s, '' FROM claimed
-                )
-                SELECT id, attempt, url, payload, run_alone FROM claimed ORDER BY priority DESC, id
-            """
-            params = (
-                *picked_params,
-                values["session"],
-                values["until"],
-                values["at"],
-                crawler,
-                values["session"],
-                values["at"],
-                values["at"],
-                values["session"],
-                actor,
-            )
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                rows = cursor.fetchall()
-        else:
-            picked_sql, picked_params = picked.query.sql_with_params()
-            sql = f"""
-                UPDATE {table} SET status = 'running', attempt = attempt + 1,
-                    lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
-                    attempt_session = %s, updated_at = %s, run_after = NULL, progress = NULL
-                WHERE id IN ({picked_sql})
-                RETURNING id, attempt, url, payload, run_alone, priority
-            """
-            params = (
-                values["session"],
-                values["until"],
-                values["at"],
-                crawler,
-                values["session"],
-                values["at"],
-                *picked_params,
-            )
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                returned = cursor.fetchall()
-            returned.sort(key=lambda row: (-row[5], row[0]))
-            rows = [row[:5] for row in returned]
-            if rows:
-                # One INSERT ... SELECT whatever the batch size (bulk_create would
-                # split it by SQLite's parameter limit); the write lock held since
-                # BEGIN IMMEDIATE means these rows are still the ones just claimed.
-                with connection.cursor() as cursor:
-                    cursor.execute(
-                        f"""
-                        INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
-                        SELECT id, %s, 'claim', 'queued', 'running', attempt, lease_session, %s, ''
-                        FROM {table} WHERE id IN (SELECT value FROM json_each(%s))
-                        """,
-                        (values["at"], actor, json.dumps([row[0] for row in rows])),
-                    )
-    return [
-        ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=_json_value(row[3]), run_alone=bool(row[4]))
-        for row in rows
-    ]
 
 
 # --- Reset (requeue) -----------------------------------------------------------
@@ -540,7 +358,7 @@ def reset_running_jobs(
                         updated_at = %s
                     FROM target JOIN held ON held.lease_session = target.lease_session
                     WHERE j.id = target.id
-                    RETURNING j.id, j.status, j.attempt, target.lease_session,
+                    RETURNING j.id, j.status, j.attempt, target.lease_session, j.host_id, j.priority,
                               (j.interruptions >= j.max_interruptions AND held.n > 1) AS suspect
                 ),
                 logged AS (
@@ -549,14 +367,18 @@ def reset_running_jobs(
                            CASE WHEN status = 'failed' THEN %s WHEN suspect THEN %s ELSE %s END
                     FROM moved
                 )
-                SELECT status, count(*), count(*) FILTER (WHERE suspect) FROM moved GROUP BY status
+                SELECT status, host_id, max(priority), count(*), count(*) FILTER (WHERE suspect)
+                FROM moved GROUP BY status, host_id
             """
             params = (*target_params, at_db, failed_reason, at_db, at_db, actor, failed_reason, suspect_reason, reason)
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
-                rows = cursor.fetchall()
-            counts = {status: n for status, n, _ in rows}
-            suspected = sum(s for _, _, s in rows)
+                moved = cursor.fetchall()
+            counts = {}
+            for status, _, _, n, _ in moved:
+                counts[status] = counts.get(status, 0) + n
+            suspected = sum(row[4] for row in moved)
+            woken = {host: priority for status, host, priority, _, _ in moved if status == Status.QUEUED}
         else:
             # SQLite runs one writer at a time (BEGIN IMMEDIATE), so the
             # queries and the UPDATE below all see the same rows.
@@ -571,7 +393,7 @@ def reset_running_jobs(
                 output_field=TextField(),
             )
             listed = target.annotate(to_status=to_status, why=why).values(
-                "id", "attempt", "lease_session", "to_status", "why"
+                "id", "attempt", "lease_session", "to_status", "why", "host_id", "priority"
             )
             listed_sql, listed_params = listed.query.sql_with_params()
             with connection.cursor() as cursor:
@@ -584,12 +406,18 @@ def reset_running_jobs(
                     (at_db, actor, *listed_params),
                 )
                 cursor.execute(
-                    f"SELECT t.to_status, count(*), sum(t.why = %s) FROM ({listed_sql}) AS t GROUP BY t.to_status",
+                    f"""
+                    SELECT t.to_status, t.host_id, max(t.priority), count(*), sum(t.why = %s)
+                    FROM ({listed_sql}) AS t GROUP BY t.to_status, t.host_id
+                    """,
                     (suspect_reason, *listed_params),
                 )
-                rows = cursor.fetchall()
-            counts = {status: n for status, n, _ in rows}
-            suspected = sum(s or 0 for _, _, s in rows)
+                moved = cursor.fetchall()
+            counts = {}
+            for status, _, _, n, _ in moved:
+                counts[status] = counts.get(status, 0) + n
+            suspected = sum(row[4] or 0 for row in moved)
+            woken = {host: priority for status, host, priority, _, _ in moved if status == Status.QUEUED}
             target.update(
                 interruptions=F("interruptions") + 1,
                 status=to_status,
@@ -603,7 +431,7 @@ def reset_running_jobs(
             )
         result = ResetCounts(requeued=counts.get("queued", 0), failed=counts.get("failed", 0), suspected=suspected)
         if result.requeued:
-            _announce_queued()
+            _queued_on(woken)
     if result.total:
         log.info(
             kv(
@@ -704,6 +532,9 @@ def record_outcomes(
             "lease_session",
             "crawler",
             "attempt_session",
+            "host_id",
+            "priority",
+            "backoffs",
         )
         jobs = {
             row["id"]: row for row in Job.objects.select_for_update().filter(_id_in(ids)).order_by("id").values(*fields)
@@ -718,7 +549,8 @@ def record_outcomes(
             )
         changed: dict[int, Job] = {}
         events: list[dict[str, Any]] = []
-        requeued = False
+        requeued: dict[int, int] = {}  # host: best priority of the jobs going back to the queue
+        hosts = _HostReports(at)
         ages = _session_ages(session, jobs.values())
         for outcome in outcomes:
             job = jobs.get(outcome.job_id)
@@ -749,6 +581,7 @@ def record_outcomes(
                 continue
             assert job is not None
             # Rules 1 and 3.
+            backoff = hosts.report(job["host_id"], outcome, job_backoffs=job["backoffs"])
             update = Job(
                 id=outcome.job_id,
                 outcome_attempt=outcome.attempt,
@@ -761,7 +594,17 @@ def record_outcomes(
                 error="",
                 finished_at=at,
             )
-            if outcome.succeeded:
+            update.backoffs = job["backoffs"]
+            if backoff is not None:
+                # The host said "slow down": back to the queue, no attempt spent. The
+                # attempt's outcome is recorded all the same (a resend is rule 2).
+                update.status, update.finished_at, update.backoffs = Status.QUEUED, None, job["backoffs"] + 1
+                update.error = reason = (
+                    f"host backing off: {backoff.reason} "
+                    f"(sent back {update.backoffs} of {settings.HOST_BACKOFF_JOB_LIMIT} times, no attempt spent)"
+                )
+                requeued[job["host_id"]] = max(job["priority"], requeued.get(job["host_id"], job["priority"]))
+            elif outcome.succeeded:
                 update.status, update.result = Status.SUCCEEDED, outcome.result
                 reason = ""
             else:
@@ -771,7 +614,7 @@ def record_outcomes(
                 if outcome.retryable and update.failures < job["max_attempts"]:
                     update.status, update.finished_at = Status.QUEUED, None
                     update.run_after = at + retry_delay(update.failures)
-                    requeued = True
+                    requeued[job["host_id"]] = max(job["priority"], requeued.get(job["host_id"], job["priority"]))
                     reason = f"retryable failure {update.failures} of {job['max_attempts']}: {outcome.error[:500]}"
                 else:
                     update.status = Status.FAILED
@@ -790,14 +633,81 @@ def record_outcomes(
                     reason=reason,
                 )
             )
-            job.update(status=update.status, outcome_attempt=outcome.attempt, failures=update.failures)
+            job.update(status=update.status, outcome_attempt=update.outcome_attempt, failures=update.failures)
             acks.append(RECORDED)
         if changed:
             _apply_outcomes(changed.values(), at)
         _events(events)
+        hosts.save()
         if requeued:
-            _announce_queued()
+            _queued_on(requeued)
     return acks
+
+
+class _HostReports:
+    """What a batch of outcomes says about their hosts: back-offs (429, 503, connection errors) and recoveries.
+
+    A "slow down" backs the host off for the whole fleet: Retry-After when
+    the reply gave one (seconds or an HTTP date), else HOST_BACKOFF doubled
+    per report in a row, capped at HOST_BACKOFF_MAX. A job is sent back this
+    way at most HOST_BACKOFF_JOB_LIMIT times; after that its outcome is
+    recorded as it came. Hosts are locked in id order, after the jobs.
+    """
+
+    def __init__(self, at: datetime):
+        self.at = at
+        self.hosts: dict[int, dict[str, Any]] = {}
+
+    def _host(self, host_id: int) -> dict[str, Any]:
+        if host_id not in self.hosts:
+            row = Host.objects.select_for_update().filter(id=host_id).values("errors", "backoff_until").first()
+            self.hosts[host_id] = {"errors": 0, "backoff_until": None, **(row or {}), "changed": False}
+        return self.hosts[host_id]
+
+    def report(self, host_id: int | None, outcome: Outcome, *, job_backoffs: int):
+        """The BackOff `outcome` puts its host in, or None (a recovery resets the error count)."""
+        if host_id is None:
+            return None
+        status, retry_after = outcome.answer()
+        slow_down = outcome.network or status in BACKOFF_STATUSES
+        if not slow_down:
+            if outcome.succeeded and self._host(host_id)["errors"]:
+                self.hosts[host_id].update(errors=0, changed=True)
+            return None
+        if job_backoffs >= settings.HOST_BACKOFF_JOB_LIMIT:
+            return None
+        host = self._host(host_id)
+        host["errors"] += 1
+        backoff = backoff_for(
+            status=status,
+            retry_after=retry_after,
+            network=outcome.network,
+            errors=host["errors"],
+            at=self.at,
+            base=settings.HOST_BACKOFF,
+            cap=settings.HOST_BACKOFF_MAX,
+        )
+        if backoff is None:
+            return None
+        until = backoff.until(self.at)
+        if host["backoff_until"] is None or until > host["backoff_until"]:
+            host.update(backoff_until=until, reason=backoff.reason)
+        host["changed"] = True
+        return backoff
+
+    def save(self) -> None:
+        for host_id in sorted(self.hosts):
+            host = self.hosts[host_id]
+            if not host["changed"]:
+                continue
+            fields: dict[str, Any] = {"errors": host["errors"], "updated_at": self.at}
+            if "reason" in host:
+                fields.update(
+                    backoff_until=host["backoff_until"],
+                    backoff_reason=host["reason"][:500],
+                    ready_at=Greatest(F("ready_at"), Value(host["backoff_until"])),
+                )
+            Host.objects.filter(id=host_id).update(**fields)
 
 
 def _session_ages(session: UUID | None, jobs: Iterable[dict[str, Any]]) -> dict[UUID, datetime]:
@@ -863,6 +773,7 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
             "status": job.status,
             "outcome_attempt": job.outcome_attempt,
             "failures": job.failures,
+            "backoffs": job.backoffs,
             "run_after": None if job.run_after is None else str(_db("run_after", job.run_after)),
             "result": job.result,
             "error": job.error,
@@ -870,37 +781,7 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
         }
         for job in jobs
     ]
-    table = connection.ops.quote_name(Job._meta.db_table)
-    with connection.cursor() as cursor:
-        if _is_postgres():
-            cursor.execute(
-                f"""
-                UPDATE {table} AS j SET status = v.status, outcome_attempt = v.outcome_attempt,
-                    failures = v.failures, run_after = v.run_after, error = v.error, finished_at = v.finished_at,
-                    result = CASE WHEN jsonb_typeof(v.result) = 'null' THEN NULL ELSE v.result END,
-                    lease_session = NULL, lease_expires_at = NULL, run_alone = false, updated_at = %s
-                FROM jsonb_to_recordset(%s::jsonb) AS v(id bigint, status text, outcome_attempt integer,
-                    failures integer, run_after timestamptz, result jsonb, error text, finished_at timestamptz)
-                WHERE j.id = v.id
-                """,
-                [_db("updated_at", at), json.dumps(rows)],
-            )
-        else:
-
-            def field(name: str) -> str:
-                return f"json_extract(v.value, '$.{name}')"
-
-            cursor.execute(
-                f"""
-                UPDATE {table} SET status = {field("status")}, outcome_attempt = {field("outcome_attempt")},
-                    failures = {field("failures")}, run_after = {field("run_after")}, error = {field("error")},
-                    finished_at = {field("finished_at")}, result = {field("result")},
-                    lease_session = NULL, lease_expires_at = NULL, run_alone = 0, updated_at = %s
-                FROM json_each(%s) AS v
-                WHERE {table}.id = {field("id")}
-                """,
-                [_db("updated_at", at), json.dumps(rows)],
-            )
+    dialect().apply_outcomes(rows, _db("updated_at", at))
 
 
 def record_outcome(*, session: UUID | None, outcome: Outcome, crawler: str = "", actor: str = "bus") -> str:
@@ -1130,7 +1011,115 @@ def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by 
             for job_id, status, attempt in rows
         )
         if rows:
-            _announce_queued()
+            _queued_on(_hosts_of(Job.objects.filter(_id_in([row[0] for row in rows]))))
     if rows:
         log.info(kv("jobs.retried", count=len(rows), actor=actor))
     return ChangeResult(changed=len(rows), skipped=len(job_ids) - len(rows))
+
+
+# --- Hosts ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostRepair:
+    hosted: int = 0  # queued jobs that had no host (created outside enqueue) and got one
+    woken: int = 0  # hosts with queued jobs that were not marked active
+
+    @property
+    def total(self) -> int:
+        return self.hosted + self.woken
+
+
+def repair_hosts() -> HostRepair:
+    """Give hostless queued jobs their host and wake hosts whose queued jobs the claim would not see.
+
+    Every transition to `queued` marks its host itself (_queued_on); this
+    safety net, run by the bus at start and then once a minute, finds what a
+    job created outside the services (a data migration, a raw INSERT) left
+    behind. It logs a warning when it changes anything.
+    """
+    hosted = 0
+    with transaction.atomic():
+        hostless = list(Job.objects.queued().filter(host__isnull=True).values_list("id", "url")[:10_000])
+        if hostless:
+            keys: dict[int, str] = {}
+            for job_id, url in hostless:
+                try:
+                    keys[job_id] = host_key(url)
+                except HostKeyError:
+                    keys[job_id] = "invalid"
+            hosts = dialect().upsert_hosts(sorted(set(keys.values())), now())
+            for key in set(keys.values()):
+                hosted += Job.objects.filter(
+                    _id_in([job_id for job_id, job_key in keys.items() if job_key == key]), host__isnull=True
+                ).update(host_id=hosts[key])
+        sleeping = dict(
+            Job.objects.queued()
+            .filter(host__active=False)
+            .order_by()
+            .values("host_id")
+            .annotate(p=Max("priority"))
+            .values_list("host_id", "p")
+        )
+        if sleeping or hosted:
+            _queued_on(sleeping | _hosts_of(Job.objects.queued().filter(_id_in([job_id for job_id, _ in hostless]))))
+    result = HostRepair(hosted=hosted, woken=len(sleeping))
+    if result.total:
+        log.warning(kv("hosts.repaired", hosted=result.hosted, woken=result.woken))
+    return result
+
+
+HOST_FIELDS = ("delay", "concurrency", "paused")
+
+
+def update_host(*, key: str, actor: str, **changes: Any) -> Host:
+    """Change a host's delay, concurrency or pause (None: follow the settings); bad values raise ValidationError.
+
+    The change applies to the next claim. Resuming a host or shortening its
+    wait wakes the buses so that its jobs start at once.
+    """
+    unknown = set(changes) - set(HOST_FIELDS)
+    if unknown:
+        raise ValidationError(f"unknown host fields: {', '.join(sorted(unknown))}")
+    errors: dict[str, str] = {}
+    if "delay" in changes and changes["delay"] is not None:
+        delay = changes["delay"]
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 86400:
+            errors["delay"] = "delay must be a number of seconds from 0 to 86400, or empty for HOST_DELAY"
+    if "concurrency" in changes and changes["concurrency"] is not None:
+        concurrency = changes["concurrency"]
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 100_000:
+            errors["concurrency"] = "concurrency must be a whole number from 1 to 100000, or empty for HOST_CONCURRENCY"
+    if "paused" in changes and not isinstance(changes["paused"], bool):
+        errors["paused"] = "paused must be true or false"
+    if errors:
+        raise ValidationError(errors)
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(key=key)
+        before = {name: getattr(host, name) for name in changes}
+        for name, value in changes.items():
+            setattr(host, name, value)
+        if "delay" in changes and host.last_start_at is not None:
+            # A shorter delay applies at once: the next start moves to last start + new delay.
+            pause = effective_delay(delay=host.delay, crawl_delay=host.crawl_delay, default=settings.HOST_DELAY)
+            host.next_start_at = host.last_start_at + timedelta(seconds=pause)
+            host.ready_at = max(filter(None, (host.next_start_at, host.backoff_until)))
+        host.save()
+        if any(before[name] != getattr(host, name) for name in changes):
+            log.info(kv("hosts.changed", host=key, actor=actor, **{name: getattr(host, name) for name in changes}))
+            _announce_queued()
+    return host
+
+
+def end_backoff(*, key: str, actor: str) -> Host:
+    """Lift a host's back-off now (a person decided the site is fine again)."""
+    with transaction.atomic():
+        host = Host.objects.select_for_update().get(key=key)
+        if host.backoff_until is not None:
+            host.backoff_until, host.errors = None, 0
+            host.backoff_reason = f"back-off lifted by {actor}"[:500]
+            host.ready_at = host.next_start_at or now()
+            host.save()
+            log.info(kv("hosts.backoff_lifted", host=key, actor=actor))
+            _announce_queued()
+    return host

@@ -198,6 +198,18 @@ if BUS_OWNER_LEASE < 0.3:
     raise ImproperlyConfigured("BUS_OWNER_LEASE must be at least 0.3 seconds")
 JOB_RETRY_BACKOFF_BASE = env.positive_float("JOB_RETRY_BACKOFF_BASE", 2.0, allow_zero=True)
 JOB_RETRY_BACKOFF_CAP = env.positive_float("JOB_RETRY_BACKOFF_CAP", 600.0, allow_zero=True)
+# Politeness (jobs.dispatch, docs/guarantees.md): per host, fleet-wide. A host's
+# own delay or concurrency (admin, /hosts/) overrides these defaults.
+HOST_DELAY = env.positive_float("HOST_DELAY", 1.0, allow_zero=True)
+HOST_CONCURRENCY = env.positive_int("HOST_CONCURRENCY", 2)
+# A 429, a 503 or a connection error backs the host off: Retry-After when
+# given, else HOST_BACKOFF doubled per report in a row; both capped at
+# HOST_BACKOFF_MAX. One job is sent back at most HOST_BACKOFF_JOB_LIMIT times.
+HOST_BACKOFF = env.positive_float("HOST_BACKOFF", 10.0)
+HOST_BACKOFF_MAX = env.positive_float("HOST_BACKOFF_MAX", 3600.0)
+HOST_BACKOFF_JOB_LIMIT = env.positive_int("HOST_BACKOFF_JOB_LIMIT", 10, minimum=0)
+if HOST_BACKOFF_MAX < HOST_BACKOFF:
+    raise ImproperlyConfigured("HOST_BACKOFF_MAX must be >= HOST_BACKOFF")
 if BUS_BACKOFF_CAP < BUS_BACKOFF_BASE:
     raise ImproperlyConfigured("BUS_BACKOFF_CAP must be >= BUS_BACKOFF_BASE")
 

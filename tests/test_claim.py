@@ -109,7 +109,9 @@ def test_claim_skips_jobs_that_are_not_queued(session_a, session_b):
 
 def _claim_queries(count: int, assert_max_queries) -> int:
     enqueue(count)
-    with assert_max_queries(5) as queries:
+    # SQLite: BEGIN, ready hosts, their best jobs, start them, their events,
+    # move the hosts on, COMMIT (PostgreSQL does it all in one statement).
+    with assert_max_queries(7) as queries:
         claimed = services.claim_jobs(session=uuid.uuid4(), limit=count, lease_seconds=60)
     assert len(claimed) == count
     return len(queries)

@@ -23,6 +23,7 @@ def make_jobs(count: int, **fields) -> list[Job]:
     defaults = dict(url="https://example.com/page", status=Status.QUEUED)
     defaults.update(fields)
     Job.objects.bulk_create([Job(**defaults) for _ in range(count)])
+    services.repair_hosts()  # rows made outside the services get their host as the bus's sweeper gives it
     return list(Job.objects.order_by("-id")[:count])[::-1]
 
 
@@ -258,8 +259,9 @@ def test_requeued_jobs_can_be_claimed_again_with_a_new_attempt(session_a, sessio
     assert [(c.id, c.attempt) for c in claimed] == [(job.id, 2)]
 
 
-# SAVEPOINT, the statement(s), RELEASE, and on PostgreSQL the NOTIFY: never one per job.
-RESET_MAX_QUERIES = 6
+# SAVEPOINT, the statement(s), marking the requeued jobs' hosts, RELEASE, and on
+# PostgreSQL the NOTIFY: never one per job.
+RESET_MAX_QUERIES = 7
 
 
 def _reset_queries(count: int, assert_max_queries) -> int:

@@ -1,0 +1,239 @@
+"""PostgreSQL: the dispatch SQL (claim, hosts), row locks with SKIP LOCKED so concurrent claimers never wait.
+
+Lock order, to stay free of deadlocks: whoever changes jobs and hosts in
+one transaction locks the jobs first and the hosts after, in id order
+(wake_hosts); the claim locks hosts and then jobs, but with SKIP LOCKED on
+both, so it never waits for anyone.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from django.db import connection
+
+from jobs.hosts import LONG_AGO
+from jobs.models import Host, Job, JobEvent
+
+from . import db_time, db_value, table
+
+
+def upsert_hosts(keys: list[str], at: datetime) -> dict[str, int]:
+    """Create the Host rows that do not exist yet; return every key's id."""
+    hosts = table(Host)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {hosts} (key, paused, active, top_priority, errors, backoff_reason, ready_at,
+                                 created_at, updated_at)
+            SELECT k, false, false, 0, 0, '', %s, %s, %s FROM unnest(%s::text[]) AS k ORDER BY k
+            ON CONFLICT (key) DO NOTHING
+            """,
+            [db_time(LONG_AGO), db_time(at), db_time(at), sorted(keys)],
+        )
+        cursor.execute(f"SELECT key, id FROM {hosts} WHERE key = ANY(%s::text[])", [list(keys)])
+        return dict(cursor.fetchall())
+
+
+def insert_jobs(
+    *, urls: list[str], hosts: list[int], payload: str, priority: int, limits: dict[str, int], at: Any, actor: str
+) -> list[int]:
+    """Insert queued jobs and their enqueue events in one statement; return the ids in input order."""
+    jobs, events = table(Job), table(JobEvent)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH added AS (
+                INSERT INTO {jobs} (url, host_id, payload, priority, status, attempt, max_attempts, failures,
+                                    backoffs, interruptions, max_interruptions, error, created_at, updated_at)
+                SELECT u.url, u.host, %s::jsonb, %s, 'queued', 0, %s, 0, 0, 0, %s, '', %s, %s
+                FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS u(url, host, n) ORDER BY u.n
+                RETURNING id
+            ),
+            logged AS (
+                INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, actor, reason)
+                SELECT id, %s, 'enqueue', '', 'queued', 0, %s, '' FROM added
+            )
+            SELECT id FROM added ORDER BY id
+            """,
+            (payload, priority, limits["max_attempts"], limits["max_interruptions"], at, at, urls, hosts, at, actor),
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def wake_hosts(priorities: dict[int, int]) -> None:
+    """Mark hosts as having queued jobs, raising their best priority (locks in id order)."""
+    if not priorities:
+        return
+    hosts = table(Host)
+    ids = sorted(priorities)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH locked AS (SELECT id FROM {hosts} WHERE id = ANY(%s) ORDER BY id FOR UPDATE)
+            UPDATE {hosts} AS h SET active = true,
+                top_priority = CASE WHEN h.active THEN GREATEST(h.top_priority, v.p) ELSE v.p END
+            FROM locked, jsonb_to_recordset(%s::jsonb) AS v(id bigint, p integer)
+            WHERE h.id = locked.id AND h.id = v.id
+            """,
+            [ids, json.dumps([{"id": host, "p": priority} for host, priority in priorities.items()])],
+        )
+
+
+def claim(
+    *,
+    limit: int,
+    alone: bool,
+    session: Any,
+    crawler: str,
+    lease_seconds: float,
+    at: datetime | None,
+    actor: str,
+    delay: float,
+    concurrency: int,
+    max_crawl_delay: float,
+) -> tuple[list[tuple], int]:
+    """One statement: lock the ready hosts, take their best jobs, start them, move the hosts on.
+
+    `at` None means the database's clock at the moment the statement runs
+    (after its snapshot): a start is then never dated before an end it saw.
+    Returns (id, attempt, url, payload, run_alone) rows in claim order, and
+    how many ready hosts it looked at.
+    """
+    jobs, hosts, events = table(Job), table(Host), table(JobEvent)
+    # Suspects (run_alone) are few: look only at the hosts that have one.
+    only_suspects = (
+        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone)" if alone else ""
+    )
+    sql = f"""
+        WITH clock AS MATERIALIZED (SELECT COALESCE(%(at)s::timestamptz, clock_timestamp()) AS at),
+        ready AS (
+            SELECT h.id,
+                   GREATEST(COALESCE(h.delay, %(delay)s), LEAST(COALESCE(h.crawl_delay, 0), %(max_crawl)s)) AS pause,
+                   COALESCE(h.concurrency, %(concurrency)s) - busy.n AS room
+            FROM {hosts} AS h
+            CROSS JOIN clock
+            CROSS JOIN LATERAL (
+                SELECT count(*) AS n FROM {jobs} AS r WHERE r.host_id = h.id AND r.status = 'running'
+            ) AS busy
+            WHERE h.active AND NOT h.paused AND h.ready_at <= clock.at
+              AND busy.n < COALESCE(h.concurrency, %(concurrency)s) {only_suspects}
+            ORDER BY h.top_priority DESC, h.ready_at, h.id
+            LIMIT %(limit)s
+            FOR UPDATE OF h SKIP LOCKED
+        ),
+        picks AS (
+            SELECT c.id, c.priority, r.id AS host_id
+            FROM ready AS r
+            CROSS JOIN LATERAL (
+                SELECT j.id, j.priority FROM {jobs} AS j
+                WHERE j.host_id = r.id AND j.status = 'queued' AND j.run_alone = %(alone)s
+                  AND (j.run_after IS NULL OR j.run_after <= (SELECT at FROM clock))
+                ORDER BY j.priority DESC, j.id
+                LIMIT CASE WHEN r.pause > 0 THEN 1 ELSE r.room END
+                FOR UPDATE OF j SKIP LOCKED
+            ) AS c
+        ),
+        picked AS (SELECT id, host_id FROM picks ORDER BY priority DESC, id LIMIT %(limit)s),
+        claimed AS (
+            UPDATE {jobs} AS j SET status = 'running', attempt = j.attempt + 1,
+                lease_session = %(session)s, lease_expires_at = clock.at + make_interval(secs => %(lease)s),
+                started_at = clock.at, crawler = %(crawler)s, attempt_session = %(session)s,
+                updated_at = clock.at, run_after = NULL, progress = NULL
+            FROM picked, clock WHERE j.id = picked.id
+            RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority, j.host_id
+        ),
+        logged AS (
+            INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+            SELECT claimed.id, clock.at, 'claim', 'queued', 'running', claimed.attempt, %(session)s, %(actor)s, ''
+            FROM claimed, clock
+        ),
+        started AS (SELECT host_id, count(*) AS n FROM claimed GROUP BY host_id),
+        settled AS (
+            UPDATE {hosts} AS h SET
+                last_start_at = CASE WHEN s.n IS NULL THEN h.last_start_at ELSE clock.at END,
+                next_start_at = CASE WHEN s.n IS NULL THEN h.next_start_at
+                                     ELSE clock.at + make_interval(secs => r.pause) END,
+                ready_at = CASE
+                    -- Without a delay a start changes nothing: a back-off sets ready_at itself.
+                    WHEN s.n IS NOT NULL AND r.pause = 0 THEN h.ready_at
+                    WHEN s.n IS NOT NULL
+                        THEN GREATEST(clock.at + make_interval(secs => r.pause), COALESCE(h.backoff_until, clock.at))
+                    -- Nothing startable now (retry delays): wait for the soonest instead of
+                    -- coming back on every claim.
+                    ELSE GREATEST(h.ready_at, COALESCE((
+                        SELECT min(COALESCE(w.run_after, '-infinity'::timestamptz)) FROM {jobs} AS w
+                        WHERE w.host_id = r.id AND w.status = 'queued' AND w.run_alone = %(alone)s
+                    ), h.ready_at))
+                END,
+                top_priority = COALESCE(nxt.priority, h.top_priority),
+                active = nxt.priority IS NOT NULL,
+                updated_at = clock.at
+            FROM ready AS r
+            CROSS JOIN clock
+            LEFT JOIN started AS s ON s.host_id = r.id
+            LEFT JOIN LATERAL (
+                SELECT q.priority FROM {jobs} AS q
+                WHERE q.host_id = r.id AND q.status = 'queued' AND q.id NOT IN (SELECT id FROM picked)
+                ORDER BY q.priority DESC, q.id LIMIT 1
+            ) AS nxt ON true
+            WHERE h.id = r.id
+        )
+        SELECT id, attempt, url, payload, run_alone, priority FROM claimed
+        UNION ALL SELECT NULL, count(*), NULL, NULL, NULL, NULL FROM ready
+    """
+    params = {
+        "at": db_time(at),
+        "delay": float(delay),
+        "max_crawl": float(max_crawl_delay),
+        "concurrency": int(concurrency),
+        "limit": int(limit),
+        "alone": bool(alone),
+        "session": db_value(Job, "lease_session", session),
+        "lease": float(lease_seconds),
+        "crawler": crawler,
+        "actor": actor,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        returned = cursor.fetchall()
+    considered = next(row[1] for row in returned if row[0] is None)
+    rows = sorted((row for row in returned if row[0] is not None), key=lambda row: (-row[5], row[0]))
+    return [row[:5] for row in rows], considered
+
+
+def next_ready_in(at: datetime | None) -> float | None:
+    """Seconds until the next waiting host becomes ready (delay or back-off over), None if none waits."""
+    hosts = table(Host)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT EXTRACT(EPOCH FROM min(h.ready_at) - COALESCE(%s::timestamptz, clock_timestamp()))
+            FROM {hosts} AS h
+            WHERE h.active AND NOT h.paused AND h.ready_at > COALESCE(%s::timestamptz, clock_timestamp())
+            """,
+            [db_time(at), db_time(at)],
+        )
+        row = cursor.fetchone()
+    return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+
+def apply_outcomes(rows: list[dict[str, Any]], at: Any) -> None:
+    """Write recorded outcomes (one dict per job) in one UPDATE ... FROM a JSON parameter."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE {table(Job)} AS j SET status = v.status, outcome_attempt = v.outcome_attempt,
+                failures = v.failures, backoffs = v.backoffs, run_after = v.run_after, error = v.error,
+                finished_at = v.finished_at,
+                result = CASE WHEN jsonb_typeof(v.result) = 'null' THEN NULL ELSE v.result END,
+                lease_session = NULL, lease_expires_at = NULL, run_alone = false, updated_at = %s
+            FROM jsonb_to_recordset(%s::jsonb) AS v(id bigint, status text, outcome_attempt integer,
+                failures integer, backoffs integer, run_after timestamptz, result jsonb, error text,
+                finished_at timestamptz)
+            WHERE j.id = v.id
+            """,
+            [at, json.dumps(rows)],
+        )

@@ -1,0 +1,279 @@
+"""SQLite: the dispatch SQL (claim, hosts) for one machine.
+
+SQLite runs one writer at a time (every transaction starts with BEGIN
+IMMEDIATE, jobsite/settings.py), so the reads and writes of a claim all see
+the same rows and no row locks are needed. Datetimes are compared as the
+text Django stores them as.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.db import connection
+from django.utils import timezone
+
+from jobs.hosts import LONG_AGO, effective_delay
+from jobs.models import Host, Job, JobEvent
+
+from . import db_time, db_value, table
+
+# SQLite's default limit on the SELECTs of one compound statement is 500.
+MAX_COMPOUND = 400
+
+
+def upsert_hosts(keys: list[str], at: datetime) -> dict[str, int]:
+    """Create the Host rows that do not exist yet; return every key's id."""
+    hosts = table(Host)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {hosts} (key, paused, active, top_priority, errors, backoff_reason, ready_at,
+                                 created_at, updated_at)
+            SELECT value, 0, 0, 0, 0, '', %s, %s, %s FROM json_each(%s) WHERE true
+            ON CONFLICT (key) DO NOTHING
+            """,
+            [db_time(LONG_AGO), db_time(at), db_time(at), json.dumps(sorted(keys))],
+        )
+        cursor.execute(
+            f"SELECT key, id FROM {hosts} WHERE key IN (SELECT value FROM json_each(%s))", [json.dumps(list(keys))]
+        )
+        return dict(cursor.fetchall())
+
+
+def insert_jobs(
+    *, urls: list[str], hosts: list[int], payload: str, priority: int, limits: dict[str, int], at: Any, actor: str
+) -> list[int]:
+    """Insert queued jobs and their enqueue events (two statements); return the ids in input order."""
+    jobs, events = table(Job), table(JobEvent)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {jobs} (url, host_id, payload, priority, status, attempt, max_attempts, failures,
+                                backoffs, interruptions, max_interruptions, error, created_at, updated_at)
+            SELECT json_extract(u.value, '$[0]'), json_extract(u.value, '$[1]'), %s, %s, 'queued', 0, %s, 0, 0, 0,
+                   %s, '', %s, %s
+            FROM json_each(%s) AS u ORDER BY u.key
+            RETURNING id
+            """,
+            (
+                payload,
+                priority,
+                limits["max_attempts"],
+                limits["max_interruptions"],
+                at,
+                at,
+                json.dumps(list(zip(urls, hosts))),
+            ),
+        )
+        ids = sorted(row[0] for row in cursor.fetchall())
+        cursor.execute(
+            f"""
+            INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, actor, reason)
+            SELECT value, %s, 'enqueue', '', 'queued', 0, %s, '' FROM json_each(%s)
+            """,
+            (at, actor, json.dumps(ids)),
+        )
+        return ids
+
+
+def wake_hosts(priorities: dict[int, int]) -> None:
+    """Mark hosts as having queued jobs, raising their best priority."""
+    if not priorities:
+        return
+    hosts = table(Host)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE {hosts} SET active = 1,
+                top_priority = CASE WHEN active THEN max(top_priority, json_extract(v.value, '$.p'))
+                                    ELSE json_extract(v.value, '$.p') END
+            FROM json_each(%s) AS v
+            WHERE {hosts}.id = json_extract(v.value, '$.id')
+            """,
+            [json.dumps([{"id": host, "p": priority} for host, priority in priorities.items()])],
+        )
+
+
+def claim(
+    *,
+    limit: int,
+    alone: bool,
+    session: Any,
+    crawler: str,
+    lease_seconds: float,
+    at: datetime | None,
+    actor: str,
+    delay: float,
+    concurrency: int,
+    max_crawl_delay: float,
+) -> tuple[list[tuple], int]:
+    """Lock-free under SQLite's single writer: ready hosts, their best jobs, start them, move the hosts on.
+
+    `at` None means now, read after the write lock was taken: a start is
+    then never dated before an end it saw. Returns (id, attempt, url,
+    payload, run_alone) rows in claim order, and how many ready hosts it
+    looked at.
+    """
+    at = at or timezone.now()
+    jobs, hosts, events = table(Job), table(Host), table(JobEvent)
+    now_db = db_time(at)
+    busy = f"(SELECT count(*) FROM {jobs} AS r WHERE r.host_id = h.id AND r.status = 'running')"
+    only_suspects = (
+        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone)" if alone else ""
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT h.id, h.delay, h.crawl_delay, COALESCE(h.concurrency, %s) - {busy}
+            FROM {hosts} AS h
+            WHERE h.active AND NOT h.paused AND h.ready_at <= %s AND {busy} < COALESCE(h.concurrency, %s)
+              {only_suspects}
+            ORDER BY h.top_priority DESC, h.ready_at, h.id
+            LIMIT %s
+            """,
+            [concurrency, now_db, concurrency, limit],
+        )
+        ready = cursor.fetchall()
+        pauses: dict[int, float] = {}
+        takes: list[tuple[int, int]] = []
+        for host, host_delay, crawl_delay, room in ready:
+            pause = effective_delay(
+                delay=host_delay, crawl_delay=min(crawl_delay or 0.0, max_crawl_delay), default=delay
+            )
+            pauses[host] = pause
+            takes.append((host, 1 if pause > 0 else room))
+        picks: list[tuple[int, int, int]] = []  # (priority, id, host)
+        for start in range(0, len(takes), MAX_COMPOUND):
+            # Each host's best jobs through its own index range, all in one statement.
+            chunk = takes[start : start + MAX_COMPOUND]
+            one = f"""
+                SELECT * FROM (
+                    SELECT priority, id, host_id FROM {jobs}
+                    WHERE host_id = %s AND status = 'queued' AND run_alone = %s
+                      AND (run_after IS NULL OR run_after <= %s)
+                    ORDER BY priority DESC, id LIMIT %s
+                )"""
+            cursor.execute(
+                " UNION ALL ".join([one] * len(chunk)),
+                [value for host, take in chunk for value in (host, alone, now_db, take)],
+            )
+            picks.extend(cursor.fetchall())
+        picks.sort(key=lambda pick: (-pick[0], pick[1]))
+        picked = picks[:limit]
+        rows: list[tuple] = []
+        if picked:
+            session_db = db_value(Job, "lease_session", session)
+            cursor.execute(
+                f"""
+                UPDATE {jobs} SET status = 'running', attempt = attempt + 1,
+                    lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
+                    attempt_session = %s, updated_at = %s, run_after = NULL, progress = NULL
+                WHERE id IN (SELECT value FROM json_each(%s))
+                RETURNING id, attempt, url, payload, run_alone, priority
+                """,
+                [
+                    session_db,
+                    db_time(at + timedelta(seconds=lease_seconds)),
+                    now_db,
+                    crawler,
+                    session_db,
+                    now_db,
+                    json.dumps([job for _, job, _ in picked]),
+                ],
+            )
+            returned = cursor.fetchall()
+            returned.sort(key=lambda row: (-row[5], row[0]))
+            rows = [row[:5] for row in returned]
+            cursor.execute(
+                f"""
+                INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+                SELECT id, %s, 'claim', 'queued', 'running', attempt, lease_session, %s, ''
+                FROM {jobs} WHERE id IN (SELECT value FROM json_each(%s))
+                """,
+                [now_db, actor, json.dumps([row[0] for row in rows])],
+            )
+        if ready:
+            started = {host for _, _, host in picked}
+            moves = [
+                {
+                    "id": host,
+                    "started": host in started,
+                    "pause": pauses[host],
+                    "next": str(db_time(at + timedelta(seconds=pauses[host]))),
+                }
+                for host, *_ in ready
+            ]
+            # The picked jobs are running now: what is still queued is what is left.
+            cursor.execute(
+                f"""
+                UPDATE {hosts} SET
+                    last_start_at = CASE WHEN json_extract(v.value, '$.started') THEN %s ELSE last_start_at END,
+                    next_start_at = CASE WHEN json_extract(v.value, '$.started')
+                                         THEN json_extract(v.value, '$.next') ELSE next_start_at END,
+                    ready_at = CASE
+                        -- Without a delay a start changes nothing: a back-off sets ready_at itself.
+                        WHEN json_extract(v.value, '$.started') AND json_extract(v.value, '$.pause') = 0
+                            THEN ready_at
+                        WHEN json_extract(v.value, '$.started')
+                            THEN max(json_extract(v.value, '$.next'), COALESCE(backoff_until, %s))
+                        -- Nothing startable now (retry delays): wait for the soonest instead of
+                        -- coming back on every claim.
+                        ELSE max(ready_at, COALESCE((
+                            SELECT min(COALESCE(w.run_after, '')) FROM {jobs} AS w
+                            WHERE w.host_id = {hosts}.id AND w.status = 'queued' AND w.run_alone = %s
+                        ), ready_at))
+                    END,
+                    top_priority = COALESCE((
+                        SELECT q.priority FROM {jobs} AS q WHERE q.host_id = {hosts}.id AND q.status = 'queued'
+                        ORDER BY q.priority DESC, q.id LIMIT 1
+                    ), top_priority),
+                    active = EXISTS (SELECT 1 FROM {jobs} AS q WHERE q.host_id = {hosts}.id AND q.status = 'queued'),
+                    updated_at = %s
+                FROM json_each(%s) AS v
+                WHERE {hosts}.id = json_extract(v.value, '$.id')
+                """,
+                [now_db, now_db, alone, now_db, json.dumps(moves)],
+            )
+    return rows, len(ready)
+
+
+def next_ready_in(at: datetime | None) -> float | None:
+    """Seconds until the next waiting host becomes ready (delay or back-off over), None if none waits."""
+    at = at or timezone.now()
+    hosts = table(Host)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT min(ready_at) FROM {hosts} WHERE active AND NOT paused AND ready_at > %s", [db_time(at)]
+        )
+        row = cursor.fetchone()
+    if row is None or row[0] is None:
+        return None
+    value = row[0]
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    if timezone.is_naive(when):
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - at).total_seconds())
+
+
+def apply_outcomes(rows: list[dict[str, Any]], at: Any) -> None:
+    """Write recorded outcomes (one dict per job) in one UPDATE ... FROM a JSON parameter."""
+    jobs = table(Job)
+
+    def field(name: str) -> str:
+        return f"json_extract(v.value, '$.{name}')"
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            UPDATE {jobs} SET status = {field("status")}, outcome_attempt = {field("outcome_attempt")},
+                failures = {field("failures")}, backoffs = {field("backoffs")}, run_after = {field("run_after")},
+                error = {field("error")}, finished_at = {field("finished_at")}, result = {field("result")},
+                lease_session = NULL, lease_expires_at = NULL, run_alone = 0, updated_at = %s
+            FROM json_each(%s) AS v
+            WHERE {jobs}.id = {field("id")}
+            """,
+            [at, json.dumps(rows)],
+        )
