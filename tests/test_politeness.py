@@ -298,3 +298,20 @@ def test_every_host_with_queued_jobs_stays_visible_to_the_claim():
     assert services.repair_hosts().total == 0
     queued_hosts = set(Job.objects.filter(status=Status.QUEUED).values_list("host_id", flat=True))
     assert queued_hosts <= set(Host.objects.filter(active=True).values_list("id", flat=True))
+
+
+@override_settings(HOST_DELAY=0.0, HOST_CONCURRENCY=10, JOB_RETRY_BACKOFF_BASE=60.0)
+def test_a_new_job_on_a_host_waiting_for_a_retry_starts_at_once():
+    enqueue(["https://a.example/1"])
+    at = timezone.now()
+    session = uuid.uuid4()
+    (job,) = claim(at, session=session)
+    services.record_outcomes(
+        session=session,
+        crawler="c",
+        at=at,
+        outcomes=[Outcome(job_id=job.id, attempt=job.attempt, succeeded=False, error="boom", retryable=True)],
+    )
+    assert claim(at) == []  # the host now waits for the retry
+    fresh = enqueue(["https://a.example/2"])[0]
+    assert [j.id for j in claim(at)] == [fresh.id]

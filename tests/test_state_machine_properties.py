@@ -302,6 +302,9 @@ class JobStateMachine(RuleBasedStateMachine):
         assert len(outcome_pairs) == len(set(outcome_pairs)), "two outcomes for one attempt"
         missing = self.recorded - set(outcome_pairs)
         assert not missing, f"outcomes acked recorded but not in the trail: {missing}"
+        # Every host with a queued job is visible to the claim (jobs.dispatch).
+        hidden = Job.objects.filter(status=Status.QUEUED).exclude(host__active=True).values_list("id", flat=True)
+        assert not hidden, f"queued jobs on hosts the claim does not look at: {list(hidden)}"
         for job_id, job in jobs.items():
             running = job["status"] == Status.RUNNING
             assert running == (job["lease_session"] is not None) == (job["lease_expires_at"] is not None), job

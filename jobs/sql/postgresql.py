@@ -74,11 +74,18 @@ def wake_hosts(priorities: dict[int, int]) -> None:
             f"""
             WITH locked AS (SELECT id FROM {hosts} WHERE id = ANY(%s) ORDER BY id FOR UPDATE)
             UPDATE {hosts} AS h SET active = true,
-                top_priority = CASE WHEN h.active THEN GREATEST(h.top_priority, v.p) ELSE v.p END
+                top_priority = CASE WHEN h.active THEN GREATEST(h.top_priority, v.p) ELSE v.p END,
+                -- A new queued job may be startable at once: forget a wait for retry delays.
+                ready_at = GREATEST(COALESCE(h.next_start_at, %s), COALESCE(h.backoff_until, %s))
             FROM locked, jsonb_to_recordset(%s::jsonb) AS v(id bigint, p integer)
             WHERE h.id = locked.id AND h.id = v.id
             """,
-            [ids, json.dumps([{"id": host, "p": priority} for host, priority in priorities.items()])],
+            [
+                ids,
+                db_time(LONG_AGO),
+                db_time(LONG_AGO),
+                json.dumps([{"id": host, "p": priority} for host, priority in priorities.items()]),
+            ],
         )
 
 

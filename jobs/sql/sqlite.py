@@ -89,11 +89,17 @@ def wake_hosts(priorities: dict[int, int]) -> None:
             f"""
             UPDATE {hosts} SET active = 1,
                 top_priority = CASE WHEN active THEN max(top_priority, json_extract(v.value, '$.p'))
-                                    ELSE json_extract(v.value, '$.p') END
+                                    ELSE json_extract(v.value, '$.p') END,
+                -- A new queued job may be startable at once: forget a wait for retry delays.
+                ready_at = max(COALESCE(next_start_at, %s), COALESCE(backoff_until, %s))
             FROM json_each(%s) AS v
             WHERE {hosts}.id = json_extract(v.value, '$.id')
             """,
-            [json.dumps([{"id": host, "p": priority} for host, priority in priorities.items()])],
+            [
+                db_time(LONG_AGO),
+                db_time(LONG_AGO),
+                json.dumps([{"id": host, "p": priority} for host, priority in priorities.items()]),
+            ],
         )
 
 
