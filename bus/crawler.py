@@ -330,6 +330,30 @@ class Crawler:
             self._job_threads.add(thread)
         thread.start()
 
+    def _fetch_robots(self, session: _Session, host: str, url: str) -> None:
+        """Answer the bus's robots request from a thread of its own (a --noop crawler's sites have none: 404)."""
+
+        def answer() -> None:
+            status, body, error = 404, "", ""
+            if not self.noop:
+                try:
+                    status, body = self.fetcher.fetch_text(url, max_bytes=ROBOTS_MAX_BYTES)  # type: ignore[union-attr]
+                except FetchError as exc:
+                    status, error = 0, str(exc)[:500]
+                except FetchCancelled:
+                    return
+            data = encode_frame({"type": "robots", "host": host, "status": status, "body": body, "error": error})
+            while len(data) > ROBOTS_MAX_FRAME and body:  # escapes can grow the text: cut it to fit
+                body = body[: len(body) // 2]
+                data = encode_frame({"type": "robots", "host": host, "status": status, "body": body, "error": error})
+            self._record("robots", host=host, status=status, session=session.bus_session)
+            session.queue(data)
+
+        if self.noop:
+            answer()
+        else:
+            threading.Thread(target=answer, name=f"crawler-robots-{host[:40]}", daemon=True).start()
+
     def _run_fetch(self, job: _Job) -> None:
         job_id, attempt = job.key
         outcome: dict[str, Any] | None
@@ -464,6 +488,8 @@ class Crawler:
                 "slots": self.slots,
                 "running": [list(job.key) for job in resumed],
             }
+            if self.noop or hasattr(self.fetcher, "fetch_text"):
+                ready["robots"] = True  # politeness extension: this crawler fetches robots.txt when asked
             if self.token:
                 assert session.bus_session is not None  # set from hello before ready is sent
                 ready["auth"] = ready_proof(self.token, hello_nonce, session.bus_session)
@@ -881,6 +907,13 @@ class _Session:
                 if not isinstance(url, str) or not url:
                     raise FieldError("url must be a non-empty string")
                 self.crawler._start_job(self, key, url)
+            elif kind == "robots":
+                host, url = frame.get("host"), frame.get("url")
+                if not isinstance(host, str) or not host or len(host) > 300:
+                    raise FieldError("host must be the host key")
+                if not isinstance(url, str) or not url.startswith(("http://", "https://")) or len(url) > 2048:
+                    raise FieldError("url must be an http(s) URL")
+                self.crawler._fetch_robots(self, host, url)
             elif kind == "ack":
                 self.crawler._acked((job_id_of(frame), attempt_of(frame)))
             elif kind == "cancel":
@@ -931,7 +964,10 @@ class _Session:
 
 
 # Frames a bus sends; anything else a bus sends gets unknown_type.
-BUS_FRAME_TYPES = frozenset({"hello", "assign", "cancel", "ack", "heartbeat", "error", "bye"})
+BUS_FRAME_TYPES = frozenset({"hello", "assign", "cancel", "ack", "heartbeat", "error", "bye", "robots"})
+# robots.txt: the first 500 KiB count (RFC 9309 §2.5); the answer must fit in one frame.
+ROBOTS_MAX_BYTES = 500 * 1024
+ROBOTS_MAX_FRAME = 1024 * 1024
 
 
 def _wake(sock: socket.socket) -> None:

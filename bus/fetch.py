@@ -241,40 +241,18 @@ class Fetcher:
     def __call__(self, url: str, *, cancel: Cancellation | None = None) -> dict[str, Any]:
         return self.fetch(url, cancel=cancel).as_dict()
 
+    def fetch_text(self, url: str, *, max_bytes: int, cancel: Cancellation | None = None) -> tuple[int, str]:
+        """GET `url` (redirects followed); return the final status and the first `max_bytes` of the body as text.
+
+        For robots.txt (RFC 9309: UTF-8, parse at least 500 KiB). Raises
+        FetchError like fetch().
+        """
+        response, body, _, _, _ = self._get(url, cancel=cancel or Cancellation(), max_bytes=max_bytes)
+        return response.status, body.decode("utf-8", "replace")
+
     def fetch(self, url: str, *, cancel: Cancellation | None = None) -> FetchResult:
-        cancel = cancel or Cancellation()
         started = time.monotonic()
-        deadline = started + self.total_timeout
-        redirects = 0
-        while True:
-            cancel.check()
-            try:
-                scheme, host, port, target = self._split(url)
-                addresses = self._resolve(host, port)
-                conn = self._connect(scheme, host, port, addresses, deadline, cancel)
-                # getresponse() hands the socket over to the response (Connection:
-                # close), so keep our own reference for timeouts and cleanup.
-                sock = conn.sock
-                response = None
-                try:
-                    response = self._request(conn, sock, target, deadline, cancel)
-                    location = response.getheader("Location")
-                    if response.status not in REDIRECT_STATUSES or not location:
-                        body, truncated = self._read_body(sock, response, deadline, cancel)
-                        break
-                finally:
-                    cancel.unwatch(sock)
-                    if response is not None:
-                        response.close()
-                    conn.close()
-                    sock.close()
-            except (OSError, http.client.HTTPException) as exc:
-                cancel.check()  # a cancel shuts the socket down: that error is the cancel
-                raise FetchError(f"{url}: {_describe(exc)}", retryable=True, network=True) from None
-            redirects += 1
-            if redirects > self.max_redirects:
-                raise FetchError(f"too many redirects (more than {self.max_redirects})", retryable=False)
-            url = urllib.parse.urljoin(url, location.strip())
+        response, body, truncated, url, redirects = self._get(url, cancel=cancel or Cancellation())
         content_type = response.getheader("Content-Type", "") or ""
         title, links = "", 0
         if content_type.split(";", 1)[0].strip().lower() in HTML_TYPES:
@@ -293,6 +271,44 @@ class Fetcher:
             if response.status in (429, 503)
             else None,
         )
+
+    def _get(
+        self, url: str, *, cancel: Cancellation, max_bytes: int | None = None
+    ) -> tuple[http.client.HTTPResponse, bytes, bool, str, int]:
+        """The final response (closed, headers kept), its body, whether it was cut, the final URL, redirects."""
+        started = time.monotonic()
+        deadline = started + self.total_timeout
+        redirects = 0
+        while True:
+            cancel.check()
+            try:
+                scheme, host, port, target = self._split(url)
+                addresses = self._resolve(host, port)
+                conn = self._connect(scheme, host, port, addresses, deadline, cancel)
+                # getresponse() hands the socket over to the response (Connection:
+                # close), so keep our own reference for timeouts and cleanup.
+                sock = conn.sock
+                response = None
+                try:
+                    response = self._request(conn, sock, target, deadline, cancel)
+                    location = response.getheader("Location")
+                    if response.status not in REDIRECT_STATUSES or not location:
+                        body, truncated = self._read_body(sock, response, deadline, cancel, max_bytes)
+                        break
+                finally:
+                    cancel.unwatch(sock)
+                    if response is not None:
+                        response.close()
+                    conn.close()
+                    sock.close()
+            except (OSError, http.client.HTTPException) as exc:
+                cancel.check()  # a cancel shuts the socket down: that error is the cancel
+                raise FetchError(f"{url}: {_describe(exc)}", retryable=True, network=True) from None
+            redirects += 1
+            if redirects > self.max_redirects:
+                raise FetchError(f"too many redirects (more than {self.max_redirects})", retryable=False)
+            url = urllib.parse.urljoin(url, location.strip())
+        return response, body, truncated, url, redirects
 
     def _split(self, url: str) -> tuple[str, str, int, str]:
         try:
@@ -389,9 +405,11 @@ class Fetcher:
         response: http.client.HTTPResponse,
         deadline: float,
         cancel: Cancellation,
+        max_bytes: int | None = None,
     ) -> tuple[bytes, bool]:
         body = bytearray()
-        limit = self.max_bytes + 1  # one byte more tells whether the body was cut
+        max_bytes = self.max_bytes if max_bytes is None else max_bytes
+        limit = max_bytes + 1  # one byte more tells whether the body was cut
         while len(body) < limit:
             cancel.check()
             sock.settimeout(self._remaining(deadline))
@@ -400,8 +418,8 @@ class Fetcher:
                 break
             body += chunk
         cancel.check()
-        truncated = len(body) > self.max_bytes
-        return bytes(body[: self.max_bytes]), truncated
+        truncated = len(body) > max_bytes
+        return bytes(body[:max_bytes]), truncated
 
     def _remaining(self, deadline: float) -> float:
         remaining = deadline - time.monotonic()

@@ -233,6 +233,23 @@ def running_of(frame: dict[str, Any], *, limit: int = 1_000_000) -> list[tuple[i
     return pairs
 
 
+def robots_answer_of(frame: dict[str, Any], *, max_body: int) -> tuple[str, int, str, str]:
+    """A crawler's `robots` answer: (host, status, body, error); status 0 means no answer from the site."""
+    host = frame.get("host")
+    if not isinstance(host, str) or not 0 < len(host) <= 300:
+        raise FieldError("robots.host must be the host key the bus asked about")
+    status = frame.get("status")
+    if isinstance(status, bool) or not isinstance(status, int) or not (status == 0 or 100 <= status <= 599):
+        raise FieldError("robots.status must be an HTTP status (100-599), or 0 when the site did not answer")
+    body = frame.get("body", "")
+    error = frame.get("error", "")
+    if not isinstance(body, str) or len(body) > max_body:
+        raise FieldError("robots.body must be a string (the file's text)")
+    if not isinstance(error, str):
+        raise FieldError("robots.error must be a string")
+    return host.replace("\x00", ""), status, body.replace("\x00", ""), error[:500].replace("\x00", "")
+
+
 def number_of(frame: dict[str, Any], name: str) -> float | None:
     value = frame.get(name)
     if value is None:

@@ -38,6 +38,12 @@ MAX_OUTBOX_BYTES = 64 * 1024 * 1024
 MAX_INBOX_MESSAGES = 20_000  # past this the IO thread stops reading until the worker catches up
 # A host's turn comes at its ready time: claim a moment after, not a moment before.
 READY_MARGIN = 0.001
+# robots.txt requests (docs/protocol.md section 15): at most this many unanswered per
+# session; an unanswered one is given up after ROBOTS_ANSWER_WAIT (the database lease
+# then lets another session fetch it); due fetches are looked for at most this often.
+ROBOTS_PER_SESSION = 4
+ROBOTS_ANSWER_WAIT = 60.0
+ROBOTS_CHECK_INTERVAL = 0.5
 PROGRESS_WRITE_INTERVAL = 1.0
 MAX_PROGRESS_MESSAGE = 1000
 MAX_ERROR_TEXT = 10_000
@@ -354,7 +360,8 @@ class SessionIO:
                 resumed=len(running),
             )
         )
-        return {"crawler": crawler, "slots": slots, "running": running}
+        # Politeness extension (docs/protocol.md section 15): the crawler fetches robots.txt when asked.
+        return {"crawler": crawler, "slots": slots, "running": running, "robots": ready.get("robots") is True}
 
     def _steady_state(self) -> None:
         config = self.config
@@ -444,6 +451,8 @@ class SessionIO:
                     )
                 elif kind == "capacity":
                     batch.append(("capacity", protocol.slots_of(frame)))
+                elif kind == "robots":
+                    batch.append(("robots", *protocol.robots_answer_of(frame, max_body=self.config.max_frame)))
                 elif kind == "error":
                     log.warning(
                         kv(
@@ -577,6 +586,10 @@ class _WorkerState:
     stale_limit: int = STALE_FLOOD_BASE
     orphans_at: float = 0.0  # when to requeue the jobs earlier sessions left (0: done)
     ready_at: float = 0.0  # when a host that was waiting becomes ready: claim again then (0: none waits)
+    robots_asked: dict[str, float] = field(default_factory=dict)  # host key: when its robots.txt was asked for
+    robots_answers: list = field(default_factory=list)
+    robots_check_at: float = 0.0  # next look for due robots.txt fetches
+    robots_wanted: bool = True  # look (new hosts may have appeared)
 
 
 class SessionWorker(threading.Thread):
@@ -703,9 +716,13 @@ class SessionWorker(threading.Thread):
         if now >= state.poll_at:
             # Fallback poll on a fixed schedule (frames must not keep pushing it
             # back): jobs enqueued by other processes on SQLite, retries now due.
-            state.want_dispatch = True
+            state.want_dispatch = state.robots_wanted = True
             state.poll_at = now + self.config.poll_interval
         timeout = min(state.poll_at - now, max(0.0, state.seen_at + self.config.heartbeat_interval - now))
+        if state.robots_wanted and self.welcome.get("robots"):
+            if now >= state.robots_check_at:
+                return
+            timeout = min(timeout, state.robots_check_at - now)
         if state.ready_at:
             if now >= state.ready_at:
                 state.want_dispatch, state.ready_at = True, 0.0
@@ -764,8 +781,13 @@ class SessionWorker(threading.Thread):
             state.slots = slots
             state.stale_limit = max(state.stale_limit, STALE_FLOOD_BASE + 2 * slots)
             state.seen_due = True
+        elif kind == "robots":
+            if state.robots_asked.pop(message[1], None) is not None:
+                state.robots_answers.append(message[1:])
+            else:
+                self.io.send(protocol.error_frame(protocol.STALE, "no robots.txt of that host was asked for"))
         elif kind == "wake":
-            state.want_dispatch = True
+            state.want_dispatch = state.robots_wanted = True
         elif kind == "ended":
             self.ended = (message[1], message[2])
 
@@ -898,6 +920,15 @@ class SessionWorker(threading.Thread):
                 del state.progress[job_id]
         if len(state.progress_written) > 10_000:
             state.progress_written = {k: v for k, v in state.progress_written.items() if now - v < 2}
+        if state.robots_answers:
+            answers, state.robots_answers = state.robots_answers, []
+            for host, status, body, error in answers:
+                answer = store.record_robots(session=session, host=host, status=status, body=body, error=error)
+                if not answer.recorded:
+                    log.info(kv("bus.robots_refused", session=session, host=host[:100], why=answer.reason))
+            state.want_dispatch = True
+        if self.welcome.get("robots") and state.robots_wanted:
+            self._ask_for_robots()
         if self.io.control.draining and not state.outstanding and self.io.end_cause is None:
             self.io.end("drained")  # the crawler finished what it had: the drain is complete
         while (
@@ -941,6 +972,22 @@ class SessionWorker(threading.Thread):
                 state.ready_at = 0.0 if wait is None else time.monotonic() + wait + READY_MARGIN
             if not self.inbox.empty():
                 break  # outcomes waiting: record and ack them before claiming more
+
+    def _ask_for_robots(self) -> None:
+        """Ask this crawler to fetch due robots.txt files (at most ROBOTS_PER_SESSION at a time)."""
+        state = self.state
+        now = time.monotonic()
+        if now < state.robots_check_at or self.io.end_cause is not None or self.io.control.draining:
+            return
+        state.robots_asked = {host: at for host, at in state.robots_asked.items() if now - at < ROBOTS_ANSWER_WAIT}
+        room = ROBOTS_PER_SESSION - len(state.robots_asked)
+        requests = self.store.claim_robots(session=self.session, limit=room) if room > 0 else []
+        for request in requests:
+            state.robots_asked[request.host] = now
+        if requests:
+            self.io.send(*({"type": "robots", "host": r.host, "url": r.url} for r in requests))
+        state.robots_check_at = now + ROBOTS_CHECK_INTERVAL
+        state.robots_wanted = bool(requests) and len(state.robots_asked) < ROBOTS_PER_SESSION
 
     def _settle_orphans(self) -> None:
         counts = self.store.settle_orphans(session=self.session, endpoint=self.io.endpoint, epoch=self.io.control.epoch)

@@ -20,6 +20,7 @@ from jobsite.logging import kv
 
 if TYPE_CHECKING:  # the services import models: not at import time (see DjangoStore)
     from jobs.fleet import FleetView
+    from jobs.robots import RobotsAnswer, RobotsRequest
     from jobs.services import ClaimedJob, ResetCounts
 
 log = logging.getLogger("bus.store")
@@ -49,6 +50,8 @@ class Store(Protocol):
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
     def claim(self, *, session: UUID, endpoint: str, limit: int, alone: bool) -> Sequence[ClaimedJob]: ...
     def next_ready_in(self) -> float | None: ...
+    def claim_robots(self, *, session: UUID, limit: int) -> Sequence[RobotsRequest]: ...
+    def record_robots(self, *, session: UUID, host: str, status: int, body: str, error: str) -> RobotsAnswer: ...
     def record_outcomes(
         self, *, session: UUID, endpoint: str, outcomes: Sequence[Outcome], audit_stale: int
     ) -> list[str]: ...
@@ -179,6 +182,16 @@ class DjangoStore:
 
         return dispatch.next_ready_in()
 
+    def claim_robots(self, *, session, limit):
+        from jobs import robots
+
+        return robots.claim_fetches(session=session, limit=limit)
+
+    def record_robots(self, *, session, host, status, body, error):
+        from jobs import robots
+
+        return robots.record_answer(session=session, host=host, status=status, body=body, error=error)
+
     def repair_hosts(self):
         from jobs import services
 
@@ -294,6 +307,9 @@ class DjangoStore:
                 closed_at=timezone.now(),
                 close_reason=reason[:1000],
             )
+            from jobs import robots
+
+            robots.release_fetches(session=session)  # unanswered robots requests go to another session
         counts = [response for _, response in responses if response is not None]
         return counts[0] if counts else None
 

@@ -9,6 +9,9 @@
   host that must wait is skipped, never waited for; each host gives at most
   one job per claim when it has a delay, and up to its free concurrency
   when it has none.
+- robots.txt (ROBOTS_TXT=obey): a host's jobs start only once its robots.txt
+  is known (jobs.robots), and a claimed URL its rules disallow is ended as
+  `disallowed` in the claim's own transaction, never assigned.
 - When to ask again: when nothing more was ready, `next_ready_in` says when
   the next waiting host becomes ready, so that idle sessions wake for it.
 
@@ -27,6 +30,7 @@ from uuid import UUID
 from django.conf import settings
 from django.db import transaction
 
+from . import robots
 from .hosts import MAX_CRAWL_DELAY
 from .sql import dialect, json_value
 
@@ -90,6 +94,7 @@ def claim_jobs(
         "delay": settings.HOST_DELAY,
         "concurrency": settings.HOST_CONCURRENCY,
         "max_crawl_delay": MAX_CRAWL_DELAY,
+        "robots": robots.obeyed(),
     }
     sql = dialect()
     common = {"session": session, "crawler": crawler, "lease_seconds": lease_seconds, "at": at, "actor": actor}
@@ -104,9 +109,12 @@ def claim_jobs(
                 break  # enough, or every ready host was looked at
             # As many hosts as jobs wanted, and fewer jobs: some ready hosts had nothing
             # startable now (retry delays). The claim moved them on; look further.
+        # The last word of robots.txt: a URL its rules disallow is ended here, never assigned.
+        refused = robots.check_claimed([(row[0], row[2], row[5]) for row in rows])
     return [
         ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=json_value(row[3]), run_alone=bool(row[4]))
         for row in rows
+        if row[0] not in refused
     ]
 
 

@@ -21,9 +21,10 @@ class Status(models.TextChoices):
     SUCCEEDED = "succeeded", "Succeeded"
     FAILED = "failed", "Failed"
     CANCELLED = "cancelled", "Cancelled"
+    DISALLOWED = "disallowed", "Disallowed by robots.txt"
 
 
-TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED)
+TERMINAL = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED, Status.DISALLOWED)
 
 
 class JobQuerySet(models.QuerySet):
@@ -181,6 +182,7 @@ class EventKind(models.TextChoices):
     INTERRUPT = "interrupt", "Interrupted"
     RETRY = "retry", "Retried"
     CANCEL = "cancel", "Cancelled"
+    ROBOTS = "robots", "Disallowed by robots.txt"
 
 
 class JobEvent(models.Model):
@@ -266,6 +268,17 @@ class BusSession(models.Model):
 # --- Hosts: politeness, enforced by the claim ------------------------------------
 
 
+class RobotsState(models.TextChoices):
+    UNKNOWN = "unknown", "Not fetched yet"
+    ALLOWED = "rules", "Rules in force"  # 2xx: the file's rules apply
+    UNAVAILABLE = "unavailable", "Unavailable (4xx): all allowed"
+    UNREACHABLE = "unreachable", "Unreachable (5xx, no answer): nothing allowed"
+
+
+# With these, the claim may start the host's jobs (ROBOTS_TXT=obey).
+ROBOTS_CRAWLABLE = (RobotsState.ALLOWED, RobotsState.UNAVAILABLE)
+
+
 class Host(models.Model):
     """One politeness unit (a hostname, plus the port when not the default) and its dispatch state.
 
@@ -296,6 +309,18 @@ class Host(models.Model):
     # max(next_start_at, backoff_until): what the claim and the wake-up timer look at.
     ready_at = models.DateTimeField(default=long_ago)
     last_start_at = models.DateTimeField(null=True, blank=True)
+
+    # robots.txt (jobs.robots): fetched by a crawler that offers it, at most once per ROBOTS_TTL.
+    robots_state = models.CharField(max_length=16, choices=RobotsState.choices, default=RobotsState.UNKNOWN)
+    robots_txt = models.TextField(blank=True, default="", help_text="The file as fetched (at most 500 KiB).")
+    robots_status = models.PositiveIntegerField(null=True, blank=True, help_text="HTTP status; 0: no answer.")
+    robots_error = models.CharField(max_length=500, blank=True, default="")
+    robots_fetched_at = models.DateTimeField(null=True, blank=True)
+    robots_due_at = models.DateTimeField(null=True, blank=True, help_text="When to fetch it again (empty: now).")
+    robots_failures = models.PositiveIntegerField(default=0, help_text="Fetches in a row that got no usable answer.")
+    # A fetch in progress: the session asked, until when (another may ask after).
+    robots_session = models.UUIDField(null=True, blank=True)
+    robots_lease_until = models.DateTimeField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)

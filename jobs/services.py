@@ -374,7 +374,7 @@ def reset_running_jobs(
             with connection.cursor() as cursor:
                 cursor.execute(sql, params)
                 moved = cursor.fetchall()
-            counts = {}
+            counts: dict[str, int] = {}
             for status, _, _, n, _ in moved:
                 counts[status] = counts.get(status, 0) + n
             suspected = sum(row[4] for row in moved)
@@ -978,7 +978,7 @@ def retry_jobs(*, job_ids: Iterable[int], actor: str, reason: str = "retried by 
     with transaction.atomic():
         rows = list(
             Job.objects.select_for_update()
-            .filter(_id_in(job_ids), status__in=[Status.FAILED, Status.CANCELLED])
+            .filter(_id_in(job_ids), status__in=[Status.FAILED, Status.CANCELLED, Status.DISALLOWED])
             .order_by("id")
             .values_list("id", "status", "attempt")
         )
@@ -1123,3 +1123,50 @@ def end_backoff(*, key: str, actor: str) -> Host:
             log.info(kv("hosts.backoff_lifted", host=key, actor=actor))
             _announce_queued()
     return host
+
+
+def disallow_jobs(
+    *, job_ids: Sequence[int], from_status: str, reason: str, at: datetime | None = None, actor: str = "bus"
+) -> int:
+    """End jobs whose URL robots.txt disallows: `disallowed`, never fetched (jobs.robots decides which).
+
+    Queued jobs are ended when their host's rules arrive; running ones only
+    in the claim that just took them, before any crawler saw them. Returns
+    how many were ended (a job that moved on meanwhile is left alone).
+    """
+    if not job_ids:
+        return 0
+    at = at or now()
+    with transaction.atomic():
+        ended = list(
+            Job.objects.select_for_update()
+            .filter(_id_in(job_ids), status=from_status)
+            .order_by("id")
+            .values_list("id", "attempt", "lease_session")
+        )
+        Job.objects.filter(_id_in([row[0] for row in ended])).update(
+            status=Status.DISALLOWED,
+            lease_session=None,
+            lease_expires_at=None,
+            finished_at=at,
+            updated_at=at,
+            run_after=None,
+            error=reason[:1000],
+        )
+        _events(
+            dict(
+                job_id=job_id,
+                at=at,
+                kind=EventKind.ROBOTS,
+                from_status=from_status,
+                to_status=Status.DISALLOWED,
+                attempt=attempt,
+                session=lease,
+                actor=actor,
+                reason=reason,
+            )
+            for job_id, attempt, lease in ended
+        )
+    if ended:
+        log.info(kv("jobs.disallowed", count=len(ended), reason=reason[:200]))
+    return len(ended)

@@ -208,6 +208,17 @@ HOST_CONCURRENCY = env.positive_int("HOST_CONCURRENCY", 2)
 HOST_BACKOFF = env.positive_float("HOST_BACKOFF", 10.0)
 HOST_BACKOFF_MAX = env.positive_float("HOST_BACKOFF_MAX", 3600.0)
 HOST_BACKOFF_JOB_LIMIT = env.positive_int("HOST_BACKOFF_JOB_LIMIT", 10, minimum=0)
+# robots.txt (jobs.robots): "obey" (default) or "ignore". Obeyed, a host's jobs
+# start only once a crawler that offers it has fetched the host's robots.txt
+# (at most once per ROBOTS_TTL seconds, fleet-wide), and URLs it disallows for
+# CRAWLER_USER_AGENT end as `disallowed`, never fetched.
+ROBOTS_TXT = env.string("ROBOTS_TXT", "obey").strip().lower()
+if ROBOTS_TXT not in ("obey", "ignore"):
+    raise ImproperlyConfigured(f"ROBOTS_TXT={ROBOTS_TXT!r} must be obey or ignore")
+ROBOTS_TTL = env.positive_float("ROBOTS_TTL", 86400.0)
+CRAWLER_USER_AGENT = env.string("CRAWLER_USER_AGENT", "jobsite-crawler/1").strip()
+if not CRAWLER_USER_AGENT or any(ord(char) < 0x20 or ord(char) == 0x7F for char in CRAWLER_USER_AGENT):
+    raise ImproperlyConfigured("CRAWLER_USER_AGENT must be a non-empty string without control characters")
 if HOST_BACKOFF_MAX < HOST_BACKOFF:
     raise ImproperlyConfigured("HOST_BACKOFF_MAX must be >= HOST_BACKOFF")
 if BUS_BACKOFF_CAP < BUS_BACKOFF_BASE:

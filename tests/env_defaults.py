@@ -9,3 +9,5 @@ os.environ.setdefault("BUS_ENDPOINTS", "")
 # local test server, and measure other things than per-host delays.
 os.environ.setdefault("HOST_DELAY", "0")
 os.environ.setdefault("HOST_CONCURRENCY", "100000")
+# robots.txt likewise: the tests of robots.txt set ROBOTS_TXT=obey themselves.
+os.environ.setdefault("ROBOTS_TXT", "ignore")

@@ -27,8 +27,8 @@ def upsert_hosts(keys: list[str], at: datetime) -> dict[str, int]:
         cursor.execute(
             f"""
             INSERT INTO {hosts} (key, paused, active, top_priority, errors, backoff_reason, ready_at,
-                                 created_at, updated_at)
-            SELECT k, false, false, 0, 0, '', %s, %s, %s FROM unnest(%s::text[]) AS k ORDER BY k
+                                 robots_state, robots_txt, robots_error, robots_failures, created_at, updated_at)
+            SELECT k, false, false, 0, 0, '', %s, 'unknown', '', '', 0, %s, %s FROM unnest(%s::text[]) AS k ORDER BY k
             ON CONFLICT (key) DO NOTHING
             """,
             [db_time(LONG_AGO), db_time(at), db_time(at), sorted(keys)],
@@ -101,12 +101,14 @@ def claim(
     delay: float,
     concurrency: int,
     max_crawl_delay: float,
+    robots: bool,
 ) -> tuple[list[tuple], int]:
     """One statement: lock the ready hosts, take their best jobs, start them, move the hosts on.
 
     `at` None means the database's clock at the moment the statement runs
     (after its snapshot): a start is then never dated before an end it saw.
-    Returns (id, attempt, url, payload, run_alone) rows in claim order, and
+    With `robots`, only hosts whose robots.txt is known are ready. Returns
+    (id, attempt, url, payload, run_alone, host_id) rows in claim order, and
     how many ready hosts it looked at.
     """
     jobs, hosts, events = table(Job), table(Host), table(JobEvent)
@@ -127,6 +129,7 @@ def claim(
             ) AS busy
             WHERE h.active AND NOT h.paused AND h.ready_at <= clock.at
               AND busy.n < COALESCE(h.concurrency, %(concurrency)s) {only_suspects}
+              AND (%(robots_off)s OR h.robots_state IN ('rules', 'unavailable'))
             ORDER BY h.top_priority DESC, h.ready_at, h.id
             LIMIT %(limit)s
             FOR UPDATE OF h SKIP LOCKED
@@ -188,8 +191,8 @@ def claim(
             ) AS nxt ON true
             WHERE h.id = r.id
         )
-        SELECT id, attempt, url, payload, run_alone, priority FROM claimed
-        UNION ALL SELECT NULL, count(*), NULL, NULL, NULL, NULL FROM ready
+        SELECT id, attempt, url, payload, run_alone, priority, host_id FROM claimed
+        UNION ALL SELECT NULL, count(*), NULL, NULL, NULL, NULL, NULL FROM ready
     """
     params = {
         "at": db_time(at),
@@ -202,13 +205,14 @@ def claim(
         "lease": float(lease_seconds),
         "crawler": crawler,
         "actor": actor,
+        "robots_off": not robots,
     }
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         returned = cursor.fetchall()
     considered = next(row[1] for row in returned if row[0] is None)
     rows = sorted((row for row in returned if row[0] is not None), key=lambda row: (-row[5], row[0]))
-    return [row[:5] for row in rows], considered
+    return [(*row[:5], row[6]) for row in rows], considered
 
 
 def next_ready_in(at: datetime | None) -> float | None:

@@ -31,8 +31,8 @@ def upsert_hosts(keys: list[str], at: datetime) -> dict[str, int]:
         cursor.execute(
             f"""
             INSERT INTO {hosts} (key, paused, active, top_priority, errors, backoff_reason, ready_at,
-                                 created_at, updated_at)
-            SELECT value, 0, 0, 0, 0, '', %s, %s, %s FROM json_each(%s) WHERE true
+                                 robots_state, robots_txt, robots_error, robots_failures, created_at, updated_at)
+            SELECT value, 0, 0, 0, 0, '', %s, 'unknown', '', '', 0, %s, %s FROM json_each(%s) WHERE true
             ON CONFLICT (key) DO NOTHING
             """,
             [db_time(LONG_AGO), db_time(at), db_time(at), json.dumps(sorted(keys))],
@@ -115,12 +115,14 @@ def claim(
     delay: float,
     concurrency: int,
     max_crawl_delay: float,
+    robots: bool,
 ) -> tuple[list[tuple], int]:
     """Lock-free under SQLite's single writer: ready hosts, their best jobs, start them, move the hosts on.
 
     `at` None means now, read after the write lock was taken: a start is
-    then never dated before an end it saw. Returns (id, attempt, url,
-    payload, run_alone) rows in claim order, and how many ready hosts it
+    then never dated before an end it saw. With `robots`, only hosts whose
+    robots.txt is known are ready. Returns (id, attempt, url, payload,
+    run_alone, host_id) rows in claim order, and how many ready hosts it
     looked at.
     """
     at = at or timezone.now()
@@ -130,13 +132,14 @@ def claim(
     only_suspects = (
         f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone)" if alone else ""
     )
+    robots_known = "AND h.robots_state IN ('rules', 'unavailable')" if robots else ""
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
             SELECT h.id, h.delay, h.crawl_delay, COALESCE(h.concurrency, %s) - {busy}
             FROM {hosts} AS h
             WHERE h.active AND NOT h.paused AND h.ready_at <= %s AND {busy} < COALESCE(h.concurrency, %s)
-              {only_suspects}
+              {only_suspects} {robots_known}
             ORDER BY h.top_priority DESC, h.ready_at, h.id
             LIMIT %s
             """,
@@ -178,7 +181,7 @@ def claim(
                     lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
                     attempt_session = %s, updated_at = %s, run_after = NULL, progress = NULL
                 WHERE id IN (SELECT value FROM json_each(%s))
-                RETURNING id, attempt, url, payload, run_alone, priority
+                RETURNING id, attempt, url, payload, run_alone, priority, host_id
                 """,
                 [
                     session_db,
@@ -192,7 +195,7 @@ def claim(
             )
             returned = cursor.fetchall()
             returned.sort(key=lambda row: (-row[5], row[0]))
-            rows = [row[:5] for row in returned]
+            rows = [(*row[:5], row[6]) for row in returned]
             cursor.execute(
                 f"""
                 INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)

@@ -172,6 +172,7 @@ class Command(BaseCommand):
                 total_timeout=options["total_timeout"],
                 max_bytes=options["max_bytes"],
                 max_redirects=options["max_redirects"],
+                user_agent=settings.CRAWLER_USER_AGENT,  # the name robots.txt rules are matched against
             )
         )
         for flag in ("advertise", "label"):
