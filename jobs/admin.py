@@ -483,3 +483,6 @@ class BusNodeAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: BusNode | None = None) -> bool:
         return False
+
+
+from . import admin_hosts  # noqa: E402, F401  (HostAdmin, registered on import)

@@ -3,6 +3,7 @@
 from django.urls import path
 
 from . import api, views
+from .views_hosts import host_detail, hosts
 
 app_name = "jobs"
 
@@ -17,6 +18,8 @@ urlpatterns = [
     path("crawlers/action", views.crawler_action, name="crawler_action"),
     path("crawlers/remove", views.crawler_remove, name="crawler_remove"),
     path("crawlers/announce", views.announce, name="announce"),
+    path("hosts/", hosts, name="hosts"),
+    path("hosts/<str:key>/", host_detail, name="host"),
     path("health", views.health, name="health"),
     path("api/jobs/", api.job_list, name="api_list"),
     path("api/jobs/<int:job_id>/", api.job_detail, name="api_detail"),
