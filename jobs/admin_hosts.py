@@ -16,6 +16,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponseRedirect
+from django.utils.html import format_html
 
 from . import services
 from .models import Host
@@ -34,6 +35,15 @@ HOST_READONLY = (
     "last_start_at",
     "created_at",
     "updated_at",
+    "robots_state",
+    "robots_status",
+    "robots_fetched_at",
+    "robots_due_at",
+    "robots_failures",
+    "robots_error",
+    "robots_session",
+    "robots_lease_until",
+    "robots_file",
 )
 
 # Set on a Host whose change update_host refused: read by log_change and response_change.
@@ -63,8 +73,8 @@ class HostForm(forms.ModelForm):
 
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ("key", "paused", "delay", "concurrency", "backoff_until", "active")
-    list_filter = ("paused", "active")
+    list_display = ("key", "paused", "delay", "concurrency", "backoff_until", "active", "robots_state")
+    list_filter = ("paused", "active", "robots_state")
     search_fields = ("key",)
     search_help_text = "Part of a host name (hostname[:port])."
     ordering = ("key",)
@@ -90,9 +100,38 @@ class HostAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        (
+            "robots.txt",
+            {
+                "fields": (
+                    "robots_state",
+                    "robots_status",
+                    "robots_fetched_at",
+                    "robots_due_at",
+                    "robots_failures",
+                    "robots_error",
+                    "robots_session",
+                    "robots_lease_until",
+                ),
+                "description": "Written by jobs.robots from the crawlers' answers: shown, never edited here.",
+            },
+        ),
+        ("robots.txt file", {"classes": ("collapse",), "fields": ("robots_file",)}),
     )
     actions = ("pause", "resume", "lift_backoff")
     show_full_result_count = False
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        # A robots.txt may hold 500 KiB: the list never reads it; the change form reads its one host's.
+        return super().get_queryset(request).defer("robots_txt")
+
+    @admin.display(description="robots.txt")
+    def robots_file(self, obj: Host) -> str:
+        if not obj.robots_txt:
+            return "–"
+        return format_html(
+            '<pre style="max-height: 30rem; overflow: auto; white-space: pre-wrap; margin: 0">{}</pre>', obj.robots_txt
+        )
 
     # --- Actions: each calls one service per host ---------------------------------------
 

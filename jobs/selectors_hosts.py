@@ -4,6 +4,10 @@ A fixed number of queries whatever the number of hosts or jobs: the page of
 hosts (plus the paginator's count), then ONE grouped count of the page's jobs
 by host and status (on the job table's host_id index), so 50 rows never cost
 50 queries. Pages poll these every two seconds.
+
+A host's robots.txt (up to 500 KiB) is never read by the list: only the host
+page reads it, and only its first ROBOTS_FILE_SHOWN characters, cut by the
+database.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from datetime import datetime
 from django.conf import settings
 from django.core.paginator import Page, Paginator
 from django.db.models import BooleanField, Case, Count, Exists, OuterRef, QuerySet, Value, When
+from django.db.models.functions import Length, Substr
 
 from .hosts import MAX_CRAWL_DELAY, effective_delay
-from .models import TERMINAL, Host, Job, Status
+from .models import ROBOTS_CRAWLABLE, TERMINAL, Host, Job, RobotsState, Status
 
 HOSTS_PER_PAGE = 50
 RECENT_JOBS = 20
@@ -28,6 +33,19 @@ STATES = {
     "backing-off": "Backing off",
     "paused": "Paused",
     "active": "With queued jobs",
+    "robots-waiting": "Waiting for robots.txt",
+}
+# robots.txt states in which a host's queued jobs wait (ROBOTS_TXT=obey): not known yet, or unreachable.
+ROBOTS_WAITING = (RobotsState.UNKNOWN, RobotsState.UNREACHABLE)
+# The host page shows this many characters of a robots.txt (which may hold 500 KiB).
+ROBOTS_FILE_SHOWN = 20_000
+
+# What the hosts pages call each robots.txt state.
+ROBOTS_WORDS: dict[str, str] = {
+    RobotsState.UNKNOWN.value: "not fetched yet",
+    RobotsState.ALLOWED.value: "rules in force",
+    RobotsState.UNAVAILABLE.value: "unavailable (4xx): all allowed",
+    RobotsState.UNREACHABLE.value: "unreachable: nothing allowed",
 }
 
 # The columns a recent-jobs row shows: payload, progress and result can each be tens of kilobytes.
@@ -43,7 +61,8 @@ def seconds_text(value: float) -> str:
 class JobCounts:
     queued: int = 0
     running: int = 0
-    finished: int = 0  # succeeded, failed or cancelled
+    finished: int = 0  # succeeded, failed, cancelled or disallowed
+    disallowed: int = 0  # ended because robots.txt disallows their URL
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,7 @@ class HostRow:
     at: datetime
     default_delay: float = field(default_factory=lambda: settings.HOST_DELAY)
     default_concurrency: int = field(default_factory=lambda: settings.HOST_CONCURRENCY)
+    robots_obeyed: bool = field(default_factory=lambda: settings.ROBOTS_TXT == "obey")
 
     @property
     def key(self) -> str:
@@ -133,6 +153,47 @@ class HostRow:
         """As many jobs run as its concurrency allows: the next start waits for one to end."""
         return self.counts.running >= self.concurrency
 
+    # --- robots.txt ----------------------------------------------------------------------
+
+    @property
+    def robots_code(self) -> str:
+        """The robots.txt state as data-robots shows it: a RobotsState value, or "ignored" (ROBOTS_TXT=ignore)."""
+        return self.host.robots_state if self.robots_obeyed else "ignored"
+
+    @property
+    def robots_words(self) -> str:
+        """The robots.txt state in words (without the next try of an unreachable one: the template adds it)."""
+        if not self.robots_obeyed:
+            return "ignored"
+        state = str(self.host.robots_state)
+        return ROBOTS_WORDS.get(state, state)
+
+    @property
+    def robots_fetching(self) -> bool:
+        """A crawler has been asked for the file and may still answer."""
+        return self.host.robots_lease_until is not None and self.host.robots_lease_until > self.at
+
+    @property
+    def robots_unreachable(self) -> bool:
+        return self.robots_obeyed and self.host.robots_state == RobotsState.UNREACHABLE
+
+    @property
+    def robots_waiting(self) -> bool:
+        """Its jobs may not start for want of robots.txt (not known yet, or unreachable)."""
+        return self.robots_obeyed and self.host.robots_state in ROBOTS_WAITING
+
+    @property
+    def robots_kept_rules(self) -> bool:
+        """The last fetches failed, and the host keeps the answer it had before (for 30 days)."""
+        return self.host.robots_state in ROBOTS_CRAWLABLE and self.host.robots_failures > 0
+
+    @property
+    def robots_due_seconds(self) -> float:
+        """Seconds until robots.txt is asked for again (0: due now, or never fetched)."""
+        if self.host.robots_due_at is None:
+            return 0.0
+        return max(0.0, (self.host.robots_due_at - self.at).total_seconds())
+
 
 @dataclass(frozen=True)
 class HostPage:
@@ -150,7 +211,7 @@ def _has_queued() -> Case:
 
 
 def _filtered(*, query: str, state: str, at: datetime) -> QuerySet[Host]:
-    hosts = Host.objects.annotate(has_queued=_has_queued())
+    hosts = Host.objects.defer("robots_txt").annotate(has_queued=_has_queued())
     if query:
         hosts = hosts.filter(key__contains=query.lower())  # keys are stored lowercased
     if state == "backing-off":
@@ -159,11 +220,15 @@ def _filtered(*, query: str, state: str, at: datetime) -> QuerySet[Host]:
         hosts = hosts.filter(paused=True)
     elif state == "active":
         hosts = hosts.filter(has_queued=True)
+    elif state == "robots-waiting":
+        if settings.ROBOTS_TXT != "obey":
+            return hosts.none()  # robots.txt ignored: no job waits for it
+        hosts = hosts.filter(has_queued=True, robots_state__in=ROBOTS_WAITING)
     return hosts
 
 
 def job_counts(host_ids: list[int]) -> dict[int, JobCounts]:
-    """Queued, running and finished jobs of each host, in ONE grouped query over the job table's host_id index."""
+    """Queued, running, finished and disallowed jobs of each host, in ONE grouped query over the host_id index."""
     if not host_ids:
         return {}
     tally: dict[int, dict[str, int]] = {host_id: {} for host_id in host_ids}
@@ -181,6 +246,7 @@ def job_counts(host_ids: list[int]) -> dict[int, JobCounts]:
             queued=by_status.get(Status.QUEUED, 0),
             running=by_status.get(Status.RUNNING, 0),
             finished=sum(by_status.get(status, 0) for status in TERMINAL),
+            disallowed=by_status.get(Status.DISALLOWED, 0),
         )
         for host_id, by_status in tally.items()
     }
@@ -206,14 +272,50 @@ def host_page(*, query: str = "", state: str = "all", page: int | str | None = 1
 
 
 @dataclass(frozen=True)
+class RobotsFile:
+    """The start of a host's robots.txt as the page shows it."""
+
+    text: str  # at most ROBOTS_FILE_SHOWN characters
+    length: int  # characters in the whole file
+
+    @property
+    def cut(self) -> bool:
+        return self.length > len(self.text)
+
+    @property
+    def length_text(self) -> str:
+        return f"{self.length:,}"
+
+    @property
+    def shown_text(self) -> str:
+        return f"{len(self.text):,}"
+
+
+@dataclass(frozen=True)
 class HostDetail:
     row: HostRow
     recent_jobs: list[Job]
+    robots_file: RobotsFile | None = None  # None when not asked for (the live part never shows it)
 
 
-def host_detail(*, key: str, at: datetime) -> HostDetail:
-    """One host, its job counts and its RECENT_JOBS latest jobs, in three queries; raises Host.DoesNotExist."""
-    host = Host.objects.get(key=key)
+def host_detail(*, key: str, at: datetime, with_robots_file: bool = False) -> HostDetail:
+    """One host, its job counts and its RECENT_JOBS latest jobs, in three queries; raises Host.DoesNotExist.
+
+    With `with_robots_file`, the host's query also brings the first
+    ROBOTS_FILE_SHOWN characters of its robots.txt and the file's length,
+    never the whole file.
+    """
+    hosts = Host.objects.defer("robots_txt")
+    if with_robots_file:
+        hosts = hosts.annotate(
+            robots_head=Substr("robots_txt", 1, ROBOTS_FILE_SHOWN), robots_length=Length("robots_txt")
+        )
+    host = hosts.get(key=key)
     counts = job_counts([host.pk])[host.pk]
     recent = list(Job.objects.filter(host_id=host.pk).only(*RECENT_JOB_FIELDS).order_by("-id")[:RECENT_JOBS])
-    return HostDetail(row=HostRow(host=host, counts=counts, at=at), recent_jobs=recent)
+    robots_file = (
+        RobotsFile(text=host.robots_head or "", length=host.robots_length or 0)  # type: ignore[attr-defined]
+        if with_robots_file
+        else None
+    )
+    return HostDetail(row=HostRow(host=host, counts=counts, at=at), recent_jobs=recent, robots_file=robots_file)

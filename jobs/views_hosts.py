@@ -16,12 +16,13 @@ from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.http import require_GET, require_http_methods
 
 from . import selectors_hosts, services
-from .models import Host
-from .views import _page, view_permission_required
+from .models import Host, Status
+from .views import _is_fragment, _page, view_permission_required
 
 
 def can_manage_hosts(user) -> bool:
@@ -67,7 +68,11 @@ def hosts(request: HttpRequest) -> HttpResponse:
             "now": at,
             "query": listing.query,
             "state": listing.state,
-            "states": selectors_hosts.STATES.items(),
+            "states": [
+                (value, label)
+                for value, label in selectors_hosts.STATES.items()
+                if value != "robots-waiting" or settings.ROBOTS_TXT == "obey" or listing.state == value
+            ],
             "filtered": bool(filters),
             "previous_link": link(page.previous_page_number()) if page.has_previous() else "",
             "next_link": link(page.next_page_number()) if page.has_next() else "",
@@ -153,7 +158,8 @@ def _add_errors(form: forms.Form, exc: ValidationError) -> None:
 def _detail_page(request: HttpRequest, key: str, form: HostSettingsForm | None = None) -> HttpResponse:
     at = services.now()
     try:
-        detail = selectors_hosts.host_detail(key=key, at=at)
+        # The file itself is outside the live part: only the whole page reads it.
+        detail = selectors_hosts.host_detail(key=key, at=at, with_robots_file=not _is_fragment(request))
     except Host.DoesNotExist:
         raise Http404("No such host.") from None
     manage = can_manage_hosts(request.user)
@@ -171,6 +177,9 @@ def _detail_page(request: HttpRequest, key: str, form: HostSettingsForm | None =
             "can_manage": manage,
             "form": form or (HostSettingsForm.for_host(detail.row.host) if manage else None),
             "live_url": detail.row.host.get_absolute_url() + "?fragment=1",
+            "robots_file": detail.robots_file,
+            # The job list filters by status, not by host: the link lists every host's disallowed jobs.
+            "disallowed_link": reverse("jobs:list") + "?" + urlencode({"status": Status.DISALLOWED.value}),
         },
     )
 

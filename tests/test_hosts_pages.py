@@ -1,6 +1,8 @@
 """The hosts pages through real requests: /hosts/ (counts, filters, pages, query count), /hosts/<key>/
 (state, latest jobs, the staff form through services.update_host and services.end_backoff), the host
-line of a job's page, and HostAdmin. Jobs are made with services.enqueue_many and services.claim_jobs.
+line of a job's page, robots.txt on both pages, and HostAdmin. Jobs are made with services.enqueue_many
+and services.claim_jobs; robots.txt answers with jobs.robots (claim_fetches, record_answer) or by
+setting a host's fields directly.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission
@@ -17,8 +20,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from jobs import selectors_hosts, services
-from jobs.models import Host, Job
+from jobs import robots, selectors_hosts, services
+from jobs.models import Host, Job, RobotsState, Status
 from jobs.outcomes import Outcome
 
 pytestmark = pytest.mark.django_db
@@ -132,6 +135,28 @@ def form_post(host: Host, **fields) -> dict[str, str]:
         else:
             data[name] = value
     return data
+
+
+def robots_answer(key: str, status: int, body: str = "", error: str = "") -> robots.RobotsAnswer:
+    """A crawler's answer to the bus's robots request for `key`, through the service path (ROBOTS_TXT=obey)."""
+    session = uuid.uuid4()
+    asked = robots.claim_fetches(session=session, limit=100)
+    assert key in [request.host for request in asked], asked
+    return robots.record_answer(session=session, host=key, status=status, body=body, error=error)
+
+
+def set_robots(key: str, **fields) -> None:
+    """A host's robots.txt fields as jobs.robots would have left them (written directly)."""
+    assert Host.objects.filter(key=key).update(**fields) == 1
+
+
+def detail_html(response) -> str:
+    """The host page's robots.txt panel (in the live part)."""
+    match = re.search(
+        r'<section class="panel" aria-labelledby="robots-title".*?</section>', response.content.decode(), re.DOTALL
+    )
+    assert match, "no robots.txt panel"
+    return match.group(0)
 
 
 def settings_of(key: str) -> tuple:
@@ -392,6 +417,224 @@ def test_keys_with_ports_brackets_and_idna_have_working_pages(operator_client, u
     assert f'id="job-host">Host: <a href="{href}" class="mono">{key}</a>' in job_page
 
 
+# --- robots.txt ----------------------------------------------------------------------------------
+
+
+def test_the_list_says_each_hosts_robots_txt_state_in_words(operator_client, settings):
+    settings.ROBOTS_TXT = "obey"
+    # The service path first, while served.example is the only host: a crawler asked for its file answers 404.
+    enqueue("https://served.example/1")
+    assert robots_answer("served.example", 404).recorded
+    keys = ["unknown", "rules", "unavailable", "unreachable", "fetching", "kept", "served"]
+    enqueue(*[f"https://{key}.example/1" for key in keys if key != "served"])
+    at = timezone.now()
+    set_robots("rules.example", robots_state=RobotsState.ALLOWED, robots_status=200, robots_fetched_at=at)
+    set_robots("unavailable.example", robots_state=RobotsState.UNAVAILABLE, robots_status=404, robots_fetched_at=at)
+    set_robots(
+        "unreachable.example",
+        robots_state=RobotsState.UNREACHABLE,
+        robots_status=503,
+        robots_failures=3,
+        robots_due_at=at + timedelta(minutes=4),
+    )
+    set_robots("fetching.example", robots_session=uuid.uuid4(), robots_lease_until=at + timedelta(seconds=50))
+    set_robots("kept.example", robots_state=RobotsState.ALLOWED, robots_fetched_at=at, robots_failures=2)
+
+    response = operator_client.get(LIST)
+
+    assert "<th>robots.txt</th>" in response.content.decode()
+    words = {key: row_html(response, f"{key}.example") for key in keys}
+    for key, state, text in [
+        ("unknown", "unknown", "not fetched yet"),
+        ("rules", "rules", "rules in force"),
+        ("unavailable", "unavailable", "unavailable (4xx): all allowed"),
+        ("served", "unavailable", "unavailable (4xx): all allowed"),
+        ("unreachable", "unreachable", "unreachable: nothing allowed until the next try in 3m 5"),
+        ("fetching", "unknown", "not fetched yet"),
+        ("kept", "rules", "rules in force"),
+    ]:
+        assert f'data-robots="{state}"' in words[key], key
+        assert re.search(r"data-robots-words[^>]*>" + re.escape(text), words[key]), (key, words[key])
+    assert 'data-robots-fetching="true"' in words["fetching"] and "being fetched" in words["fetching"]
+    for key in keys:
+        if key != "fetching":
+            assert 'data-robots-fetching="false"' in words[key] and "being fetched" not in words[key], key
+    assert "last 2 fetches failed; kept meanwhile" in words["kept"]
+    assert "waits for robots.txt" in words["unknown"] and "waits for robots.txt" in words["unreachable"]
+    assert "waits for robots.txt" not in words["rules"] and "waits for robots.txt" not in words["served"]
+    assert Host.objects.get(key="served.example").robots_lease_until is None  # answered: no longer fetching
+
+
+def test_with_robots_txt_ignored_the_list_says_ignored(operator_client, settings):
+    settings.ROBOTS_TXT = "ignore"
+    enqueue("https://a.example/1")
+    set_robots("a.example", robots_state=RobotsState.UNREACHABLE)
+
+    response = operator_client.get(LIST)
+
+    row = row_html(response, "a.example")
+    assert 'data-robots="ignored"' in row and '<span class="muted">ignored</span>' in row
+    assert "waits for robots.txt" not in row
+    assert 'value="robots-waiting"' not in response.content.decode()  # no host waits for it: no such filter
+    assert rows_of(operator_client.get(LIST, {"state": "robots-waiting"})) == []
+    page = detail_html(operator_client.get(page_url("a.example")))
+    assert 'data-robots="ignored"' in page and "ROBOTS_TXT=ignore" in page
+
+
+def test_the_robots_waiting_filter_lists_hosts_with_queued_jobs_and_no_usable_robots_txt(operator_client, settings):
+    settings.ROBOTS_TXT = "obey"
+    enqueue(*[f"https://{key}.example/1" for key in ("unknown", "unreachable", "rules", "unavailable", "paused")])
+    enqueue("https://done.example/1")
+    services.cancel_jobs(
+        job_ids=list(Job.objects.filter(url__contains="done.").values_list("id", flat=True)), actor="t"
+    )
+    set_robots("unreachable.example", robots_state=RobotsState.UNREACHABLE, robots_failures=1)
+    set_robots("rules.example", robots_state=RobotsState.ALLOWED, robots_fetched_at=timezone.now())
+    set_robots("unavailable.example", robots_state=RobotsState.UNAVAILABLE, robots_fetched_at=timezone.now())
+    services.update_host(key="paused.example", paused=True, actor="test")
+
+    response = operator_client.get(LIST, {"state": "robots-waiting"})
+
+    assert response.status_code == 200
+    assert rows_of(response) == ["paused.example", "unknown.example", "unreachable.example"]
+    html = response.content.decode()
+    assert '<option value="robots-waiting" selected>Waiting for robots.txt</option>' in html
+    assert rows_of(operator_client.get(LIST, {"state": "robots-waiting", "q": "unre"})) == ["unreachable.example"]
+    # Its robots.txt arrives: the host no longer waits.
+    assert robots_answer("unknown.example", 200, "User-agent: *\nDisallow:\n").recorded
+    assert rows_of(operator_client.get(LIST, {"state": "robots-waiting"})) == ["paused.example", "unreachable.example"]
+
+
+def test_the_list_never_reads_the_robots_txt_files_and_filters_in_the_same_queries(operator_client, settings):
+    settings.ROBOTS_TXT = "obey"
+    enqueue(*[f"https://h{i:03d}.example/{n}" for i in range(60) for n in range(2)])
+    Host.objects.update(robots_txt="User-agent: *\nDisallow: /x\n" * 20_000, robots_state=RobotsState.UNREACHABLE)
+    operator_client.get(LIST)
+    with_all = _list_queries(operator_client)
+
+    for state in ("robots-waiting", "all"):
+        with CaptureQueriesContext(connection) as captured:
+            response = operator_client.get(LIST, {"state": state})
+        assert len(response.context["rows"]) == selectors_hosts.HOSTS_PER_PAGE
+        assert len(captured) <= with_all
+        assert not [q["sql"] for q in captured.captured_queries if "robots_txt" in q["sql"]]
+
+
+def test_the_host_page_shows_its_robots_txt_state_and_the_jobs_it_disallowed(operator_client, settings):
+    settings.ROBOTS_TXT = "obey"
+    settings.HOST_DELAY = 1.0
+    allowed, private, other = enqueue("https://a.example/ok", "https://a.example/private/1", "https://b.example/1")
+
+    result = robots_answer("a.example", 200, "User-agent: *\nDisallow: /private\nCrawl-delay: 4\n")
+
+    assert (result.recorded, result.disallowed) == (True, 1)
+    assert Job.objects.get(pk=private.pk).status == Status.DISALLOWED
+    response = operator_client.get(page_url("a.example"))
+    panel = detail_html(response)
+    host = Host.objects.get(key="a.example")
+    assert 'data-robots="rules"' in panel and "rules in force" in panel
+    assert re.search(r'id="robots-status">200<', panel)
+    assert host.robots_fetched_at.strftime("%Y-%m-%d %H:%M:%S") in panel
+    assert host.robots_due_at.strftime("%Y-%m-%d %H:%M:%S") in panel  # next fetch: in ROBOTS_TTL
+    assert 'data-failures="0"' in panel and re.search(r'id="robots-error"[^>]*><span class="muted">none', panel)
+    assert "4 s <span" in panel and "it sets the delay" in panel  # the Crawl-delay it set, longer than 1 s
+    assert 'data-disallowed="1"' in panel
+    link = re.search(r'<a href="([^"]+)" id="robots-disallowed-link">', panel).group(1)
+    assert link == reverse("jobs:list") + "?status=disallowed"
+    listed = operator_client.get(link)
+    assert [job.pk for job in listed.context["page"].jobs] == [private.pk]
+    assert 'class="badge status-disallowed"' in listed.content.decode()
+    # Its latest jobs show the status with its own badge.
+    assert re.search(
+        rf'data-job-id="{private.pk}" data-status="disallowed">.*?badge status-disallowed',
+        response.content.decode(),
+        re.DOTALL,
+    )
+    # The whole file, short, shown uncut.
+    html = response.content.decode()
+    assert '<pre class="json" id="robots-file">User-agent: *\nDisallow: /private\nCrawl-delay: 4\n</pre>' in html
+    assert 'id="robots-file-cut"' not in html
+    assert allowed.pk and other.pk
+
+
+def test_an_unreachable_robots_txt_shows_the_failures_the_error_and_the_next_try(operator_client, settings):
+    settings.ROBOTS_TXT = "obey"
+    enqueue("https://a.example/1")
+    assert robots_answer("a.example", 0, error="cannot connect <b>refused</b>").recorded
+
+    panel = detail_html(operator_client.get(page_url("a.example")))
+
+    host = Host.objects.get(key="a.example")
+    assert (host.robots_state, host.robots_failures) == (RobotsState.UNREACHABLE, 1)
+    assert 'data-robots="unreachable"' in panel and "unreachable: nothing allowed" in panel
+    assert re.search(r'id="robots-status">0 <span class="muted small">\(no answer\)', panel)
+    assert 'data-failures="1"' in panel
+    assert "cannot connect &lt;b&gt;refused&lt;/b&gt;" in panel and "<b>refused" not in panel
+    assert host.robots_due_at.strftime("%Y-%m-%d %H:%M:%S") in panel and "(in 5" in panel  # ~60 s
+    assert re.search(r'id="robots-fetched-at"><span class="muted">never', panel)
+    assert (
+        'id="no-robots-file">None: the site gave no usable answer.'
+        in operator_client.get(page_url("a.example")).content.decode()
+    )
+
+
+def test_a_long_robots_txt_is_cut_on_the_host_page_and_left_out_of_the_live_part(
+    operator_client, settings, django_assert_max_num_queries
+):
+    settings.ROBOTS_TXT = "obey"
+    enqueue("https://a.example/1")
+    lines = [f"Disallow: /dir{i:05d}/\n" for i in range(2_000)]  # 18 characters each
+    text = "User-agent: *\n" + "".join(lines) + "Disallow: /the-very-end\n"
+    assert len(text) > 36_000
+    set_robots("a.example", robots_state=RobotsState.ALLOWED, robots_txt=text, robots_fetched_at=timezone.now())
+    operator_client.get(LIST)
+
+    with django_assert_max_num_queries(5) as captured:  # as before: the cut is made in the host's own query
+        response = operator_client.get(page_url("a.example"))
+
+    html = response.content.decode()
+    shown = response.context["robots_file"]
+    assert (len(shown.text), shown.length, shown.cut) == (20_000, len(text), True)
+    assert shown.text == text[:20_000]
+    pre = re.search(r'<pre class="json" id="robots-file">(.*?)</pre>', html, re.DOTALL).group(1)
+    assert pre == text[:20_000] and "/the-very-end" not in html
+    assert f"Cut: the first 20,000 of {len(text):,} characters are shown." in html
+    host_query = next(q["sql"] for q in captured.captured_queries if 'FROM "jobs_host"' in q["sql"])
+    assert "SUBSTR" in host_query.upper()
+    fragment = operator_client.get(page_url("a.example"), {"fragment": "1"}).content.decode()
+    assert 'id="robots-file"' not in fragment and "/dir00001/" not in fragment and 'id="host-robots"' in fragment
+
+
+def test_a_robots_txt_is_shown_escaped(operator_client, settings):
+    settings.ROBOTS_TXT = "obey"
+    enqueue("https://a.example/1")
+    body = 'User-agent: *\nDisallow: /<script>alert("x")</script>\n# <img src=x onerror=alert(1)> & more\n'
+    assert robots_answer("a.example", 200, body).recorded
+
+    html = operator_client.get(page_url("a.example")).content.decode()
+
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "/&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    assert "# &lt;img src=x onerror=alert(1)&gt; &amp; more" in html
+    admin_page = operator_client.get(reverse("admin:jobs_host_change", args=[Host.objects.get(key="a.example").pk]))
+    assert "<script>alert" not in admin_page.content.decode()
+    assert "/&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in admin_page.content.decode()
+
+
+def test_disallowed_has_a_badge_colour_of_its_own_that_is_not_the_error_red():
+    css = (Path(__file__).resolve().parent.parent / "jobs" / "static" / "jobs" / "site.css").read_text()
+
+    def rule(selector: str) -> str:
+        match = re.search(r"(?:^|[,}\s])" + re.escape(selector) + r"\s*(?:,[^{]*)?\{([^}]*)\}", css, re.MULTILINE)
+        assert match, f"no rule for {selector}"
+        return match.group(1).strip()
+
+    badge, card = rule(".badge.status-disallowed"), rule(".status-card.status-disallowed")
+    assert "background" in badge and "color" in badge and "border-top-color" in card
+    assert badge != rule(".badge.status-failed") and "--bad" not in badge and "--bad" not in card
+    assert card != rule(".status-card.status-cancelled") and card != rule(".status-card.status-failed")
+
+
 # --- Changing a host -------------------------------------------------------------------------------
 
 
@@ -598,3 +841,58 @@ def test_admin_actions_pause_resume_and_lift_through_the_services(operator_clien
     operator_client.post(changelist, {"action": "lift_backoff", "_selected_action": ids})
     assert Host.objects.get(key="a.example").backoff_reason == "back-off lifted by admin:operator"
     assert not Host.objects.filter(backoff_until__isnull=False).exists()
+
+
+def test_the_admin_shows_the_robots_txt_fields_read_only_and_filters_by_their_state(operator_client, settings):
+    settings.ROBOTS_TXT = "obey"
+    enqueue("https://a.example/1", "https://b.example/1")
+    assert robots_answer("a.example", 200, "User-agent: *\nDisallow: /private\n").recorded
+    host = Host.objects.get(key="a.example")
+    change_url = reverse("admin:jobs_host_change", args=[host.pk])
+
+    change = operator_client.get(change_url)
+
+    html = change.content.decode()
+    for name in (
+        "robots_state",
+        "robots_txt",
+        "robots_status",
+        "robots_error",
+        "robots_fetched_at",
+        "robots_due_at",
+        "robots_failures",
+        "robots_session",
+        "robots_lease_until",
+    ):
+        assert f'name="{name}"' not in html, name
+    fieldsets = {fieldset.name: fieldset for fieldset in change.context["adminform"]}
+    assert "robots_state" in fieldsets["robots.txt"].fields and "robots_due_at" in fieldsets["robots.txt"].fields
+    assert fieldsets["robots.txt file"].classes == "collapse" and fieldsets["robots.txt file"].fields == (
+        "robots_file",
+    )
+    assert "<details><summary>" in html and "Disallow: /private" in html and "Rules in force" in html
+
+    # A post that names them changes none of them.
+    response = operator_client.post(
+        change_url,
+        {
+            "delay": "2",
+            "concurrency": "",
+            "robots_state": "unreachable",
+            "robots_txt": "User-agent: *\nDisallow: /\n",
+            "robots_failures": "9",
+        },
+    )
+    assert response.status_code == 302
+    saved = Host.objects.get(pk=host.pk)
+    assert (saved.delay, saved.robots_state, saved.robots_failures) == (2.0, RobotsState.ALLOWED, 0)
+    assert saved.robots_txt == "User-agent: *\nDisallow: /private\n"
+
+    changelist = reverse("admin:jobs_host_changelist")
+    with CaptureQueriesContext(connection) as captured:
+        listing = operator_client.get(changelist, {"robots_state__exact": "unknown"})
+    assert [h.key for h in listing.context["cl"].result_list] == ["b.example"]
+    assert not [q["sql"] for q in captured.captured_queries if "robots_txt" in q["sql"]]
+    assert [
+        h.key for h in operator_client.get(changelist, {"robots_state__exact": "rules"}).context["cl"].result_list
+    ] == ["a.example"]
