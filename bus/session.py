@@ -720,9 +720,7 @@ class SessionWorker(threading.Thread):
             state.poll_at = now + self.config.poll_interval
         timeout = min(state.poll_at - now, max(0.0, state.seen_at + self.config.heartbeat_interval - now))
         if state.robots_wanted and self.welcome.get("robots"):
-            if now >= state.robots_check_at:
-                return
-            timeout = min(timeout, state.robots_check_at - now)
+            timeout = min(timeout, max(0.0, state.robots_check_at - now))
         if state.ready_at:
             if now >= state.ready_at:
                 state.want_dispatch, state.ready_at = True, 0.0
@@ -977,7 +975,10 @@ class SessionWorker(threading.Thread):
         """Ask this crawler to fetch due robots.txt files (at most ROBOTS_PER_SESSION at a time)."""
         state = self.state
         now = time.monotonic()
-        if now < state.robots_check_at or self.io.end_cause is not None or self.io.control.draining:
+        if now < state.robots_check_at:
+            return
+        if self.io.end_cause is not None or self.io.control.draining:
+            state.robots_wanted = False  # nothing new for an ending session (and no busy loop waiting for it)
             return
         state.robots_asked = {host: at for host, at in state.robots_asked.items() if now - at < ROBOTS_ANSWER_WAIT}
         room = ROBOTS_PER_SESSION - len(state.robots_asked)

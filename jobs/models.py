@@ -56,7 +56,13 @@ class Job(models.Model):
     url = models.URLField(max_length=2048)
     # The politeness unit the URL belongs to (jobs.hosts.host_key), set at enqueue.
     host = models.ForeignKey(
-        "Host", on_delete=models.PROTECT, related_name="jobs", null=True, blank=True, db_constraint=False
+        "Host",
+        on_delete=models.PROTECT,
+        related_name="jobs",
+        null=True,
+        blank=True,
+        db_constraint=False,
+        db_index=False,  # job_host_status serves "jobs of host H" and counts them per status
     )
     payload = models.JSONField(default=dict, blank=True)
     priority = models.IntegerField(default=0, help_text="Higher runs first.")
@@ -110,6 +116,8 @@ class Job(models.Model):
             models.Index(fields=["-priority", "id"], condition=Q(status="queued"), name="job_claim_order"),
             # The claim's "best queued jobs of host H" and "is anything of H still queued".
             models.Index(fields=["host", "-priority", "id"], condition=Q(status="queued"), name="job_host_queue"),
+            # The hosts pages' counts per status: an index-only scan, whatever the host's size.
+            models.Index(fields=["host", "status"], name="job_host_status"),
             # "How many jobs of host H are in flight" (the concurrency limit).
             models.Index(fields=["host"], condition=Q(status="running"), name="job_host_running"),
             # Suspects waiting to run alone, taken first by a session that holds nothing.

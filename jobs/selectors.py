@@ -542,7 +542,7 @@ def stored_json(text: str | None):
 def job_for_display(job_id: int) -> Job:
     """One job with its JSON fields decoded by stored_json, in one query; raises Job.DoesNotExist."""
     texts = {f"{name}_text": Cast(name, TextField()) for name in JSON_FIELDS}
-    job = Job.objects.defer(*JSON_FIELDS).annotate(**texts).get(pk=job_id)
+    job = Job.objects.select_related("host").defer(*JSON_FIELDS).annotate(**texts).get(pk=job_id)
     for name in JSON_FIELDS:
         setattr(job, name, stored_json(getattr(job, f"{name}_text")))
     return job

@@ -6,7 +6,9 @@ concurrent callers (row locks, SKIP LOCKED, conditional updates), writes the
 audit events, and returns what it did. The hot paths (enqueue, claim,
 outcomes, reset, audit events) are set-based statements whatever the batch
 size, one JSON or array parameter instead of a row per statement; see
-docs/benchmarks.md for their figures.
+docs/benchmarks.md for their figures. Their SQL lives in jobs/sql (one
+module per database), and the claim's rules in jobs/dispatch.py: this
+module keeps the decisions.
 """
 
 from __future__ import annotations
@@ -24,15 +26,12 @@ from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.db import connection, transaction
 from django.db.models import (
-    BooleanField,
     Case,
     Count,
-    DateTimeField,
     F,
     Max,
     PositiveIntegerField,
     Q,
-    TextField,
     Value,
     When,
 )
@@ -72,9 +71,7 @@ def _is_postgres() -> bool:
 
 def _announce_queued() -> None:
     """Tell buses that jobs became claimable, once the transaction commits."""
-    if _is_postgres():
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])  # delivered at commit
+    dialect().notify(NOTIFY_CHANNEL)  # PostgreSQL: delivered at commit
     transaction.on_commit(lambda: jobs_available.send(sender=Job))
 
 
@@ -107,10 +104,6 @@ def _values_in(field: str, values: list[Any]) -> Q:
     return Q(**{f"{field}__in": values})
 
 
-_EVENT_COLUMNS = ("job_id", "at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
-_EVENT_TYPES = ("bigint", "timestamptz", "text", "text", "text", "integer", "uuid", "text", "text")
-
-
 def _events(rows: Iterable[dict[str, Any]]) -> None:
     """Write audit events in one statement whatever their number (bulk_create would
     split them into batches of a few dozen rows on SQLite)."""
@@ -131,22 +124,8 @@ def _events(rows: Iterable[dict[str, Any]]) -> None:
                 "reason": row["reason"],
             }
         )
-    if not prepared:
-        return
-    table = connection.ops.quote_name(JobEvent._meta.db_table)
-    columns = ", ".join(_EVENT_COLUMNS)
-    with connection.cursor() as cursor:
-        if _is_postgres():
-            record = ", ".join(f"{name} {kind}" for name, kind in zip(_EVENT_COLUMNS, _EVENT_TYPES))
-            cursor.execute(
-                f"INSERT INTO {table} ({columns}) SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS r({record})",
-                [json.dumps(prepared)],
-            )
-        else:
-            extracted = ", ".join(f"json_extract(value, '$.{name}')" for name in _EVENT_COLUMNS)
-            cursor.execute(
-                f"INSERT INTO {table} ({columns}) SELECT {extracted} FROM json_each(%s)", [json.dumps(prepared)]
-            )
+    if prepared:
+        dialect().insert_events(prepared)
 
 
 def _event_db(field_name: str, value: Any) -> Any:
@@ -321,114 +300,16 @@ def reset_running_jobs(
         "it runs alone next, before any verdict)"
     )
     target = _running_filter(session=session, job_ids=job_ids, lease_expired_before=lease_expired_before)
-    table = connection.ops.quote_name(Job._meta.db_table)
-    events = connection.ops.quote_name(JobEvent._meta.db_table)
-    at_db = _db("updated_at", at)
     with transaction.atomic():
-        if _is_postgres():
-            target_sql, target_params = (
-                target.order_by("id").values("id", "lease_session").select_for_update().query.sql_with_params()
-            )
-            # held.n: how many jobs the job's session held when it was interrupted.
-            # Without an id or lease filter the target holds every running job
-            # of its sessions, so it is counted itself (no second scan).
-            whole_sessions = job_ids is None and lease_expired_before is None
-            held_sql = (
-                "SELECT lease_session, count(*) AS n FROM target GROUP BY lease_session"
-                if whole_sessions
-                else f"""SELECT h.lease_session, count(*) AS n FROM {table} AS h
-                         WHERE h.status = 'running'
-                           AND h.lease_session = ANY(ARRAY(SELECT DISTINCT lease_session FROM target))
-                         GROUP BY h.lease_session"""
-            )
-            sql = f"""
-                WITH target AS ({target_sql}),
-                held AS ({held_sql}),
-                moved AS (
-                    UPDATE {table} AS j SET
-                        interruptions = j.interruptions + 1,
-                        status = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
-                                      THEN 'failed' ELSE 'queued' END,
-                        run_alone = j.run_alone OR (j.interruptions + 1 >= j.max_interruptions AND held.n > 1),
-                        finished_at = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
-                                      THEN %s::timestamptz ELSE NULL END,
-                        error = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
-                                      THEN %s ELSE j.error END,
-                        lease_session = NULL, lease_expires_at = NULL, started_at = NULL,
-                        updated_at = %s
-                    FROM target JOIN held ON held.lease_session = target.lease_session
-                    WHERE j.id = target.id
-                    RETURNING j.id, j.status, j.attempt, target.lease_session, j.host_id, j.priority,
-                              (j.interruptions >= j.max_interruptions AND held.n > 1) AS suspect
-                ),
-                logged AS (
-                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
-                    SELECT id, %s, 'interrupt', 'running', status, attempt, lease_session, %s,
-                           CASE WHEN status = 'failed' THEN %s WHEN suspect THEN %s ELSE %s END
-                    FROM moved
-                )
-                SELECT status, host_id, max(priority), count(*), count(*) FILTER (WHERE suspect)
-                FROM moved GROUP BY status, host_id
-            """
-            params = (*target_params, at_db, failed_reason, at_db, at_db, actor, failed_reason, suspect_reason, reason)
-            with connection.cursor() as cursor:
-                cursor.execute(sql, params)
-                moved = cursor.fetchall()
-            counts: dict[str, int] = {}
-            for status, _, _, n, _ in moved:
-                counts[status] = counts.get(status, 0) + n
-            suspected = sum(row[4] for row in moved)
-            woken = {host: priority for status, host, priority, _, _ in moved if status == Status.QUEUED}
-        else:
-            # SQLite runs one writer at a time (BEGIN IMMEDIATE), so the
-            # queries and the UPDATE below all see the same rows.
-            alone = _values_in("lease_session", [_db("lease_session", lease) for lease in _lonely_sessions(target)])
-            due = Q(interruptions__gte=F("max_interruptions") - 1)
-            poisoned, suspect = due & alone, due & ~alone
-            to_status = Case(When(poisoned, then=Value(Status.FAILED)), default=Value(Status.QUEUED))
-            why = Case(
-                When(poisoned, then=Value(failed_reason)),
-                When(suspect, then=Value(suspect_reason)),
-                default=Value(reason),
-                output_field=TextField(),
-            )
-            listed = target.annotate(to_status=to_status, why=why).values(
-                "id", "attempt", "lease_session", "to_status", "why", "host_id", "priority"
-            )
-            listed_sql, listed_params = listed.query.sql_with_params()
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    f"""
-                    INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
-                    SELECT t.id, %s, 'interrupt', 'running', t.to_status, t.attempt, t.lease_session, %s, t.why
-                    FROM ({listed_sql}) AS t
-                    """,
-                    (at_db, actor, *listed_params),
-                )
-                cursor.execute(
-                    f"""
-                    SELECT t.to_status, t.host_id, max(t.priority), count(*), sum(t.why = %s)
-                    FROM ({listed_sql}) AS t GROUP BY t.to_status, t.host_id
-                    """,
-                    (suspect_reason, *listed_params),
-                )
-                moved = cursor.fetchall()
-            counts = {}
-            for status, _, _, n, _ in moved:
-                counts[status] = counts.get(status, 0) + n
-            suspected = sum(row[4] or 0 for row in moved)
-            woken = {host: priority for status, host, priority, _, _ in moved if status == Status.QUEUED}
-            target.update(
-                interruptions=F("interruptions") + 1,
-                status=to_status,
-                run_alone=Case(When(suspect, then=Value(True)), default=F("run_alone"), output_field=BooleanField()),
-                finished_at=Case(When(poisoned, then=Value(at)), default=None, output_field=DateTimeField()),
-                error=Case(When(poisoned, then=Value(failed_reason)), default=F("error"), output_field=TextField()),
-                lease_session=None,
-                lease_expires_at=None,
-                started_at=None,
-                updated_at=at,
-            )
+        counts, suspected, woken = dialect().reset(
+            target=target,
+            # Without an id or lease filter the target holds every running job of its sessions.
+            whole_sessions=job_ids is None and lease_expired_before is None,
+            reasons={"requeued": reason, "failed": failed_reason, "suspect": suspect_reason},
+            at=at,
+            actor=actor,
+            lonely=lambda: _lonely_sessions(target),
+        )
         result = ResetCounts(requeued=counts.get("queued", 0), failed=counts.get("failed", 0), suspected=suspected)
         if result.requeued:
             _queued_on(woken)

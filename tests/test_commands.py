@@ -65,9 +65,9 @@ def test_reset_jobs_prints_distribution_before_and_after_and_the_counts(jobs):
     claim(2)
     Job.objects.filter(pk=jobs[0].pk).update(interruptions=2)  # its third interruption: max reached
     output = run("reset_jobs")
-    assert "Before: queued 2, running 3, succeeded 0, failed 0, cancelled 0 (total 5)" in output
+    assert "Before: queued 2, running 3, succeeded 0, failed 0, cancelled 0, disallowed 0 (total 5)" in output
     assert "Requeued 2, failed 1 (interrupted too many times)." in output
-    assert "After:  queued 4, running 0, succeeded 0, failed 1, cancelled 0 (total 5)" in output
+    assert "After:  queued 4, running 0, succeeded 0, failed 1, cancelled 0, disallowed 0 (total 5)" in output
     assert output.index("Before:") < output.index("Requeued") < output.index("After:")
     events = JobEvent.objects.filter(kind=EventKind.INTERRUPT)
     assert set(events.values_list("actor", "reason")) >= {("command", "reset by manage.py reset_jobs")}

@@ -248,3 +248,107 @@ def apply_outcomes(rows: list[dict[str, Any]], at: Any) -> None:
             """,
             [at, json.dumps(rows)],
         )
+
+
+def reset(
+    *,
+    target: Any,
+    whole_sessions: bool,
+    reasons: dict[str, str],
+    at: datetime,
+    actor: str,
+    lonely: Any = None,
+) -> tuple[dict[str, int], int, dict[int, int]]:
+    """Requeue (or fail as poison) the running jobs of `target` in one statement.
+
+    `target` is a queryset of running jobs; `reasons` holds "requeued",
+    "failed" and "suspect" texts; `whole_sessions` says the target holds
+    every running job of its sessions (then it counts them itself). Returns
+    the count per new status, how many became suspects, and {host: best
+    priority} of the requeued jobs.
+    """
+    jobs, events = table(Job), table(JobEvent)
+    at = db_time(at)
+    target_sql, target_params = (
+        target.order_by("id").values("id", "lease_session").select_for_update().query.sql_with_params()
+    )
+    # held.n: how many jobs the job's session held when it was interrupted.
+    held_sql = (
+        "SELECT lease_session, count(*) AS n FROM target GROUP BY lease_session"
+        if whole_sessions
+        else f"""SELECT h.lease_session, count(*) AS n FROM {jobs} AS h
+                 WHERE h.status = 'running'
+                   AND h.lease_session = ANY(ARRAY(SELECT DISTINCT lease_session FROM target))
+                 GROUP BY h.lease_session"""
+    )
+    sql = f"""
+        WITH target AS ({target_sql}),
+        held AS ({held_sql}),
+        moved AS (
+            UPDATE {jobs} AS j SET
+                interruptions = j.interruptions + 1,
+                status = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
+                              THEN 'failed' ELSE 'queued' END,
+                run_alone = j.run_alone OR (j.interruptions + 1 >= j.max_interruptions AND held.n > 1),
+                finished_at = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
+                              THEN %s::timestamptz ELSE NULL END,
+                error = CASE WHEN j.interruptions + 1 >= j.max_interruptions AND held.n = 1
+                              THEN %s ELSE j.error END,
+                lease_session = NULL, lease_expires_at = NULL, started_at = NULL,
+                updated_at = %s
+            FROM target JOIN held ON held.lease_session = target.lease_session
+            WHERE j.id = target.id
+            RETURNING j.id, j.status, j.attempt, target.lease_session, j.host_id, j.priority,
+                      (j.interruptions >= j.max_interruptions AND held.n > 1) AS suspect
+        ),
+        logged AS (
+            INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+            SELECT id, %s, 'interrupt', 'running', status, attempt, lease_session, %s,
+                   CASE WHEN status = 'failed' THEN %s WHEN suspect THEN %s ELSE %s END
+            FROM moved
+        )
+        SELECT status, host_id, max(priority), count(*), count(*) FILTER (WHERE suspect)
+        FROM moved GROUP BY status, host_id
+    """
+    params = (
+        *target_params,
+        at,
+        reasons["failed"],
+        at,
+        at,
+        actor,
+        reasons["failed"],
+        reasons["suspect"],
+        reasons["requeued"],
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        moved = cursor.fetchall()
+    counts: dict[str, int] = {}
+    for status, _, _, n, _ in moved:
+        counts[status] = counts.get(status, 0) + n
+    suspected = sum(row[4] for row in moved)
+    woken = {host: priority for status, host, priority, _, _ in moved if status == "queued"}
+    return counts, suspected, woken
+
+
+EVENT_COLUMNS = ("job_id", "at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
+_EVENT_TYPES = ("bigint", "timestamptz", "text", "text", "text", "integer", "uuid", "text", "text")
+
+
+def insert_events(rows: list[dict[str, Any]]) -> None:
+    """Write audit events (dicts of EVENT_COLUMNS, database-prepared) in one statement."""
+    columns = ", ".join(EVENT_COLUMNS)
+    record = ", ".join(f"{name} {kind}" for name, kind in zip(EVENT_COLUMNS, _EVENT_TYPES))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table(JobEvent)} ({columns}) "
+            f"SELECT {columns} FROM jsonb_to_recordset(%s::jsonb) AS r({record})",
+            [json.dumps(rows)],
+        )
+
+
+def notify(channel: str) -> None:
+    """Tell the buses of other processes (LISTEN), at commit."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, '')", [channel])

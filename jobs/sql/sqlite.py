@@ -286,3 +286,95 @@ def apply_outcomes(rows: list[dict[str, Any]], at: Any) -> None:
             """,
             [at, json.dumps(rows)],
         )
+
+
+def reset(
+    *,
+    target: Any,
+    whole_sessions: bool,
+    reasons: dict[str, str],
+    at: datetime,
+    actor: str,
+    lonely: Any = None,
+) -> tuple[dict[str, int], int, dict[int, int]]:
+    """Requeue (or fail as poison) the running jobs of `target`: see postgresql.reset.
+
+    SQLite runs one writer at a time, so the queries and the UPDATE below all
+    see the same rows. `lonely()` lists the sessions that hold exactly one
+    running job (the evidence of a poison verdict).
+    """
+    from django.db.models import BooleanField, Case, DateTimeField, F, Q, TextField, Value, When
+
+    events = table(JobEvent)
+    at_db = db_value(Job, "updated_at", at)
+    sessions = [db_value(Job, "lease_session", lease) for lease in lonely()]
+    if len(sessions) > 1000:
+        from django.db.models.expressions import RawSQL
+
+        alone = Q(lease_session__in=RawSQL("SELECT value FROM json_each(%s)", [json.dumps(sessions)]))
+    else:
+        alone = Q(lease_session__in=sessions)
+    due = Q(interruptions__gte=F("max_interruptions") - 1)
+    poisoned, suspect = due & alone, due & ~alone
+    to_status = Case(When(poisoned, then=Value("failed")), default=Value("queued"))
+    why = Case(
+        When(poisoned, then=Value(reasons["failed"])),
+        When(suspect, then=Value(reasons["suspect"])),
+        default=Value(reasons["requeued"]),
+        output_field=TextField(),
+    )
+    listed = target.annotate(to_status=to_status, why=why).values(
+        "id", "attempt", "lease_session", "to_status", "why", "host_id", "priority"
+    )
+    listed_sql, listed_params = listed.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+            SELECT t.id, %s, 'interrupt', 'running', t.to_status, t.attempt, t.lease_session, %s, t.why
+            FROM ({listed_sql}) AS t
+            """,
+            (at_db, actor, *listed_params),
+        )
+        cursor.execute(
+            f"""
+            SELECT t.to_status, t.host_id, max(t.priority), count(*), sum(t.why = %s)
+            FROM ({listed_sql}) AS t GROUP BY t.to_status, t.host_id
+            """,
+            (reasons["suspect"], *listed_params),
+        )
+        moved = cursor.fetchall()
+    counts: dict[str, int] = {}
+    for status, _, _, n, _ in moved:
+        counts[status] = counts.get(status, 0) + n
+    suspected = sum(row[4] or 0 for row in moved)
+    woken = {host: priority for status, host, priority, _, _ in moved if status == "queued"}
+    target.update(
+        interruptions=F("interruptions") + 1,
+        status=to_status,
+        run_alone=Case(When(suspect, then=Value(True)), default=F("run_alone"), output_field=BooleanField()),
+        finished_at=Case(When(poisoned, then=Value(at)), default=None, output_field=DateTimeField()),
+        error=Case(When(poisoned, then=Value(reasons["failed"])), default=F("error"), output_field=TextField()),
+        lease_session=None,
+        lease_expires_at=None,
+        started_at=None,
+        updated_at=at,
+    )
+    return counts, suspected, woken
+
+
+EVENT_COLUMNS = ("job_id", "at", "kind", "from_status", "to_status", "attempt", "session", "actor", "reason")
+
+
+def insert_events(rows: list[dict[str, Any]]) -> None:
+    """Write audit events (dicts of EVENT_COLUMNS, database-prepared) in one statement."""
+    columns = ", ".join(EVENT_COLUMNS)
+    extracted = ", ".join(f"json_extract(value, '$.{name}')" for name in EVENT_COLUMNS)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table(JobEvent)} ({columns}) SELECT {extracted} FROM json_each(%s)", [json.dumps(rows)]
+        )
+
+
+def notify(channel: str) -> None:
+    """Other processes' buses poll SQLite (BUS_POLL_INTERVAL): nothing to send."""
