@@ -36,6 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._django import BACKENDS, DEFAULT_POSTGRES_URL, ROOT, exit_on_sigterm
 
+# Politeness off unless a benchmark asks for it (issue 11): most benchmarks
+# queue many jobs on one host and measure other things than per-host delays;
+# with the defaults (HOST_DELAY 1 s, HOST_CONCURRENCY 2, ROBOTS_TXT obey: a
+# host's jobs wait for its robots.txt) they would measure politeness. Given to
+# every process started here (Procs.env; a caller's own values win) and to
+# this process's Django settings, read at django.setup(), which every
+# benchmark calls after importing this module (not when this file runs as a
+# wrapper, --profile-threads: the command keeps the values it was given).
+BENCH_POLITENESS = {"HOST_DELAY": "0", "HOST_CONCURRENCY": "1000000", "ROBOTS_TXT": "ignore"}
+if __name__ != "__main__":
+    os.environ.update(BENCH_POLITENESS)
+
 
 class CheckFailed(Exception):
     pass
@@ -92,6 +104,7 @@ class Procs:
             PYTHONUNBUFFERED="1",
             SECRET_KEY="jobsite-bench-not-secret",
             BUS_AUTOSTART="true",
+            **BENCH_POLITENESS,
         )
         env.update({key: str(value) for key, value in extra.items()})
         return env
