@@ -273,8 +273,13 @@ class Fleet:
         from jobs.models import Job
         from jobs.services import NOTIFY_CHANNEL
 
+        from jobs.hosts import LONG_AGO
+        from jobs.models import Host
+
         with transaction.atomic():
             Job.objects.update(run_after=None)
+            # The raw update skips the services: end the hosts' wait for the held jobs' run_after too.
+            Host.objects.update(ready_at=LONG_AGO)
             if connection.vendor == "postgresql":
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT pg_notify(%s, '')", [NOTIFY_CHANNEL])

@@ -944,7 +944,8 @@ class SessionWorker(threading.Thread):
                 state.want_dispatch = False  # full, or running a suspect alone
                 break
             limit = wanted.limit
-            claimed = store.claim(session=session, endpoint=self.io.endpoint, limit=limit, alone=wanted.alone)
+            claim = store.claim(session=session, endpoint=self.io.endpoint, limit=limit, alone=wanted.alone)
+            claimed = claim.jobs
             at = time.monotonic()
             for job in claimed:
                 state.outstanding[job.id] = _Assignment(job.attempt, at)
@@ -966,8 +967,7 @@ class SessionWorker(threading.Thread):
             state.want_dispatch = len(claimed) == limit and not claimed[0].run_alone
             if not state.want_dispatch and len(claimed) < limit:
                 # Hosts that must wait were skipped: ask again when the next one is ready.
-                wait = store.next_ready_in()
-                state.ready_at = 0.0 if wait is None else time.monotonic() + wait + READY_MARGIN
+                state.ready_at = 0.0 if claim.wait is None else time.monotonic() + claim.wait + READY_MARGIN
             if not self.inbox.empty():
                 break  # outcomes waiting: record and ack them before claiming more
 

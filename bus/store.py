@@ -19,9 +19,10 @@ from jobs.outcomes import Outcome
 from jobsite.logging import kv
 
 if TYPE_CHECKING:  # the services import models: not at import time (see DjangoStore)
+    from jobs.dispatch import Claim
     from jobs.fleet import FleetView
     from jobs.robots import RobotsAnswer, RobotsRequest
-    from jobs.services import ClaimedJob, ResetCounts
+    from jobs.services import ResetCounts
 
 log = logging.getLogger("bus.store")
 
@@ -48,8 +49,7 @@ class Store(Protocol):
     def session_ready(
         self, *, session: UUID, endpoint: str, epoch: int, slots: int, running: Sequence[tuple[int, int]]
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
-    def claim(self, *, session: UUID, endpoint: str, limit: int, alone: bool) -> Sequence[ClaimedJob]: ...
-    def next_ready_in(self) -> float | None: ...
+    def claim(self, *, session: UUID, endpoint: str, limit: int, alone: bool) -> Claim: ...
     def claim_robots(self, *, session: UUID, limit: int) -> Sequence[RobotsRequest]: ...
     def record_robots(self, *, session: UUID, host: str, status: int, body: str, error: str) -> RobotsAnswer: ...
     def record_outcomes(
@@ -171,16 +171,11 @@ class DjangoStore:
         return taken, refused
 
     def claim(self, *, session, endpoint, limit, alone):
-        from jobs import services
-
-        return services.claim_jobs(
-            session=session, limit=limit, crawler=endpoint, alone=alone, lease_seconds=self.lease_seconds
-        )
-
-    def next_ready_in(self):
         from jobs import dispatch
 
-        return dispatch.next_ready_in()
+        return dispatch.claim(
+            session=session, limit=limit, crawler=endpoint, alone=alone, lease_seconds=self.lease_seconds
+        )
 
     def claim_robots(self, *, session, limit):
         from jobs import robots

@@ -12,8 +12,10 @@
 - robots.txt (ROBOTS_TXT=obey): a host's jobs start only once its robots.txt
   is known (jobs.robots), and a claimed URL its rules disallow is ended as
   `disallowed` in the claim's own transaction, never assigned.
-- When to ask again: when nothing more was ready, `next_ready_in` says when
-  the next waiting host becomes ready, so that idle sessions wake for it.
+- When to ask again: a claim that came back short says when the next
+  waiting host becomes ready (`Claim.wait`, counted from the claim's own
+  clock so that no host slips between the claim and the question), so that
+  idle sessions wake for it.
 
 The claim is one atomic step per database (jobs.sql.postgresql,
 jobs.sql.sqlite); the rules here feed it its parameters. A new rule (a
@@ -66,6 +68,14 @@ def ask(*, slots: int, outstanding: int, running_suspect: bool) -> Ask:
     return Ask(max(0, min(slots - outstanding, MAX_CLAIM_BATCH)), alone=outstanding == 0)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """What a claim gave: the jobs, and when a host that had to wait becomes ready (seconds; None: none waits)."""
+
+    jobs: list[ClaimedJob]
+    wait: float | None
+
+
 def claim_jobs(
     *,
     session: UUID,
@@ -76,6 +86,22 @@ def claim_jobs(
     at: datetime | None = None,
     actor: str = "bus",
 ) -> list[ClaimedJob]:
+    """claim(), the jobs only."""
+    return claim(
+        session=session, limit=limit, lease_seconds=lease_seconds, crawler=crawler, alone=alone, at=at, actor=actor
+    ).jobs
+
+
+def claim(
+    *,
+    session: UUID,
+    limit: int,
+    lease_seconds: float,
+    crawler: str = "",
+    alone: bool = False,
+    at: datetime | None = None,
+    actor: str = "bus",
+) -> Claim:
     """Lease up to `limit` queued jobs to `session` (a session of `crawler`), under the host rules.
 
     Each claimed job becomes running with attempt + 1 (the new fencing token)
@@ -89,7 +115,7 @@ def claim_jobs(
     the caller claims nothing more while it runs.
     """
     if limit <= 0:
-        return []
+        return Claim(jobs=[], wait=None)
     rules = {
         "delay": settings.HOST_DELAY,
         "concurrency": settings.HOST_CONCURRENCY,
@@ -98,12 +124,13 @@ def claim_jobs(
     }
     sql = dialect()
     common = {"session": session, "crawler": crawler, "lease_seconds": lease_seconds, "at": at, "actor": actor}
+    wait: float | None = None
     with transaction.atomic():
         rows: list[tuple] = []
         if alone:
-            rows, _ = sql.claim(limit=1, alone=True, **common, **rules)
+            rows, _, _ = sql.claim(limit=1, alone=True, **common, **rules)
         for _ in range(CLAIM_ROUNDS if not rows else 0):
-            taken, considered = sql.claim(limit=limit - len(rows), alone=False, **common, **rules)
+            taken, considered, wait = sql.claim(limit=limit - len(rows), alone=False, **common, **rules)
             rows += taken
             if len(rows) >= limit or considered < limit - len(rows) + len(taken):
                 break  # enough, or every ready host was looked at
@@ -111,11 +138,12 @@ def claim_jobs(
             # startable now (retry delays). The claim moved them on; look further.
         # The last word of robots.txt: a URL its rules disallow is ended here, never assigned.
         refused = robots.check_claimed([(row[0], row[2], row[5]) for row in rows])
-    return [
+    jobs = [
         ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=json_value(row[3]), run_alone=bool(row[4]))
         for row in rows
         if row[0] not in refused
     ]
+    return Claim(jobs=jobs, wait=wait)
 
 
 def next_ready_in(*, at: datetime | None = None) -> float | None:

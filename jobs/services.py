@@ -538,6 +538,7 @@ class _HostReports:
     def __init__(self, at: datetime):
         self.at = at
         self.hosts: dict[int, dict[str, Any]] = {}
+        self.recovered: set[int] = set()
 
     def _host(self, host_id: int) -> dict[str, Any]:
         if host_id not in self.hosts:
@@ -552,8 +553,8 @@ class _HostReports:
         status, retry_after = outcome.answer()
         slow_down = outcome.network or status in BACKOFF_STATUSES
         if not slow_down:
-            if outcome.succeeded and self._host(host_id)["errors"]:
-                self.hosts[host_id].update(errors=0, changed=True)
+            if outcome.succeeded:
+                self.recovered.add(host_id)  # reset at save, without a lock per host
             return None
         if job_backoffs >= settings.HOST_BACKOFF_JOB_LIMIT:
             return None
@@ -577,6 +578,10 @@ class _HostReports:
         return backoff
 
     def save(self) -> None:
+        recovered = self.recovered - set(self.hosts)
+        if recovered:
+            # Only the rare host with errors in a row is written (and locked).
+            Host.objects.filter(_id_in(recovered), errors__gt=0).update(errors=0, updated_at=self.at)
         for host_id in sorted(self.hosts):
             host = self.hosts[host_id]
             if not host["changed"]:

@@ -253,7 +253,14 @@ def test_dashboard_shows_counts_sessions_throughput_requeues_and_the_oldest_runn
     assert response.status_code == 200
     html = response.content.decode()
     counts = dict(re.findall(r'data-status="(\w+)" data-count="(\d+)"', html))
-    assert counts == {"queued": "2", "running": "1", "succeeded": "1", "failed": "1", "cancelled": "1", "disallowed": "0"}
+    assert counts == {
+        "queued": "2",
+        "running": "1",
+        "succeeded": "1",
+        "failed": "1",
+        "cancelled": "1",
+        "disallowed": "0",
+    }
 
     rows = dict(re.findall(r'data-session="([0-9a-f-]+)" data-session-state="\w+" data-display-state="(\w+)"', html))
     assert rows == {

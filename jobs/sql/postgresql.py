@@ -102,98 +102,29 @@ def claim(
     concurrency: int,
     max_crawl_delay: float,
     robots: bool,
-) -> tuple[list[tuple], int]:
-    """One statement: lock the ready hosts, take their best jobs, start them, move the hosts on.
+) -> tuple[list[tuple], int, float | None]:
+    """Two statements: lock the ready hosts; then, on a snapshot taken after the locks, start their best jobs.
 
-    `at` None means the database's clock at the moment the statement runs
-    (after its snapshot): a start is then never dated before an end it saw.
-    With `robots`, only hosts whose robots.txt is known are ready. Returns
-    (id, attempt, url, payload, run_alone, host_id) rows in claim order, and
-    how many ready hosts it looked at.
+    The second snapshot is what makes the concurrency limit hold: a claim
+    of the same host that committed while this one waited for nothing (SKIP
+    LOCKED) is seen when the host's running jobs are counted. `at` None
+    means the database's clock, read after each statement's snapshot: a
+    start is never dated before an end it saw. With `robots`, only hosts
+    whose robots.txt is known are ready. Returns (id, attempt, url, payload,
+    run_alone, host_id) rows in claim order, how many ready hosts it looked
+    at, and the seconds until the next host that was not ready becomes
+    ready (None: none waits).
     """
     jobs, hosts, events = table(Job), table(Host), table(JobEvent)
     # Suspects (run_alone) are few: look only at the hosts that have one.
     only_suspects = (
         f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone)" if alone else ""
     )
-    sql = f"""
-        WITH clock AS MATERIALIZED (SELECT COALESCE(%(at)s::timestamptz, clock_timestamp()) AS at),
-        ready AS (
-            SELECT h.id,
-                   GREATEST(COALESCE(h.delay, %(delay)s), LEAST(COALESCE(h.crawl_delay, 0), %(max_crawl)s)) AS pause,
-                   COALESCE(h.concurrency, %(concurrency)s) - busy.n AS room
-            FROM {hosts} AS h
-            CROSS JOIN clock
-            CROSS JOIN LATERAL (
-                SELECT count(*) AS n FROM {jobs} AS r WHERE r.host_id = h.id AND r.status = 'running'
-            ) AS busy
-            WHERE h.active AND NOT h.paused AND h.ready_at <= clock.at
-              AND busy.n < COALESCE(h.concurrency, %(concurrency)s) {only_suspects}
-              AND (%(robots_off)s OR h.robots_state IN ('rules', 'unavailable'))
-            ORDER BY h.top_priority DESC, h.ready_at, h.id
-            LIMIT %(limit)s
-            FOR UPDATE OF h SKIP LOCKED
-        ),
-        picks AS (
-            SELECT c.id, c.priority, r.id AS host_id
-            FROM ready AS r
-            CROSS JOIN LATERAL (
-                SELECT j.id, j.priority FROM {jobs} AS j
-                WHERE j.host_id = r.id AND j.status = 'queued' AND j.run_alone = %(alone)s
-                  AND (j.run_after IS NULL OR j.run_after <= (SELECT at FROM clock))
-                ORDER BY j.priority DESC, j.id
-                LIMIT CASE WHEN r.pause > 0 THEN 1 ELSE r.room END
-                FOR UPDATE OF j SKIP LOCKED
-            ) AS c
-        ),
-        picked AS (SELECT id, host_id FROM picks ORDER BY priority DESC, id LIMIT %(limit)s),
-        claimed AS (
-            UPDATE {jobs} AS j SET status = 'running', attempt = j.attempt + 1,
-                lease_session = %(session)s, lease_expires_at = clock.at + make_interval(secs => %(lease)s),
-                started_at = clock.at, crawler = %(crawler)s, attempt_session = %(session)s,
-                updated_at = clock.at, run_after = NULL, progress = NULL
-            FROM picked, clock WHERE j.id = picked.id
-            RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority, j.host_id
-        ),
-        logged AS (
-            INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
-            SELECT claimed.id, clock.at, 'claim', 'queued', 'running', claimed.attempt, %(session)s, %(actor)s, ''
-            FROM claimed, clock
-        ),
-        started AS (SELECT host_id, count(*) AS n FROM claimed GROUP BY host_id),
-        settled AS (
-            UPDATE {hosts} AS h SET
-                last_start_at = CASE WHEN s.n IS NULL THEN h.last_start_at ELSE clock.at END,
-                next_start_at = CASE WHEN s.n IS NULL THEN h.next_start_at
-                                     ELSE clock.at + make_interval(secs => r.pause) END,
-                ready_at = CASE
-                    -- Without a delay a start changes nothing: a back-off sets ready_at itself.
-                    WHEN s.n IS NOT NULL AND r.pause = 0 THEN h.ready_at
-                    WHEN s.n IS NOT NULL
-                        THEN GREATEST(clock.at + make_interval(secs => r.pause), COALESCE(h.backoff_until, clock.at))
-                    -- Nothing startable now (retry delays): wait for the soonest instead of
-                    -- coming back on every claim.
-                    ELSE GREATEST(h.ready_at, COALESCE((
-                        SELECT min(COALESCE(w.run_after, '-infinity'::timestamptz)) FROM {jobs} AS w
-                        WHERE w.host_id = r.id AND w.status = 'queued' AND w.run_alone = %(alone)s
-                    ), h.ready_at))
-                END,
-                top_priority = COALESCE(nxt.priority, h.top_priority),
-                active = nxt.priority IS NOT NULL,
-                updated_at = clock.at
-            FROM ready AS r
-            CROSS JOIN clock
-            LEFT JOIN started AS s ON s.host_id = r.id
-            LEFT JOIN LATERAL (
-                SELECT q.priority FROM {jobs} AS q
-                WHERE q.host_id = r.id AND q.status = 'queued' AND q.id NOT IN (SELECT id FROM picked)
-                ORDER BY q.priority DESC, q.id LIMIT 1
-            ) AS nxt ON true
-            WHERE h.id = r.id
-        )
-        SELECT id, attempt, url, payload, run_alone, priority, host_id FROM claimed
-        UNION ALL SELECT NULL, count(*), NULL, NULL, NULL, NULL, NULL FROM ready
-    """
+    pause = "GREATEST(COALESCE(h.delay, %(delay)s), LEAST(COALESCE(h.crawl_delay, 0), %(max_crawl)s))"
+    busy = f"(SELECT count(*) FROM {jobs} AS r WHERE r.host_id = h.id AND r.status = 'running')"
+    waiting = f"""
+        SELECT EXTRACT(EPOCH FROM min(w.ready_at) - %(since)s::timestamptz) FROM {hosts} AS w
+        WHERE w.active AND NOT w.paused AND w.ready_at > %(since)s::timestamptz"""
     params = {
         "at": db_time(at),
         "delay": float(delay),
@@ -207,12 +138,122 @@ def claim(
         "actor": actor,
         "robots_off": not robots,
     }
+    lock = f"""
+        WITH clock AS MATERIALIZED (SELECT COALESCE(%(at)s::timestamptz, clock_timestamp()) AS at),
+        locked AS (
+            SELECT h.id FROM {hosts} AS h CROSS JOIN clock
+            WHERE h.active AND NOT h.paused AND h.ready_at <= clock.at
+              AND {busy} < COALESCE(h.concurrency, %(concurrency)s) {only_suspects}
+              AND (%(robots_off)s OR h.robots_state IN ('rules', 'unavailable'))
+            ORDER BY h.top_priority DESC, h.ready_at, h.id
+            LIMIT %(limit)s
+            FOR UPDATE OF h SKIP LOCKED
+        )
+        SELECT id, NULL FROM locked
+        UNION ALL SELECT NULL, at FROM clock
+    """
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(lock, params)
+        locked = cursor.fetchall()
+        ids = [row[0] for row in locked if row[0] is not None]
+        params["since"] = next(row[1] for row in locked if row[0] is None)
+        if not ids:
+            cursor.execute(waiting, params)
+            row = cursor.fetchone()
+            return [], 0, None if row is None or row[0] is None else max(0.0, float(row[0]))
+        params["hosts"] = ids
+        cursor.execute(
+            f"""
+            WITH clock AS MATERIALIZED (SELECT COALESCE(%(at)s::timestamptz, clock_timestamp()) AS at),
+            ready AS (
+                SELECT h.id, {pause} AS pause, COALESCE(h.concurrency, %(concurrency)s) - {busy} AS room
+                FROM {hosts} AS h WHERE h.id = ANY(%(hosts)s)
+            ),
+            picks AS (
+                SELECT c.id, c.priority, r.id AS host_id
+                FROM ready AS r
+                CROSS JOIN LATERAL (
+                    SELECT j.id, j.priority FROM {jobs} AS j
+                    WHERE j.host_id = r.id AND j.status = 'queued' AND j.run_alone = %(alone)s
+                      AND (j.run_after IS NULL OR j.run_after <= (SELECT at FROM clock))
+                    ORDER BY j.priority DESC, j.id
+                    LIMIT CASE WHEN r.pause > 0 THEN LEAST(1, GREATEST(r.room, 0))
+                               ELSE LEAST(GREATEST(r.room, 0), %(limit)s) END
+                    FOR UPDATE OF j SKIP LOCKED
+                ) AS c
+            ),
+            picked AS (SELECT id, host_id FROM picks ORDER BY priority DESC, id LIMIT %(limit)s),
+            claimed AS (
+                UPDATE {jobs} AS j SET status = 'running', attempt = j.attempt + 1,
+                    lease_session = %(session)s, lease_expires_at = clock.at + make_interval(secs => %(lease)s),
+                    started_at = clock.at, crawler = %(crawler)s, attempt_session = %(session)s,
+                    updated_at = clock.at, run_after = NULL, progress = NULL
+                FROM picked, clock WHERE j.id = picked.id
+                RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority, j.host_id
+            ),
+            logged AS (
+                INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
+                SELECT claimed.id, clock.at, 'claim', 'queued', 'running', claimed.attempt, %(session)s,
+                       %(actor)s, ''
+                FROM claimed, clock
+            ),
+            started AS (SELECT host_id, count(*) AS n FROM claimed GROUP BY host_id),
+            settled AS (
+                UPDATE {hosts} AS h SET
+                    last_start_at = CASE WHEN s.n IS NULL THEN h.last_start_at ELSE clock.at END,
+                    next_start_at = CASE WHEN s.n IS NULL THEN h.next_start_at
+                                         ELSE clock.at + make_interval(secs => r.pause) END,
+                    ready_at = CASE
+                        -- Without a delay a start changes nothing: a back-off sets ready_at itself.
+                        WHEN s.n IS NOT NULL AND r.pause = 0 THEN h.ready_at
+                        WHEN s.n IS NOT NULL THEN GREATEST(
+                            clock.at + make_interval(secs => r.pause), COALESCE(h.backoff_until, clock.at))
+                        -- At its concurrency: unchanged (an end frees it).
+                        WHEN r.room <= 0 THEN h.ready_at
+                        -- Nothing startable now (retry delays): wait for the soonest instead of
+                        -- coming back on every claim.
+                        ELSE GREATEST(h.ready_at, COALESCE((
+                            SELECT min(COALESCE(w.run_after, '-infinity'::timestamptz)) FROM {jobs} AS w
+                            WHERE w.host_id = r.id AND w.status = 'queued' AND w.run_alone = %(alone)s
+                        ), h.ready_at))
+                    END,
+                    top_priority = COALESCE(nxt.priority, h.top_priority),
+                    active = nxt.priority IS NOT NULL,
+                    updated_at = clock.at
+                FROM ready AS r
+                CROSS JOIN clock
+                LEFT JOIN started AS s ON s.host_id = r.id
+                LEFT JOIN LATERAL (
+                    SELECT q.priority FROM {jobs} AS q
+                    WHERE q.host_id = r.id AND q.status = 'queued' AND q.id NOT IN (SELECT id FROM picked)
+                    ORDER BY q.priority DESC, q.id LIMIT 1
+                ) AS nxt ON true
+                WHERE h.id = r.id
+                RETURNING h.id, h.ready_at, h.active, h.paused
+            ),
+            -- The next wait counts from the first statement's clock: a host that became
+            -- ready in between is then due at once (0), not missed.
+            soonest AS (
+                SELECT min(ready_at) AS at FROM (
+                    SELECT ready_at FROM settled WHERE active AND NOT paused AND ready_at > %(since)s::timestamptz
+                    UNION ALL
+                    SELECT w.ready_at FROM {hosts} AS w
+                    WHERE w.active AND NOT w.paused AND w.ready_at > %(since)s::timestamptz
+                      AND w.id <> ALL(%(hosts)s)
+                ) AS t
+            )
+            SELECT id, attempt, url, payload, run_alone, priority, host_id, NULL::double precision FROM claimed
+            UNION ALL
+            SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   EXTRACT(EPOCH FROM soonest.at - GREATEST(clock.at, %(since)s::timestamptz))::double precision
+            FROM soonest, clock
+            """,
+            params,
+        )
         returned = cursor.fetchall()
-    considered = next(row[1] for row in returned if row[0] is None)
+    wait = next(row[7] for row in returned if row[0] is None)
     rows = sorted((row for row in returned if row[0] is not None), key=lambda row: (-row[5], row[0]))
-    return [(*row[:5], row[6]) for row in rows], considered
+    return [(*row[:5], row[6]) for row in rows], len(ids), None if wait is None else max(0.0, float(wait))
 
 
 def next_ready_in(at: datetime | None) -> float | None:

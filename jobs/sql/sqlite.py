@@ -116,14 +116,14 @@ def claim(
     concurrency: int,
     max_crawl_delay: float,
     robots: bool,
-) -> tuple[list[tuple], int]:
+) -> tuple[list[tuple], int, float | None]:
     """Lock-free under SQLite's single writer: ready hosts, their best jobs, start them, move the hosts on.
 
     `at` None means now, read after the write lock was taken: a start is
     then never dated before an end it saw. With `robots`, only hosts whose
     robots.txt is known are ready. Returns (id, attempt, url, payload,
-    run_alone, host_id) rows in claim order, and how many ready hosts it
-    looked at.
+    run_alone, host_id) rows in claim order, how many ready hosts it looked
+    at, and the seconds until the next waiting host is ready (None: none waits).
     """
     at = at or timezone.now()
     jobs, hosts, events = table(Job), table(Host), table(JobEvent)
@@ -246,25 +246,27 @@ def claim(
                 """,
                 [now_db, now_db, alone, now_db, json.dumps(moves)],
             )
-    return rows, len(ready)
+        soonest = None
+        if len(rows) < limit:  # a short claim: when to come back
+            cursor.execute(f"SELECT min(ready_at) FROM {hosts} WHERE active AND NOT paused AND ready_at > %s", [now_db])
+            soonest = cursor.fetchone()[0]
+    return rows, len(ready), None if soonest is None else max(0.0, (_aware(soonest) - at).total_seconds())
+
+
+def _aware(value: Any) -> datetime:
+    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
+    return when.replace(tzinfo=UTC) if timezone.is_naive(when) else when
 
 
 def next_ready_in(at: datetime | None) -> float | None:
     """Seconds until the next waiting host becomes ready (delay or back-off over), None if none waits."""
     at = at or timezone.now()
-    hosts = table(Host)
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT min(ready_at) FROM {hosts} WHERE active AND NOT paused AND ready_at > %s", [db_time(at)]
+            f"SELECT min(ready_at) FROM {table(Host)} WHERE active AND NOT paused AND ready_at > %s", [db_time(at)]
         )
-        row = cursor.fetchone()
-    if row is None or row[0] is None:
-        return None
-    value = row[0]
-    when = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    if timezone.is_naive(when):
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - at).total_seconds())
+        soonest = cursor.fetchone()[0]
+    return None if soonest is None else max(0.0, (_aware(soonest) - at).total_seconds())
 
 
 def apply_outcomes(rows: list[dict[str, Any]], at: Any) -> None:
