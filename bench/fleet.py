@@ -270,11 +270,9 @@ class Fleet:
     def release_jobs(self) -> None:
         from django.db import connection, transaction
 
-        from jobs.models import Job
-        from jobs.services import NOTIFY_CHANNEL
-
         from jobs.hosts import LONG_AGO
-        from jobs.models import Host
+        from jobs.models import Host, Job
+        from jobs.services import NOTIFY_CHANNEL
 
         with transaction.atomic():
             Job.objects.update(run_after=None)
