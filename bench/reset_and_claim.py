@@ -91,7 +91,7 @@ def insert_jobs(count: int, *, running: bool) -> None:
     from django.db import connection, transaction
     from django.utils import timezone
 
-    from jobs.models import Job, JobEvent
+    from jobs.models import Host, Job, JobEvent
 
     _empty_tables()
     jobs, events = (connection.ops.quote_name(m._meta.db_table) for m in (Job, JobEvent))
@@ -111,13 +111,17 @@ def insert_jobs(count: int, *, running: bool) -> None:
         status, attempt, lease, lease_until, started = "'queued'", 0, "NULL", "NULL", "NULL"
         params = [ts, ts, count]
     with transaction.atomic(), connection.cursor() as cursor:
+        # Every job on one host, with politeness out of the way (bench/_procs.py's settings):
+        # the claim as it was before hosts, measured with the host rules in place.
+        host, _ = Host.objects.get_or_create(key="example.com")
+        Host.objects.filter(id=host.id).update(active=not running, top_priority=4)
         cursor.execute(
             f"""
-            INSERT INTO {jobs} (url, payload, priority, status, attempt, max_attempts, failures,
-                interruptions, max_interruptions, lease_session, lease_expires_at, started_at,
+            INSERT INTO {jobs} (url, host_id, payload, priority, status, attempt, max_attempts, failures,
+                backoffs, interruptions, max_interruptions, lease_session, lease_expires_at, started_at,
                 error, created_at, updated_at)
-            SELECT 'https://example.com/page/' || i, '{{}}', i %% 5, {status}, {attempt}, 5, 0,
-                0, 3, {lease}, {lease_until}, {started}, '', %s, %s
+            SELECT 'https://example.com/page/' || i, {host.id}, '{{}}', i %% 5, {status}, {attempt}, 5, 0,
+                0, 0, 3, {lease}, {lease_until}, {started}, '', %s, %s
             FROM ({numbers}) AS numbers
             """,
             params,

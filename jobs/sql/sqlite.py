@@ -136,14 +136,17 @@ def claim(
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
-            SELECT h.id, h.delay, h.crawl_delay, COALESCE(h.concurrency, %s) - {busy}
-            FROM {hosts} AS h
-            WHERE h.active AND NOT h.paused AND h.ready_at <= %s AND {busy} < COALESCE(h.concurrency, %s)
-              {only_suspects} {robots_known}
-            ORDER BY h.top_priority DESC, h.ready_at, h.id
+            SELECT id, delay, crawl_delay, room FROM (
+                SELECT h.id, h.delay, h.crawl_delay, h.top_priority, h.ready_at,
+                       COALESCE(h.concurrency, %s) - {busy} AS room
+                FROM {hosts} AS h
+                WHERE h.active AND NOT h.paused AND h.ready_at <= %s {only_suspects} {robots_known}
+            )
+            WHERE room > 0  -- each host's running jobs counted once
+            ORDER BY top_priority DESC, ready_at, id
             LIMIT %s
             """,
-            [concurrency, now_db, concurrency, limit],
+            [concurrency, now_db, limit],
         )
         ready = cursor.fetchall()
         pauses: dict[int, float] = {}
@@ -153,7 +156,7 @@ def claim(
                 delay=host_delay, crawl_delay=min(crawl_delay or 0.0, max_crawl_delay), default=delay
             )
             pauses[host] = pause
-            takes.append((host, 1 if pause > 0 else room))
+            takes.append((host, min(1 if pause > 0 else room, limit)))
         picks: list[tuple[int, int, int]] = []  # (priority, id, host)
         for start in range(0, len(takes), MAX_COMPOUND):
             # Each host's best jobs through its own index range, all in one statement.
