@@ -44,7 +44,14 @@ class CrawlerPeer:
         self.frames = []
 
     def handshake(
-        self, *, slots: int = 10, running=(), timeout: float = 10.0, auth: str | None = None, send_ready: bool = True
+        self,
+        *,
+        slots: int = 10,
+        running=(),
+        timeout: float = 10.0,
+        auth: str | None = None,
+        send_ready: bool = True,
+        ready_extra: dict | None = None,
     ) -> dict:
         self.accept(timeout)
         nonce = protocol.new_nonce()
@@ -54,7 +61,12 @@ class CrawlerPeer:
             expected = protocol.hello_proof(self.token, nonce, self.hello["session"])
             assert protocol.proof_matches(expected, self.hello.get("auth")), "bad hello proof"
         if send_ready:
-            ready = {"type": "ready", "slots": slots, "running": [list(pair) for pair in running]}
+            ready = {
+                "type": "ready",
+                "slots": slots,
+                "running": [list(pair) for pair in running],
+                **(ready_extra or {}),
+            }
             if auth is not None:
                 ready["auth"] = auth
             elif self.token:

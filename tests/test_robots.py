@@ -214,3 +214,56 @@ def test_three_crawlers_fetch_robots_txt_once_for_50_jobs_and_never_a_disallowed
     finally:
         site.shutdown()
         site.server_close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_on_the_wire_only_a_crawler_that_offers_it_is_asked_and_only_for_what_it_was_asked(
+    processes, short_socket_path
+):
+    """The extension of docs/protocol.md section 15, with a scripted crawler (tests/crawler_peer.py)."""
+    from tests.crawler_peer import CrawlerPeer
+    from tests.test_bus_protocol import probe, start_bus
+
+    known = services.enqueue(url="https://known.example/page", actor="test")
+    Host.objects.filter(key="known.example").update(
+        robots_state=RobotsState.UNAVAILABLE, robots_due_at=timezone.now() + timedelta(days=1)
+    )
+    unknown = services.enqueue_many(urls=["https://new.example/page", "https://new.example/private/x"], actor="test")
+    settings = dict(ROBOTS_TXT="obey", HOST_DELAY="0", BUS_POLL_INTERVAL="0.2")
+    # A crawler that knows nothing of the extension: the known host's job, no robots frame.
+    old = CrawlerPeer(short_socket_path)
+    bus = start_bus(processes, short_socket_path, **settings)
+    try:
+        old.handshake(slots=4)
+        assign = old.recv("assign", timeout=20)
+        assert assign["job_id"] == known.id
+        probe(old)  # everything the bus sent before the probe's answer has arrived: no robots frame, no other job
+        assert [f for f in old.frames if f["type"] in ("robots", "assign")] == []
+    finally:
+        old.shutdown()
+        bus.kill()
+        bus.wait(timeout=10)
+    assert Job.objects.filter(id__in=[job.id for job in unknown], status=Status.QUEUED).count() == 2
+    # A crawler that offers it: asked for new.example's file, and only an answer for that host counts.
+    new = CrawlerPeer(short_socket_path)
+    bus = start_bus(processes, short_socket_path, **settings)
+    try:
+        new.handshake(slots=4, ready_extra={"robots": True})
+        asked = new.recv("robots", timeout=20)
+        assert (asked["host"], asked["url"]) == ("new.example", "https://new.example/robots.txt")
+        new.send({"type": "robots", "host": "other.example", "status": 404})
+        error = new.recv("error", timeout=10)
+        assert error["code"] == "stale"
+        new.send(
+            {"type": "robots", "host": "new.example", "status": 200, "body": "User-agent: *\nDisallow: /private\n"}
+        )
+        assign = new.recv("assign", timeout=20)
+        assert assign["url"] == "https://new.example/page"
+        probe(new)
+        assert [f for f in new.frames if f["type"] == "assign"] == []  # the disallowed URL is never assigned
+    finally:
+        new.shutdown()
+        bus.kill()
+        bus.wait(timeout=10)
+    assert Job.objects.get(url="https://new.example/private/x").status == Status.DISALLOWED
+    assert not Host.objects.filter(key="other.example").exists()  # the forged answer created nothing
