@@ -566,6 +566,10 @@ class Bus:
                 if self.stop_event.is_set() or owned.release.is_set():
                     break
                 owned.release.wait(backoff_delay(failures, base=self.backoff_base, cap=self.backoff_cap))
+                if io.worker is not None:
+                    # The ended session's jobs are requeued before the next session opens, so its
+                    # `ready` finds them queued: the trail reads interrupt, then re-lease, every time.
+                    io.worker.finished.wait(5.0)
         finally:
             self._give_back(owned, last_io)
 
