@@ -65,10 +65,6 @@ def now() -> datetime:
     return timezone.now()
 
 
-def _is_postgres() -> bool:
-    return connection.vendor == "postgresql"
-
-
 def _announce_queued() -> None:
     """Tell buses that jobs became claimable, once the transaction commits."""
     dialect().notify(NOTIFY_CHANNEL)  # PostgreSQL: delivered at commit

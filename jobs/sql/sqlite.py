@@ -249,11 +249,8 @@ def claim(
                 """,
                 [now_db, now_db, alone, now_db, json.dumps(moves)],
             )
-        soonest = None
-        if len(rows) < limit:  # a short claim: when to come back
-            cursor.execute(f"SELECT min(ready_at) FROM {hosts} WHERE active AND NOT paused AND ready_at > %s", [now_db])
-            soonest = cursor.fetchone()[0]
-    return rows, len(ready), None if soonest is None else max(0.0, (_aware(soonest) - at).total_seconds())
+    # A short claim says when to come back (same transaction: the hosts as this claim left them).
+    return rows, len(ready), next_ready_in(at) if len(rows) < limit else None
 
 
 def _aware(value: Any) -> datetime:
