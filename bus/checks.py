@@ -9,7 +9,7 @@ from django.apps import AppConfig
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from .endpoints import parse_endpoint
+from jobsite_crawler.endpoints import parse_endpoint
 
 
 @register()

@@ -28,9 +28,9 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from jobsite.logging import kv
+from jobsite_crawler.endpoints import Endpoint, EndpointError, parse_endpoint
+from jobsite_crawler.logfmt import kv
 
-from .endpoints import Endpoint, EndpointError, parse_endpoint
 from .session import SessionConfig, SessionControl, SessionIO, SessionWorker
 from .store import Store, pid_alive
 

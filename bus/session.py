@@ -25,10 +25,9 @@ from typing import Any
 
 from jobs import dispatch
 from jobs.outcomes import Outcome, http_status_of, retry_after_of
-from jobsite.logging import kv
-
-from . import protocol
-from .protocol import FieldError, FrameError
+from jobsite_crawler import wire as protocol
+from jobsite_crawler.logfmt import kv
+from jobsite_crawler.wire import FieldError, FrameError
 
 STALE_ACK = "stale"  # the ack status of an outcome that changed nothing (jobs.services.STALE)
 
@@ -316,17 +315,15 @@ class SessionIO:
             self._fail(protocol.BAD_FRAME, "welcome.nonce must be a hex string of at least 32 characters")
         session = str(self.session)
         hello_nonce = protocol.new_nonce()
-        hello = {
-            "type": "hello",
-            "protocol": protocol.PROTOCOL_VERSION,
-            "node": config.node,
-            "session": session,
-            "heartbeat": config.heartbeat_interval,
-            "nonce": hello_nonce,
-        }
-        if config.token:
-            hello["auth"] = protocol.hello_proof(config.token, welcome["nonce"], session)
-        self.send(hello)
+        self.send(
+            protocol.hello_frame(
+                node=config.node,
+                session=session,
+                heartbeat=config.heartbeat_interval,
+                nonce=hello_nonce,
+                auth=protocol.hello_proof(config.token, welcome["nonce"], session) if config.token else None,
+            )
+        )
         self._flush_for(config.handshake_timeout)
         ready = self._next_handshake_frame("ready", time.monotonic() + config.handshake_timeout)
         if config.token and not protocol.proof_matches(
@@ -379,12 +376,10 @@ class SessionIO:
                 if self.stop.is_set() or self.end_cause:
                     cause = self.end_cause or "closed"
                     reason = BYE_REASONS.get(cause, "bus shutdown")
-                    bye: dict[str, Any] = {"type": "bye", "reason": reason}
-                    if cause == "handover":
-                        # Extension: keep running this session's jobs and list them in the
-                        # next ready.running; the next owner connects within this many seconds.
-                        bye["resume_within"] = self.config.handover_resume
-                    self.send(bye)
+                    # A hand-over (extension): keep running this session's jobs and list them in
+                    # the next ready.running; the next owner connects within resume_within seconds.
+                    resume = self.config.handover_resume if cause == "handover" else None
+                    self.send(protocol.bye_frame(reason, resume_within=resume))
                     self._flush_for(1.0)
                     raise _Ended(reason, cause)
                 now = time.monotonic()
@@ -705,7 +700,7 @@ class SessionWorker(threading.Thread):
         for job_id, attempt in taken:
             self.state.outstanding[job_id] = _Assignment(attempt, now)
         if refused:
-            io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in refused))
+            io.send(*(protocol.cancel_frame(job_id, attempt) for job_id, attempt in refused))
         if welcome["running"]:
             log.info(kv("bus.re_leased", session=self.session, taken=len(taken), cancelled=len(refused)))
 
@@ -868,7 +863,7 @@ class SessionWorker(threading.Thread):
                     del state.outstanding[job_id]  # no longer ours (cancelled or requeued elsewhere)
                     state.want_dispatch = True
             if cancel:
-                self.io.send(*({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in cancel))
+                self.io.send(*(protocol.cancel_frame(job_id, attempt) for job_id, attempt in cancel))
             state.reported_running = None
         if state.outcomes:
             acks = store.record_outcomes(
@@ -878,12 +873,7 @@ class SessionWorker(threading.Thread):
                 audit_stale=max(0, STALE_AUDIT_PER_SESSION - state.stale),
             )
             if not self.ended:  # the socket is gone otherwise; the crawler resends and gets "recorded"
-                self.io.send(
-                    *(
-                        {"type": "ack", "job_id": o.job_id, "attempt": o.attempt, "status": ack}
-                        for o, ack in zip(state.outcomes, acks)
-                    )
-                )
+                self.io.send(*(protocol.ack_frame(o.job_id, o.attempt, ack) for o, ack in zip(state.outcomes, acks)))
             self._count_stale(acks.count(STALE_ACK))  # after the acks: they go out before the error
             state.outcomes = []
         if self.ended:
@@ -899,9 +889,7 @@ class SessionWorker(threading.Thread):
             counts = store.requeue_stalled(
                 session=session, job_ids=[job_id for job_id, _ in state.stalled], reason=reason
             )
-            self.io.send(
-                *({"type": "cancel", "job_id": job_id, "attempt": attempt} for job_id, attempt in state.stalled)
-            )
+            self.io.send(*(protocol.cancel_frame(job_id, attempt) for job_id, attempt in state.stalled))
             log.info(kv("bus.stalled_jobs", session=session, jobs=len(state.stalled), counts=counts))
             state.stalled = []
         if state.seen_due or time.monotonic() - state.seen_at >= self.config.heartbeat_interval:
@@ -953,16 +941,7 @@ class SessionWorker(threading.Thread):
                     state.suspects.add(job.id)
             if claimed:
                 self.io.send(
-                    *(
-                        {
-                            "type": "assign",
-                            "job_id": job.id,
-                            "attempt": job.attempt,
-                            "url": job.url,
-                            "payload": job.payload,
-                        }
-                        for job in claimed
-                    )
+                    *(protocol.assign_frame(job.id, job.attempt, url=job.url, payload=job.payload) for job in claimed)
                 )
             state.want_dispatch = len(claimed) == limit and not claimed[0].run_alone
             if not state.want_dispatch and len(claimed) < limit:
@@ -986,7 +965,7 @@ class SessionWorker(threading.Thread):
         for request in requests:
             state.robots_asked[request.host] = now
         if requests:
-            self.io.send(*({"type": "robots", "host": r.host, "url": r.url} for r in requests))
+            self.io.send(*(protocol.robots_request_frame(r.host, r.url) for r in requests))
         state.robots_check_at = now + ROBOTS_CHECK_INTERVAL
         state.robots_wanted = bool(requests) and len(state.robots_asked) < ROBOTS_PER_SESSION
 

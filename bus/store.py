@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uuid import UUID
 
 from jobs.outcomes import Outcome
-from jobsite.logging import kv
+from jobsite_crawler.logfmt import kv
 
 if TYPE_CHECKING:  # the services import models: not at import time (see DjangoStore)
     from jobs.dispatch import Claim

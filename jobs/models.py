@@ -65,6 +65,10 @@ class Job(models.Model):
         db_index=False,  # job_host_status serves "jobs of host H" and counts them per status
     )
     payload = models.JSONField(default=dict, blank=True)
+    # Which crawlers may run it (ready.kinds, docs/protocol.md section 16); empty: any crawler.
+    kind = models.CharField(
+        max_length=100, blank=True, default="", db_default="", help_text="Empty: any crawler takes it."
+    )
     priority = models.IntegerField(default=0, help_text="Higher runs first.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
 
@@ -181,6 +185,25 @@ class Job(models.Model):
         return self.status in TERMINAL
 
 
+class JobItems(models.Model):
+    """The items a crawler stored with a job's recorded `done` (docs/protocol.md section 16), as JSON Lines.
+
+    One row per job, replaced when a later attempt records its own; capped
+    by JOB_ITEMS_MAX items and the frame size, so no crawler grows it
+    without bound.
+    """
+
+    job = models.OneToOneField(Job, on_delete=models.CASCADE, primary_key=True, related_name="stored_items")
+    attempt = models.PositiveIntegerField()
+    count = models.PositiveIntegerField()
+    truncated = models.BooleanField(default=False, help_text="The crawler or the cap left items out.")
+    lines = models.TextField(help_text="One JSON object per line.")
+    recorded_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.count} items of job {self.job_id}"
+
+
 class EventKind(models.TextChoices):
     ENQUEUE = "enqueue", "Enqueued"
     CLAIM = "claim", "Assigned"
@@ -254,6 +277,8 @@ class BusSession(models.Model):
     crawler = models.CharField(max_length=200, blank=True, default="")
     state = models.CharField(max_length=16, choices=SessionState.choices, default=SessionState.CONNECTED)
     slots = models.PositiveIntegerField(default=0)
+    # The job kinds the crawler takes (its ready.kinds); null: every kind.
+    kinds = models.JSONField(null=True, blank=True)
     connected_at = models.DateTimeField()
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
     closed_at = models.DateTimeField(null=True, blank=True)

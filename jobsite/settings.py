@@ -14,7 +14,7 @@ from pathlib import Path
 from django.core.exceptions import ImproperlyConfigured
 
 from jobsite import env
-from jobsite.endpoints import EndpointError, parse_endpoints
+from jobsite_crawler.endpoints import EndpointError, parse_endpoints
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -244,7 +244,7 @@ if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"kv": {"()": "jobsite.logging.KeyValueFormatter"}},
+    "formatters": {"kv": {"()": "jobsite_crawler.logfmt.KeyValueFormatter"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "kv"}},
     "root": {"handlers": ["stderr"], "level": "WARNING"},
     "loggers": {

@@ -20,8 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bus import protocol  # noqa: E402
-from bus.endpoints import parse_endpoint  # noqa: E402
+from jobsite_crawler import wire as protocol  # noqa: E402
+from jobsite_crawler.endpoints import parse_endpoint  # noqa: E402
 
 
 class CrawlerPeer:

@@ -20,10 +20,10 @@ import uuid
 import pytest
 from django.utils import timezone
 
-from bus import protocol
 from bus.models import BusSession
 from jobs import services
 from jobs.models import EventKind, Job, JobEvent, Status
+from jobsite_crawler import wire as protocol
 from tests.conftest import free_port, wait_until
 from tests.crawler_peer import CrawlerPeer
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from jobsite.argtypes import seconds, whole_number
+from jobsite_crawler.argtypes import seconds, whole_number
 from tests.conftest import ROOT
 
 # The project's wiring may name apps: the URLconf includes their URLs, and the

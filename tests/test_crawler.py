@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from bus.crawler import Crawler
-from bus.fetch import Fetcher
-from bus.protocol import (
+from jobsite_crawler.crawler import Crawler
+from jobsite_crawler.fetch import Fetcher
+from jobsite_crawler.wire import (
     FrameReader,
     encode_frame,
     hello_proof,
@@ -416,8 +416,8 @@ def test_cancel_stops_a_running_fetch_and_sends_no_outcome(crawlers, clients, si
 
     wait_until(lambda: crawler.running_jobs() == [], message="the cancel to stop the job")
     wait_until(
-        lambda: not any(t.name.startswith("crawler-job-") for t in threading.enumerate()),
-        message="the fetch thread to end although the server still holds the request",
+        lambda: crawler.runner.busy == 0,
+        message="the fetch to end although the server still holds the request",
     )
     beat = client.expect("heartbeat", running=[])
     assert beat["running"] == []

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from bus.announce import AnnounceError, Announcer
-from bus.crawler import ConnectionLog
-from bus.fetch import Fetcher
+from jobsite_crawler.announce import AnnounceError, Announcer
+from jobsite_crawler.crawler import ConnectionLog
+from jobsite_crawler.fetch import Fetcher
 from tests.conftest import free_port, wait_until
 from tests.test_crawler import (  # noqa: F401  (fixtures are used by name)
     TOKEN,
@@ -112,7 +112,7 @@ def test_bye_without_a_valid_resume_within_stops_the_jobs_as_before(crawlers, cl
     first.wait_closed()
     wait_until(lambda: crawler.running_jobs() == [], message="the session end to stop its job")
     wait_until(
-        lambda: not any(t.name.startswith("crawler-job-") for t in threading.enumerate()),
+        lambda: crawler.runner.busy == 0,
         message="the fetch to be cancelled although the server still holds the request",
     )
     second = clients(address)

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from bus.endpoints import Endpoint, EndpointError, parse_endpoint, parse_endpoints
+from jobsite_crawler.endpoints import Endpoint, EndpointError, parse_endpoint, parse_endpoints
 from tests.conftest import wait_until
 
 # --- Parsing -----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bus.fetch import Cancellation, FetchCancelled, Fetcher, FetchError, address_refusal, parse_page
+from jobsite_crawler.fetch import Cancellation, FetchCancelled, Fetcher, FetchError, address_refusal, parse_page
 from tests.conftest import free_port, wait_until
 
 PAGE = (

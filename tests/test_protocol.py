@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus import protocol
-from bus.protocol import (
+from jobsite_crawler import wire as protocol
+from jobsite_crawler.wire import (
     DEFAULT_MAX_FRAME,
     MAX_ATTEMPT,
     MAX_JOB_ID,

@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from bus import protocol  # noqa: E402  (Django-free)
+from jobsite_crawler import wire as protocol  # noqa: E402  (Django-free)
 
 CRASH_EXIT = 17  # the exit status of a deliberate crash (the harness restarts the process)
 # The behaviour of the n-th session (counted over restarts, from the stats file): every one comes up

@@ -13,9 +13,9 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from bus.endpoints import EndpointError, parse_endpoint
 from bus.runtime import Bus, BusConfigError
-from jobsite.logging import kv
+from jobsite_crawler.endpoints import EndpointError, parse_endpoint
+from jobsite_crawler.logfmt import kv
 
 log = logging.getLogger("bus.runbus")
 

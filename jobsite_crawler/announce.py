@@ -22,9 +22,9 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from jobsite.logging import kv
+from .logfmt import kv
 
-log = logging.getLogger("bus.announce")
+log = logging.getLogger("jobsite_crawler.announce")
 
 ANNOUNCE_PREFIX = "jobsite-announce/1"
 ACTIONS = ("register", "deregister")

@@ -1,9 +1,14 @@
-"""The reference crawler: the crawler side of PROTOCOL.md, serving several bus sessions at once.
+"""The crawler side of PROTOCOL.md as a library, serving several bus sessions at once.
 
-No Django here: `manage.py runcrawler` builds a Crawler and runs it, and the
-tests run one in a thread and talk to it over real sockets. A ConnectionLog
-records, from the crawler's own view, when each bus session opened and ended
-and which jobs it carried (one JSON line per event).
+No Django here. A Crawler listens, does the handshake and proofs, heartbeats,
+keeps outcomes until acked and resends them, resumes running jobs on a new
+session and honours cancel; what a job *does* is a runner's business
+(jobsite_crawler/runners.py): a sync handler in a thread pool, an asyncio
+handler, the reference fetcher, or the Scrapy add-on. `python -m
+jobsite_crawler` and `manage.py runcrawler` run the reference fetcher.
+
+A ConnectionLog records, from the crawler's own view, when each bus session
+opened and ended and which jobs it carried (one JSON line per event).
 """
 
 from __future__ import annotations
@@ -20,55 +25,75 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
-from jobsite.logging import kv
-
 from .endpoints import Endpoint, parse_endpoint
-from .fetch import Cancellation, FetchCancelled, FetchError
-from .protocol import (
+from .job import Job
+from .logfmt import kv
+from .runners import Handler, Runner, ThreadRunner
+from .wire import (
     BAD_FRAME,
     DEFAULT_MAX_FRAME,
     HANDSHAKE_TIMEOUT,
     INVALID,
+    MAX_KIND_LENGTH,
+    MAX_KINDS,
     PROTOCOL_VERSION,
     UNAUTHORIZED,
     UNKNOWN_TYPE,
     UNSUPPORTED_PROTOCOL,
     FieldError,
+    Frame,
     FrameError,
     FrameReader,
     attempt_of,
+    capacity_frame,
+    done_frame,
     encode_frame,
     error_frame,
+    failed_frame,
+    heartbeat_frame,
     hello_proof,
     job_id_of,
     new_nonce,
     nonce_ok,
     number_of,
+    progress_frame,
     proof_matches,
+    ready_frame,
     ready_proof,
+    robots_answer_frame,
+    started_frame,
+    welcome_frame,
 )
 
-log = logging.getLogger("bus.crawler")
+log = logging.getLogger("jobsite_crawler.crawler")
 
 JobKey = tuple[int, int]  # (job_id, attempt)
 Fetch = Callable[..., dict[str, Any]]  # fetch(url, *, cancel=Cancellation) -> result
+RobotsFetch = Callable[[str], tuple[int, str]]  # robots(url) -> (HTTP status, text); raise when the site is unreachable
 
 RECV_SIZE = 256 * 1024
 CLOSE_FLUSH_TIMEOUT = 2.0  # how long a closing session may spend sending its last frames
 MIN_HEARTBEAT = 0.01
 IDLE_TICK = 1.0  # the longest a loop sleeps without looking at its clocks
+PROGRESS_INTERVAL = 1.0  # a job's progress reports go out at most this often
 
 
 @dataclass(eq=False)
 class _Job:
-    key: JobKey
-    url: str
+    job: Job
     session: _Session | None  # None: orphaned, its session ended (see resume_grace, bye.resume_within)
-    cancellation: Cancellation = field(default_factory=Cancellation)
     orphan_until: float | None = None  # monotonic time after which an orphaned job is stopped
+
+    @property
+    def key(self) -> JobKey:
+        return self.job.key
+
+    @property
+    def cancellation(self) -> Any:
+        return self.job.cancellation
 
 
 @dataclass(eq=False)
@@ -115,6 +140,13 @@ class ConnectionLog:
 class Crawler:
     """Listens on endpoints; each accepted connection is one bus session with its own thread.
 
+    What runs a job, exactly one of: `handler` (a function of a Job returning
+    the result dict, run in a thread pool), `fetcher` (the reference Fetcher:
+    a handler that fetches job.url, and robots.txt too), `runner` (a Runner:
+    the asyncio API and the Scrapy add-on), or `noop` (answer done at once).
+    `robots` fetches a robots.txt file for the bus (docs/protocol.md section
+    15); `kinds` are the job kinds this crawler takes (None: every kind).
+
     Concurrency: one thread per session owns its socket (non-blocking, a
     selector with a wake-up socketpair), and every other thread only appends
     encoded frames to the session's outbox. The session thread writes the
@@ -143,6 +175,10 @@ class Crawler:
         token: str | None = None,
         max_frame: int = DEFAULT_MAX_FRAME,
         fetcher: Fetch | None = None,
+        handler: Handler | None = None,
+        runner: Runner | None = None,
+        robots: RobotsFetch | None = None,
+        kinds: Sequence[str] | None = None,
         noop: bool = False,
         noop_delay: tuple[float, float] | None = None,
         resume_grace: float = 0.0,
@@ -161,12 +197,24 @@ class Crawler:
                 )
         if slots < 0:
             raise ValueError("slots must be >= 0")
-        if not noop and fetcher is None:
-            raise ValueError("a fetcher is required unless noop is set")
+        if sum(given is not None for given in (fetcher, handler, runner)) + bool(noop) != 1:
+            raise ValueError("give exactly one of handler, runner, fetcher or noop")
+        if kinds is not None:
+            kinds = list(kinds)
+            if len(kinds) > MAX_KINDS or not all(isinstance(k, str) and 0 < len(k) <= MAX_KIND_LENGTH for k in kinds):
+                raise ValueError(f"kinds must be at most {MAX_KINDS} non-empty names of {MAX_KIND_LENGTH} characters")
         self.slots = slots
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.max_frame = max_frame
         self.fetcher = fetcher
+        if fetcher is not None:
+            handler = _fetch_handler(fetcher)
+            fetch_text = getattr(fetcher, "fetch_text", None)
+            if robots is None and fetch_text is not None:
+                robots = _robots_of(fetch_text)
+        self.runner: Runner | None = runner if runner is not None else ThreadRunner(handler) if handler else None
+        self.robots = robots
+        self.kinds = kinds
         self.noop = noop
         self.noop_delay = noop_delay if noop_delay and noop_delay[1] > 0 else None
         self.resume_grace = resume_grace
@@ -175,11 +223,12 @@ class Crawler:
 
         self.listening = threading.Event()  # set once every endpoint is bound
         self._stopping = threading.Event()
+        self._drain_by: float | None = None  # draining: stop once every outcome is acked, or at this time
+        self._capacity_due = False  # set_slots from a signal handler found the lock taken: repeat it
         self._lock = threading.Lock()  # guards the four collections below and _Session.live
         self._running: dict[JobKey, _Job] = {}
         self._unacked: dict[JobKey, _Outcome] = {}
         self._sessions: set[_Session] = set()
-        self._job_threads: set[threading.Thread] = set()
         self._session_numbers = itertools.count(1)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -223,6 +272,7 @@ class Crawler:
                         else:
                             self._accept(cast(socket.socket, key.fileobj), key.data)
                     self._reap_orphans()
+                    self._check_drained()
         finally:
             self._stopping.set()
             for endpoint, sock in listeners:
@@ -240,6 +290,43 @@ class Crawler:
         # serve_forever wakes the sessions once its selector returns.
         self._stopping.set()
         _wake(self._wake_w)
+
+    def drain(self, timeout: float = 60.0) -> None:
+        """Take no new job (capacity 0), finish the running ones, stop once every outcome is acked.
+
+        After `timeout` seconds it stops anyway: the bus requeues what is
+        still running. Safe from any thread and from a signal handler.
+        """
+        self._drain_by = time.monotonic() + timeout
+        self.set_slots(0, blocking=False)
+        _wake(self._wake_w)
+
+    def set_slots(self, slots: int, *, blocking: bool = True) -> None:
+        """Change how many jobs each session accepts; live sessions are told with a `capacity` frame."""
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
+            raise ValueError("slots must be an integer >= 0")
+        self.slots = slots
+        if not self._lock.acquire(blocking=blocking):  # in a signal handler: the serve loop repeats it
+            self._capacity_due = True
+            return
+        try:
+            sessions = [session for session in self._sessions if session.live]
+        finally:
+            self._lock.release()
+        for session in sessions:
+            session.queue(encode_frame(capacity_frame(slots)))
+
+    def _check_drained(self) -> None:
+        if self._drain_by is None:
+            return
+        if self._capacity_due:
+            self._capacity_due = False
+            self.set_slots(self.slots)
+        with self._lock:
+            busy = bool(self._running or self._unacked)
+        if not busy or time.monotonic() >= self._drain_by:
+            log.info(kv("crawler.drained", crawler=self.name, complete=not busy))
+            self._stopping.set()
 
     def _accept(self, listener: socket.socket, endpoint: Endpoint) -> None:
         while True:
@@ -271,15 +358,16 @@ class Crawler:
         with self._lock:
             jobs = list(self._running.values())
             self._running.clear()
-            threads = list(self._job_threads)
             for job in jobs:
                 self._record_stopped(job, "crawler stopping")
         for job in jobs:
             job.cancellation.cancel()
         with self._timer_cond:
             self._timer_cond.notify_all()
-        for thread in [*threads, *([timer_thread] if timer_thread else [])]:
-            thread.join(max(0.1, deadline - time.monotonic()))
+        if self.runner is not None:
+            self.runner.stop(max(0.1, deadline - time.monotonic()))
+        if timer_thread is not None:
+            timer_thread.join(max(0.1, deadline - time.monotonic()))
         self._wake_r.close()
         self._wake_w.close()
         log.info(kv("crawler.stopped", crawler=self.name, unacked=len(self._unacked)))
@@ -299,10 +387,11 @@ class Crawler:
 
     # --- Jobs -----------------------------------------------------------------------
 
-    def _start_job(self, session: _Session, key: JobKey, url: str) -> None:
+    def _start_job(self, session: _Session, job: Job) -> None:
+        key = job.key
         self._record("assign", job_id=key[0], attempt=key[1], session=session.bus_session)
         if self.noop and not self.noop_delay:
-            data = encode_frame({"type": "done", "job_id": key[0], "attempt": key[1], "result": {"noop": True}})
+            data = encode_frame(done_frame(key[0], key[1], {"noop": True}))
             self._record("finish", job_id=key[0], attempt=key[1], status="done", session=session.bus_session)
             with self._lock:
                 self._unacked[key] = _Outcome(data, session)
@@ -312,80 +401,50 @@ class Crawler:
             existing = self._running.get(key)
             if existing is not None:
                 # A repeated assign for a job already running here: keep the
-                # one fetch, now reported on this session.
+                # one run, now reported on this session.
                 existing.session, existing.orphan_until = session, None
                 return
-            job = self._running[key] = _Job(key, url, session)
+            running = self._running[key] = _Job(job, session)
         if self.noop:
             low, high = self.noop_delay  # type: ignore[misc]
             with self._timer_cond:
-                heapq.heappush(self._timers, (time.monotonic() + random.uniform(low, high), next(self._timer_seq), job))
+                heapq.heappush(
+                    self._timers, (time.monotonic() + random.uniform(low, high), next(self._timer_seq), running)
+                )
                 self._timer_cond.notify()
             return
-        session.queue(encode_frame({"type": "started", "job_id": key[0], "attempt": key[1]}))
-        thread = threading.Thread(
-            target=self._run_fetch, args=(job,), name=f"crawler-job-{key[0]}-{key[1]}", daemon=True
-        )
-        with self._lock:
-            self._job_threads.add(thread)
-        thread.start()
+        session.queue(encode_frame(started_frame(key[0], key[1])))
+        assert self.runner is not None  # set unless noop
+        self.runner.start(job, lambda outcome: self._finished(running, outcome))
 
     def _fetch_robots(self, session: _Session, host: str, url: str) -> None:
         """Answer the bus's robots request from a thread of its own (a --noop crawler's sites have none: 404)."""
 
         def answer() -> None:
             status, body, error = 404, "", ""
-            if not self.noop:
+            if self.robots is not None:
                 try:
-                    status, body = self.fetcher.fetch_text(url, max_bytes=ROBOTS_MAX_BYTES)  # type: ignore[union-attr]
-                except FetchError as exc:
-                    status, error = 0, str(exc)[:500]
-                except FetchCancelled:
-                    return
-            data = encode_frame({"type": "robots", "host": host, "status": status, "body": body, "error": error})
+                    status, body = self.robots(url)
+                except Exception as exc:  # noqa: BLE001 - the site did not answer, whatever the reason
+                    status, body, error = 0, "", str(exc)[:500] or type(exc).__name__
+            data = encode_frame(robots_answer_frame(host, status, body, error))
             while len(data) > ROBOTS_MAX_FRAME and body:  # escapes can grow the text: cut it to fit
                 body = body[: len(body) // 2]
-                data = encode_frame({"type": "robots", "host": host, "status": status, "body": body, "error": error})
+                data = encode_frame(robots_answer_frame(host, status, body, error))
             self._record("robots", host=host, status=status, session=session.bus_session)
             session.queue(data)
 
-        if self.noop:
+        if self.robots is None:
             answer()
         else:
             threading.Thread(target=answer, name=f"crawler-robots-{host[:40]}", daemon=True).start()
 
-    def _run_fetch(self, job: _Job) -> None:
-        job_id, attempt = job.key
-        outcome: dict[str, Any] | None
-        try:
-            result = self.fetcher(job.url, cancel=job.cancellation)  # type: ignore[misc]
-            outcome = {"type": "done", "job_id": job_id, "attempt": attempt, "result": result}
-        except FetchCancelled:
-            outcome = None
-        except FetchError as exc:
-            outcome = {
-                "type": "failed",
-                "job_id": job_id,
-                "attempt": attempt,
-                "error": str(exc)[:2000],
-                "retryable": exc.retryable,
-            }
-            if exc.network:
-                outcome["cause"] = "network"  # politeness extension: the bus backs the host off
-        except Exception as exc:  # noqa: BLE001 - a crawler bug fails the job, it must not kill the thread silently
-            log.exception(kv("crawler.job.crashed", job_id=job_id, attempt=attempt))
-            # Not retryable: the same bug would fail every attempt.
-            outcome = {
-                "type": "failed",
-                "job_id": job_id,
-                "attempt": attempt,
-                "error": f"crawler error: {type(exc).__name__}: {exc}"[:2000],
-                "retryable": False,
-            }
-        finally:
-            with self._lock:
-                self._job_threads.discard(threading.current_thread())
-        if outcome is not None and self._finish(job, outcome):
+    def _finished(self, running: _Job, outcome: Frame | None) -> None:
+        """A runner's report: the outcome frame, or None when the job ended without one (cancelled)."""
+        if outcome is None:
+            return
+        job_id, attempt = running.key
+        if self._finish(running, outcome):
             log.info(
                 kv(
                     "crawler.job.finished",
@@ -397,9 +456,27 @@ class Crawler:
                 )
             )
 
-    def _finish(self, job: _Job, outcome: dict[str, Any]) -> bool:
+    def _encode_outcome(self, outcome: Frame) -> bytes:
+        """The outcome's bytes; a result that is not JSON, or too big for one frame, fails the job instead.
+
+        Sending it as is would end the session with bad_frame, and the
+        outcome would be resent, and end the next session too, forever.
+        """
+        job_id, attempt = outcome["job_id"], outcome["attempt"]
+        try:
+            data = encode_frame(outcome)
+        except (TypeError, ValueError) as exc:
+            problem = f"crawler error: the result is not JSON: {exc}"
+        else:
+            if len(data) <= self.max_frame:
+                return data
+            problem = f"crawler error: the outcome frame of {len(data)} bytes exceeds the limit of {self.max_frame}"
+        log.error(kv("crawler.job.bad_outcome", job_id=job_id, attempt=attempt, error=problem))
+        return encode_frame(failed_frame(job_id, attempt, problem[:2000], retryable=False))
+
+    def _finish(self, job: _Job, outcome: Frame) -> bool:
         """Keep the outcome until acked and send it now if the job's session is live."""
-        data = encode_frame(outcome)
+        data = self._encode_outcome(outcome)
         with self._lock:
             if self._running.get(job.key) is not job or job.cancellation.is_set():
                 return False  # cancelled or stopped: its outcome no longer matters
@@ -409,7 +486,7 @@ class Crawler:
                 "finish",
                 job_id=job.key[0],
                 attempt=job.key[1],
-                status="done" if outcome["type"] == "done" else "failed",
+                status="done" if data.startswith(b'{"type":"done"') else "failed",
                 session=job.session.bus_session if job.session is not None else None,
             )
             owner = job.session if job.session is not None and job.session.live else self._live_session()
@@ -447,9 +524,7 @@ class Crawler:
                     self._timer_cond.wait(min(timeout, IDLE_TICK))
                     continue
             for job in due:
-                self._finish(
-                    job, {"type": "done", "job_id": job.key[0], "attempt": job.key[1], "result": {"noop": True}}
-                )
+                self._finish(job, done_frame(job.key[0], job.key[1], {"noop": True}))
 
     def _reap_timeout(self) -> float:
         """How long serve_forever may sleep: until the first orphan is due, IDLE_TICK at most."""
@@ -483,16 +558,15 @@ class Crawler:
             resumed = [job for job in self._running.values() if job.session is None]
             for job in resumed:
                 job.session, job.orphan_until = session, None
-            ready: dict[str, Any] = {
-                "type": "ready",
-                "slots": self.slots,
-                "running": [list(job.key) for job in resumed],
-            }
-            if self.noop or hasattr(self.fetcher, "fetch_text"):
-                ready["robots"] = True  # politeness extension: this crawler fetches robots.txt when asked
-            if self.token:
-                assert session.bus_session is not None  # set from hello before ready is sent
-                ready["auth"] = ready_proof(self.token, hello_nonce, session.bus_session)
+            assert session.bus_session is not None  # set from hello before ready is sent
+            ready = ready_frame(
+                slots=self.slots,
+                auth=ready_proof(self.token, hello_nonce, session.bus_session) if self.token else None,
+                running=[job.key for job in resumed],
+                # Extensions: this crawler fetches robots.txt when asked (section 15), takes these kinds (16).
+                robots=self.noop or self.robots is not None,
+                kinds=self.kinds,
+            )
             session.live = True
             session.queue(encode_frame(ready))
             resent = 0
@@ -567,9 +641,20 @@ class Crawler:
         """Any session past its handshake (caller holds the lock); all serve the same jobsite."""
         return next((session for session in self._sessions if session.live), None)
 
-    def _running_of(self, session: _Session) -> list[list[int]]:
+    def _running_of(self, session: _Session) -> list[JobKey]:
         with self._lock:
-            return [list(key) for key, job in self._running.items() if job.session is session]
+            return [key for key, job in self._running.items() if job.session is session]
+
+    def _progress_of(self, session: _Session) -> list[Frame]:
+        """Progress frames for the session's jobs that reported since the last call."""
+        with self._lock:
+            jobs = [job.job for job in self._running.values() if job.session is session]
+        frames = []
+        for job in jobs:
+            report = job.take_progress()
+            if report is not None:
+                frames.append(progress_frame(job.id, job.attempt, **report))
+        return frames
 
     # --- Introspection (tests, logs) ------------------------------------------------
 
@@ -619,6 +704,7 @@ class _Session:
         self._handshake_by = now + crawler.handshake_timeout
         self._last_sent = now
         self._last_received = now
+        self._progress_at = now
 
     # --- Any thread -------------------------------------------------------------------
 
@@ -672,16 +758,7 @@ class _Session:
             log.info(kv("crawler.session.closed", conn=self.label, session=self.bus_session, reason=self._closing))
 
     def _serve(self) -> None:
-        self.queue(
-            encode_frame(
-                {
-                    "type": "welcome",
-                    "protocol": PROTOCOL_VERSION,
-                    "crawler": self.crawler.name,
-                    "nonce": self._welcome_nonce,
-                }
-            )
-        )
+        self.queue(encode_frame(welcome_frame(self.crawler.name, self._welcome_nonce)))
         with selectors.DefaultSelector() as selector:
             selector.register(self.sock, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
@@ -712,6 +789,7 @@ class _Session:
         else:
             deadlines.append(self._last_sent + self._heartbeat)
             deadlines.append(self._last_received + 2 * self._heartbeat)
+            deadlines.append(self._progress_at)
         return min(deadlines)
 
     def _tick(self, now: float) -> None:
@@ -732,10 +810,13 @@ class _Session:
                 kv("crawler.session.bus_silent", session=self.bus_session, silent_s=round(now - self._last_received, 3))
             )
             self._close("bus silent", {"type": "bye", "reason": "heartbeat timeout: nothing from the bus"})
-        elif now - self._last_sent >= self._heartbeat:
-            self.queue(
-                encode_frame({"type": "heartbeat", "ts": time.time(), "running": self.crawler._running_of(self)})
-            )
+        else:
+            if now >= self._progress_at:
+                self._progress_at = now + min(PROGRESS_INTERVAL, self._heartbeat)
+                for frame in self.crawler._progress_of(self):
+                    self.queue(encode_frame(frame))
+            if now - self._last_sent >= self._heartbeat:
+                self.queue(encode_frame(heartbeat_frame(running=self.crawler._running_of(self))))
 
     def _flush(self) -> None:
         with self._out_lock:
@@ -902,11 +983,14 @@ class _Session:
         kind = frame["type"]
         try:
             if kind == "assign":
-                key = (job_id_of(frame), attempt_of(frame))
+                job_id, attempt = job_id_of(frame), attempt_of(frame)
                 url = frame.get("url")
                 if not isinstance(url, str) or not url:
                     raise FieldError("url must be a non-empty string")
-                self.crawler._start_job(self, key, url)
+                kind = frame.get("kind", "")
+                if not isinstance(kind, str):
+                    raise FieldError("kind must be a string")
+                self.crawler._start_job(self, Job(job_id, attempt, url, frame.get("payload"), kind))
             elif kind == "robots":
                 host, url = frame.get("host"), frame.get("url")
                 if not isinstance(host, str) or not host or len(host) > 300:
@@ -968,6 +1052,20 @@ BUS_FRAME_TYPES = frozenset({"hello", "assign", "cancel", "ack", "heartbeat", "e
 # robots.txt: the first 500 KiB count (RFC 9309 §2.5); the answer must fit in one frame.
 ROBOTS_MAX_BYTES = 500 * 1024
 ROBOTS_MAX_FRAME = 1024 * 1024
+
+
+def _fetch_handler(fetcher: Fetch) -> Handler:
+    def handle(job: Job) -> dict[str, Any]:
+        return fetcher(job.url, cancel=job.cancellation)
+
+    return handle
+
+
+def _robots_of(fetch_text: Callable[..., tuple[int, str]]) -> RobotsFetch:
+    def fetch_robots(url: str) -> tuple[int, str]:
+        return fetch_text(url, max_bytes=ROBOTS_MAX_BYTES)
+
+    return fetch_robots
 
 
 def _wake(sock: socket.socket) -> None:

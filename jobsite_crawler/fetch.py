@@ -11,12 +11,13 @@ import http.client
 import ipaddress
 import socket
 import ssl
-import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass
 from html.parser import HTMLParser
 from typing import Any
+
+from .job import Cancellation, JobCancelled, JobFailed
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_MAX_BYTES = 5 * 1024 * 1024
@@ -28,63 +29,19 @@ HTML_TYPES = ("text/html", "application/xhtml+xml")
 CHUNK = 64 * 1024
 
 
-class FetchError(Exception):
-    """The job failed; `retryable` says whether another attempt could succeed."""
+class FetchError(JobFailed):
+    """The fetch failed; `retryable` says whether another attempt could succeed.
+
+    `network`: the host could not be reached or dropped the connection, so the
+    bus backs the whole host off (the outcome carries `cause: "network"`).
+    """
 
     def __init__(self, message: str, *, retryable: bool, network: bool = False):
-        super().__init__(message)
-        self.retryable = retryable
-        # The host could not be reached or dropped the connection: the bus backs the host off.
+        super().__init__(message, retryable=retryable, cause="network" if network else None)
         self.network = network
 
 
-class FetchCancelled(Exception):
-    """The job was cancelled while fetching: there is no outcome to report."""
-
-
-class Cancellation:
-    """A cancel flag that also shuts down the sockets a fetch is blocked on.
-
-    Shutting the socket down wakes a blocked recv at once, so a cancel does not
-    wait for the read timeout.
-    """
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._event.set()
-            sockets = list(self._sockets)
-        for sock in sockets:
-            _shutdown(sock)
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.add(sock)
-            cancelled = self._event.is_set()
-        if cancelled:
-            _shutdown(sock)
-
-    def unwatch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.discard(sock)
-
-    def check(self) -> None:
-        if self._event.is_set():
-            raise FetchCancelled()
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+FetchCancelled = JobCancelled  # the job was cancelled while fetching: there is no outcome to report
 
 
 # IPv6 ranges that carry or translate to an IPv4 address (or an old private

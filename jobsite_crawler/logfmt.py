@@ -1,4 +1,4 @@
-"""key=value log lines on stderr: one event per line, easy to grep and parse."""
+"""key=value log lines: one event per line, easy to grep and parse (Django-free: the crawler logs the same way)."""
 
 from __future__ import annotations
 

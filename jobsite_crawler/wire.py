@@ -1,7 +1,11 @@
-"""The wire format of PROTOCOL.md version 1: framing, frame checks, HMAC proofs.
+"""The wire format of PROTOCOL.md version 1: framing, frame builders, field checks, HMAC proofs.
 
-Pure Python, no Django: the bus and the reference crawler both use it, and it
-can be tested on its own (tests/test_protocol.py, hypothesis included).
+Pure Python, no Django: the bus (bus/session.py) and the crawler side
+(jobsite_crawler) both use it, and it can be tested on its own
+(tests/test_protocol.py, hypothesis included). Every frame either side sends
+is built by one of the `*_frame` functions below, so a field is spelled in one
+place only; extensions (docs/protocol.md sections 13-16) are optional keyword
+arguments that old peers ignore.
 """
 
 from __future__ import annotations
@@ -180,12 +184,129 @@ def encode_frame(frame: dict[str, Any]) -> bytes:
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode() + b"\n"
 
 
-def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
+Frame = dict[str, Any]
+JobKey = tuple[int, int]  # (job_id, attempt)
+
+
+def _with(frame: Frame, extra: dict[str, Any]) -> Frame:
+    """Add the optional fields that are set (None means absent: an old peer sees the frame it knows)."""
+    frame.update((name, value) for name, value in extra.items() if value is not None)
+    return frame
+
+
+# --- Frame builders: handshake ------------------------------------------------------
+
+
+def welcome_frame(crawler: str, nonce: str) -> Frame:
+    return {"type": "welcome", "protocol": PROTOCOL_VERSION, "crawler": crawler, "nonce": nonce}
+
+
+def hello_frame(*, node: str, session: str, heartbeat: float, nonce: str, auth: str | None) -> Frame:
+    frame: Frame = {
+        "type": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "node": node,
+        "session": session,
+        "heartbeat": heartbeat,
+        "nonce": nonce,
+    }
+    return _with(frame, {"auth": auth})
+
+
+def ready_frame(
+    *,
+    slots: int,
+    auth: str | None,
+    running: list[JobKey],
+    robots: bool | None = None,
+    kinds: list[str] | None = None,
+) -> Frame:
+    """`robots` (section 15) and `kinds` (section 16) are extensions: absent means no robots, every kind."""
+    frame: Frame = {"type": "ready", "slots": slots, "running": [list(key) for key in running]}
+    return _with(frame, {"auth": auth, "robots": robots or None, "kinds": kinds})
+
+
+# --- Frame builders: bus to crawler ----------------------------------------------------
+
+
+def assign_frame(job_id: int, attempt: int, *, url: str, payload: Any, kind: str | None = None) -> Frame:
+    frame: Frame = {"type": "assign", "job_id": job_id, "attempt": attempt, "url": url, "payload": payload}
+    return _with(frame, {"kind": kind or None})
+
+
+def ack_frame(job_id: int, attempt: int, status: str) -> Frame:
+    return {"type": "ack", "job_id": job_id, "attempt": attempt, "status": status}
+
+
+def cancel_frame(job_id: int, attempt: int) -> Frame:
+    return {"type": "cancel", "job_id": job_id, "attempt": attempt}
+
+
+def robots_request_frame(host: str, url: str) -> Frame:
+    return {"type": "robots", "host": host, "url": url}
+
+
+# --- Frame builders: crawler to bus ----------------------------------------------------
+
+
+def capacity_frame(slots: int) -> Frame:
+    return {"type": "capacity", "slots": slots}
+
+
+def started_frame(job_id: int, attempt: int) -> Frame:
+    return {"type": "started", "job_id": job_id, "attempt": attempt}
+
+
+def progress_frame(
+    job_id: int, attempt: int, *, done: int | None = None, total: int | None = None, message: str | None = None
+) -> Frame:
+    return _with(
+        {"type": "progress", "job_id": job_id, "attempt": attempt}, {"done": done, "total": total, "message": message}
+    )
+
+
+def done_frame(job_id: int, attempt: int, result: dict[str, Any], *, items: list[Any] | None = None) -> Frame:
+    """`items` (section 16) carries the job's stored items with its outcome, resent with it until acked."""
+    return _with({"type": "done", "job_id": job_id, "attempt": attempt, "result": result}, {"items": items})
+
+
+def failed_frame(
+    job_id: int,
+    attempt: int,
+    error: str,
+    *,
+    retryable: bool,
+    cause: str | None = None,
+    status: int | None = None,
+    retry_after: float | None = None,
+) -> Frame:
+    """`cause`, `status` and `retry_after` are the politeness extension (section 14)."""
+    frame: Frame = {"type": "failed", "job_id": job_id, "attempt": attempt, "error": error, "retryable": retryable}
+    return _with(frame, {"cause": cause, "status": status, "retry_after": retry_after})
+
+
+def robots_answer_frame(host: str, status: int, body: str, error: str) -> Frame:
+    return {"type": "robots", "host": host, "status": status, "body": body, "error": error}
+
+
+# --- Frame builders: both ways ---------------------------------------------------------
+
+
+def error_frame(code: str, message: str, **extra: Any) -> Frame:
     return {"type": "error", "code": code, "message": message[:500], **extra}
 
 
-def heartbeat_frame(**extra: Any) -> dict[str, Any]:
-    return {"type": "heartbeat", "ts": time.time(), **extra}
+def heartbeat_frame(*, running: list[JobKey] | None = None, **extra: Any) -> Frame:
+    """The crawler's heartbeats list its running jobs; the bus's carry only `ts`."""
+    frame: Frame = {"type": "heartbeat", "ts": time.time(), **extra}
+    if running is not None:
+        frame["running"] = [list(key) for key in running]
+    return frame
+
+
+def bye_frame(reason: str, *, resume_within: float | None = None) -> Frame:
+    """`resume_within` (section 13): a hand-over; keep the session's jobs running that long."""
+    return _with({"type": "bye", "reason": reason}, {"resume_within": resume_within})
 
 
 # --- Field checks --------------------------------------------------------------
@@ -231,6 +352,41 @@ def running_of(frame: dict[str, Any], *, limit: int = 1_000_000) -> list[tuple[i
             raise FieldError("running must be a list of [job_id, attempt] pairs")
         pairs.append((job_id_of({"job_id": item[0]}), attempt_of({"attempt": item[1]})))
     return pairs
+
+
+MAX_KINDS = 100
+MAX_KIND_LENGTH = 100
+
+
+def kinds_of(frame: dict[str, Any]) -> list[str] | None:
+    """ready's optional `kinds` (section 16): the job kinds the crawler takes; None (absent) means every kind."""
+    value = frame.get("kinds")
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_KINDS:
+        raise FieldError(f"kinds must be a list of at most {MAX_KINDS} kind names")
+    kinds = []
+    for kind in value:
+        if not isinstance(kind, str) or not 0 < len(kind) <= MAX_KIND_LENGTH or "\x00" in kind:
+            raise FieldError(f"each kind must be a non-empty string of at most {MAX_KIND_LENGTH} characters")
+        kinds.append(kind)
+    return sorted(set(kinds))
+
+
+def items_of(frame: dict[str, Any], *, limit: int) -> tuple[list[dict[str, Any]], bool] | None:
+    """done's optional `items` (section 16): (the first `limit` JSON objects, whether any were left out).
+
+    None when the frame has no `items`. An item that is not a JSON object is
+    a FieldError: the crawler is told, and the outcome is not recorded.
+    """
+    value = frame.get("items")
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise FieldError("items must be a list of JSON objects")
+    if not all(isinstance(item, dict) for item in value):
+        raise FieldError("each of items must be a JSON object")
+    return value[:limit], len(value) > limit
 
 
 def robots_answer_of(frame: dict[str, Any], *, max_body: int) -> tuple[str, int, str, str]:
