@@ -28,7 +28,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from jobsite.endpoints import EndpointError, parse_endpoint
+from jobsite_crawler.endpoints import EndpointError, parse_endpoint
 
 from . import services
 from .models import (

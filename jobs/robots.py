@@ -34,7 +34,7 @@ from django.db.models import Q
 from django.utils import timezone
 from protego import Protego
 
-from jobsite.logging import kv
+from jobsite_crawler.logfmt import kv
 
 from .hosts import MAX_CRAWL_DELAY
 from .models import ROBOTS_CRAWLABLE, Host, Job, RobotsState, Status

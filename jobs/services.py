@@ -40,7 +40,7 @@ from django.db.models.functions import Greatest
 from django.dispatch import Signal
 from django.utils import timezone
 
-from jobsite.logging import kv
+from jobsite_crawler.logfmt import kv
 
 from .dispatch import ClaimedJob, claim_jobs  # noqa: F401  (re-exported: services.claim_jobs)
 from .hosts import BACKOFF_STATUSES, HostKeyError, backoff_for, effective_delay, host_key

@@ -15,7 +15,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from jobs import services
-from jobsite.argtypes import whole_number
+from jobsite_crawler.argtypes import whole_number
 
 
 def json_object(text: str) -> dict:

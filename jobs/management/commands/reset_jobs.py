@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from jobs import services
 from jobs.models import Job
-from jobsite.argtypes import seconds, whole_number
+from jobsite_crawler.argtypes import seconds, whole_number
 
 MAX_JOB_ID = 2**63 - 1
 
