@@ -54,6 +54,14 @@ def test_the_project_package_imports_no_app(path):
     assert not apps, f"{path.relative_to(ROOT)} imports {sorted(apps)}: settings and helpers import no app"
 
 
+@pytest.mark.parametrize("path", modules_under("jobsite_crawler"), ids=lambda path: str(path.relative_to(ROOT)))
+def test_the_crawler_package_imports_neither_django_nor_the_project(path):
+    """A crawler machine installs jobsite_crawler alone (pyproject.toml): no Django, no database, no app."""
+    found = imported_packages(path) & {"django", "bus", "jobs", "jobsite", "psycopg2", "environ"}
+    # The Scrapy add-on imports Scrapy, which only a Scrapy crawler machine installs (jobsite-crawler[scrapy]).
+    assert not found, f"{path.relative_to(ROOT)} imports {sorted(found)}: jobsite_crawler must stay Django-free"
+
+
 def test_loading_the_settings_imports_no_app_module():
     probe = (
         "import sys, jobsite.settings\n"

@@ -1,6 +1,6 @@
 """The reference crawler over real sockets: handshake, outcomes until acked, cancel, liveness, framing.
 
-A tiny bus client written here (bus/protocol.py only) plays the bus. The
+A tiny bus client written here (jobsite_crawler/wire.py only) plays the bus. The
 crawler runs in a thread, or as a real `manage.py runcrawler` process.
 """
 
@@ -142,7 +142,7 @@ def crawlers(short_socket_path):
         options.setdefault("endpoints", [short_socket_path if not started else f"{short_socket_path}.{len(started)}"])
         options.setdefault("slots", 4)
         options.setdefault("name", "test-crawler")
-        options.setdefault("noop", "fetcher" not in options)
+        options.setdefault("noop", not {"fetcher", "handler", "runner"} & options.keys())
         crawler = Crawler(**options)
         thread = threading.Thread(target=crawler.serve_forever, name="test-crawler")
         thread.start()

@@ -1,4 +1,4 @@
-"""Tests of bus/endpoints.py: parsing every endpoint form, listening and connecting over real sockets."""
+"""Tests of jobsite_crawler/endpoints.py: parsing every endpoint form, listening and connecting over real sockets."""
 
 from __future__ import annotations
 

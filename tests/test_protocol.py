@@ -1,4 +1,4 @@
-"""Unit and property tests of bus/protocol.py: framing, field checks and HMAC proofs (no database)."""
+"""Unit and property tests of jobsite_crawler/wire.py: framing, field checks and HMAC proofs (no database)."""
 
 from __future__ import annotations
 

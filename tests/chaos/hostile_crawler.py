@@ -2,7 +2,7 @@
 
 Run as a real process (`python tests/chaos/hostile_crawler.py --listen PATH ...`); it
 listens on its own Unix socket, which runbus connects to like any crawler endpoint,
-and speaks the protocol with the Django-free `bus/protocol.py` only. Each session
+and speaks the protocol with the Django-free `jobsite_crawler/wire.py` only. Each session
 the bus opens gets one of these behaviours, in a fixed cycle (the numbers in them are seeded random):
 
 - forge:   lists other crawlers' jobs in `ready.running` (random ids, attempts 1..3),
