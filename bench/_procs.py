@@ -269,9 +269,9 @@ def empty_tables() -> None:
 
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute("TRUNCATE jobs_jobevent, jobs_job, bus_bussession RESTART IDENTITY")
+            cursor.execute("TRUNCATE jobs_jobitems, jobs_jobevent, jobs_job, bus_bussession RESTART IDENTITY")
         else:
-            for table in ("jobs_jobevent", "jobs_job", "bus_bussession"):
+            for table in ("jobs_jobitems", "jobs_jobevent", "jobs_job", "bus_bussession"):
                 cursor.execute(f"DELETE FROM {table}")
 
 

@@ -1,6 +1,12 @@
 """Bus benchmark 1 (issue 3): end-to-end throughput through real `runbus` and `runcrawler --noop`.
 
     python bench/bus_throughput.py [--db sqlite|postgres|both] [--jobs 20000] [--slots 500] [--runs 3]
+                                   [--crawler runcrawler|module|both]
+
+`--crawler both` (the default) alternates the two ways to run the reference
+crawler in each run: `manage.py runcrawler --noop` and the Django-free
+`python -m jobsite_crawler --noop` (issue 12). Target for the second: no
+slower than the first (ratio >= 1.00), measured in the same run.
 
 Per run: `--jobs` jobs are queued through jobs.services.enqueue_many (not
 timed), then `manage.py runcrawler --noop --slots S` and `manage.py runbus`
@@ -50,7 +56,11 @@ def _timestamp(value) -> float:
     return datetime.fromisoformat(str(value)).timestamp()
 
 
-def one_run(url: str, args) -> tuple[float, float, str]:
+CRAWLERS = ("runcrawler", "module")
+TARGET_MODULE_RATIO = 1.0
+
+
+def one_run(url: str, args, crawler: str = "runcrawler") -> tuple[float, float, str]:
     from django.db import connection
 
     empty_tables()
@@ -64,7 +74,14 @@ def one_run(url: str, args) -> tuple[float, float, str]:
     try:
         sock = procs.socket_path()
         env = procs.env(LOG_LEVEL=args.log_level)
-        procs.manage("runcrawler", "--listen", sock, "--slots", str(args.slots), "--noop", env=env)
+        if crawler == "module":  # the crawler package alone: no Django settings, no database
+            procs.start(
+                [sys.executable, "-m", "jobsite_crawler", "--listen", sock, "--slots", str(args.slots), "--noop"],
+                env=env,
+                name="jobsite_crawler",
+            )
+        else:
+            procs.manage("runcrawler", "--listen", sock, "--slots", str(args.slots), "--noop", env=env)
         time.sleep(0.05)
         runbus = procs.manage(
             "runbus",
@@ -119,35 +136,50 @@ def run_backend(args) -> int:
 
         vendor = connection.vendor
         label = backend_label(vendor)
+        crawlers = CRAWLERS if args.crawler == "both" else (args.crawler,)
         print(
-            f"# bus_throughput on {label}: {args.jobs} jobs, runcrawler --noop --slots {args.slots}, "
+            f"# bus_throughput on {label}: {args.jobs} jobs, {' and '.join(crawlers)} --noop --slots {args.slots}, "
             f"one session; {load_line()}",
             flush=True,
         )
-        rates, stamped_rates = [], []
+        rates: dict[str, list[float]] = {crawler: [] for crawler in crawlers}
         try:
             for number in range(1, args.runs + 1):
-                rate, stamped, _ = one_run(url, args)
-                rates.append(rate)
-                stamped_rates.append(stamped)
-                print(
-                    f"#   run {number}: {rate:,.0f} jobs/s (bus timestamps: {stamped:,.0f} jobs/s); {load_line()}",
-                    flush=True,
-                )
+                for crawler in crawlers:
+                    rate, stamped, _ = one_run(url, args, crawler)
+                    rates[crawler].append(rate)
+                    print(
+                        f"#   run {number} ({crawler}): {rate:,.0f} jobs/s (bus timestamps: {stamped:,.0f} jobs/s); "
+                        f"{load_line()}",
+                        flush=True,
+                    )
         except CheckFailed as exc:
             print(f"CHECK FAILED ({label}): {exc}", flush=True)
             return 1
-        figure = median(rates)
+        if len(crawlers) == 2:
+            ratio = median(rates["module"]) / median(rates["runcrawler"])
+            print(
+                f"python -m jobsite_crawler vs runcrawler ({label}): {median(rates['module']):,.0f} vs "
+                f"{median(rates['runcrawler']):,.0f} jobs/s, ratio {ratio:.2f}  target >= {TARGET_MODULE_RATIO:.2f}  "
+                f"{verdict(ratio >= TARGET_MODULE_RATIO)}",
+                flush=True,
+            )
+        rates_list = rates[crawlers[0]]
+        figure = median(rates_list)
         target = TARGET_JOBS_S.get(vendor)
-        runs = ", ".join(f"{r:,.0f}" for r in rates)
+        runs = ", ".join(f"{r:,.0f}" for r in rates_list)
         if target:
             print(
-                f"end-to-end throughput ({label}): {figure:,.0f} jobs/s  target >= {target:,.0f} jobs/s  "
+                f"end-to-end throughput ({label}, {crawlers[0]}): {figure:,.0f} jobs/s  "
+                f"target >= {target:,.0f} jobs/s  "
                 f"{verdict(figure >= target)}  (runs: {runs})",
                 flush=True,
             )
         else:
-            print(f"end-to-end throughput ({label}): {figure:,.0f} jobs/s  (no target)  (runs: {runs})", flush=True)
+            print(
+                f"end-to-end throughput ({label}, {crawlers[0]}): {figure:,.0f} jobs/s  (no target)  (runs: {runs})",
+                flush=True,
+            )
         print(f"# {label} done; {load_line()}", flush=True)
     return 0
 
@@ -157,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--slots", type=int, default=500, help="runcrawler --slots (default 500)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--crawler",
+        choices=[*CRAWLERS, "both"],
+        default="both",
+        help="runcrawler (manage.py), module (python -m jobsite_crawler) or both, alternating (default)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a run may take at most")
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of runbus and runcrawler (default INFO)")
     parser.add_argument(

@@ -65,7 +65,7 @@ def _empty_tables() -> None:
     jobs, events = (connection.ops.quote_name(m._meta.db_table) for m in (Job, JobEvent))
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
-            cursor.execute(f"TRUNCATE {events}, {jobs} RESTART IDENTITY")
+            cursor.execute(f"TRUNCATE jobs_jobitems, {events}, {jobs} RESTART IDENTITY")
         else:
             cursor.execute(f"DELETE FROM {events}")
             cursor.execute(f"DELETE FROM {jobs}")
