@@ -48,6 +48,7 @@ from .wire import (
     FrameError,
     FrameReader,
     attempt_of,
+    bye_frame,
     capacity_frame,
     done_frame,
     encode_frame,
@@ -456,8 +457,8 @@ class Crawler:
                 )
             )
 
-    def _encode_outcome(self, outcome: Frame) -> bytes:
-        """The outcome's bytes; a result that is not JSON, or too big for one frame, fails the job instead.
+    def _encode_outcome(self, outcome: Frame) -> tuple[bytes, str]:
+        """The outcome's bytes and type; a result that is not JSON, or too big for one frame, fails the job instead.
 
         Sending it as is would end the session with bad_frame, and the
         outcome would be resent, and end the next session too, forever.
@@ -469,14 +470,14 @@ class Crawler:
             problem = f"crawler error: the result is not JSON: {exc}"
         else:
             if len(data) <= self.max_frame:
-                return data
+                return data, outcome["type"]
             problem = f"crawler error: the outcome frame of {len(data)} bytes exceeds the limit of {self.max_frame}"
         log.error(kv("crawler.job.bad_outcome", job_id=job_id, attempt=attempt, error=problem))
-        return encode_frame(failed_frame(job_id, attempt, problem[:2000], retryable=False))
+        return encode_frame(failed_frame(job_id, attempt, problem[:2000], retryable=False)), "failed"
 
     def _finish(self, job: _Job, outcome: Frame) -> bool:
         """Keep the outcome until acked and send it now if the job's session is live."""
-        data = self._encode_outcome(outcome)
+        data, kind = self._encode_outcome(outcome)
         with self._lock:
             if self._running.get(job.key) is not job or job.cancellation.is_set():
                 return False  # cancelled or stopped: its outcome no longer matters
@@ -486,7 +487,7 @@ class Crawler:
                 "finish",
                 job_id=job.key[0],
                 attempt=job.key[1],
-                status="done" if data.startswith(b'{"type":"done"') else "failed",
+                status=kind,
                 session=job.session.bus_session if job.session is not None else None,
             )
             owner = job.session if job.session is not None and job.session.live else self._live_session()
@@ -798,18 +799,18 @@ class _Session:
                 self._end("could not send the last frames in time")
             return
         if self.crawler._stopping.is_set():
-            self._close("crawler stopping", {"type": "bye", "reason": "crawler stopping"})
+            self._close("crawler stopping", bye_frame("crawler stopping"))
         elif self._state == HANDSHAKE:
             if now >= self._handshake_by:
                 self._close(
                     "no hello in time",
-                    {"type": "bye", "reason": f"no hello within {self.crawler.handshake_timeout:g} s"},
+                    bye_frame(f"no hello within {self.crawler.handshake_timeout:g} s"),
                 )
         elif now - self._last_received >= 2 * self._heartbeat:
             log.warning(
                 kv("crawler.session.bus_silent", session=self.bus_session, silent_s=round(now - self._last_received, 3))
             )
-            self._close("bus silent", {"type": "bye", "reason": "heartbeat timeout: nothing from the bus"})
+            self._close("bus silent", bye_frame("heartbeat timeout: nothing from the bus"))
         else:
             if now >= self._progress_at:
                 self._progress_at = now + min(PROGRESS_INTERVAL, self._heartbeat)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,24 @@ def test_the_crawler_package_imports_neither_django_nor_the_project(path):
     found = imported_packages(path) & {"django", "bus", "jobs", "jobsite", "psycopg2", "environ"}
     # The Scrapy add-on imports Scrapy, which only a Scrapy crawler machine installs (jobsite-crawler[scrapy]).
     assert not found, f"{path.relative_to(ROOT)} imports {sorted(found)}: jobsite_crawler must stay Django-free"
+
+
+FRAME_LITERAL = re.compile(r"""\{\s*["']type["']\s*:""")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [path for folder in ("bus", "jobs", "jobsite_crawler") for path in modules_under(folder) if path.name != "wire.py"],
+    ids=lambda path: str(path.relative_to(ROOT)),
+)
+def test_frames_are_built_only_by_the_wire_module(path):
+    """Every frame the bus or the crawler sends comes from a jobsite_crawler/wire.py builder: one spelling per field."""
+    found = [
+        number
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if FRAME_LITERAL.search(line)
+    ]
+    assert not found, f"{path.relative_to(ROOT)} builds frames as dict literals on lines {found}: use a wire builder"
 
 
 def test_loading_the_settings_imports_no_app_module():
