@@ -106,6 +106,7 @@ class Bus:
         stall_timeout: float = 0.0,
         max_slots: int = 1000,
         max_result: int = 64 * 1024,
+        max_items: int = 1000,
         owner_lease: float = 1.2,
         announce_ttl: float = 300.0,
         handover_resume: float = 10.0,
@@ -135,6 +136,7 @@ class Bus:
             stall_timeout=stall_timeout,
             max_slots=max_slots,
             max_result=max_result,
+            max_items=max_items,
             handover_resume=handover_resume,
         )
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
@@ -184,6 +186,7 @@ class Bus:
             stall_timeout=settings.BUS_STALL_TIMEOUT,
             max_slots=settings.BUS_MAX_SLOTS,
             max_result=settings.BUS_MAX_RESULT,
+            max_items=settings.JOB_ITEMS_MAX,
             owner_lease=settings.BUS_OWNER_LEASE,
             announce_ttl=settings.BUS_ANNOUNCE_TTL,
             handover_resume=settings.BUS_HANDOVER_RESUME,

@@ -71,6 +71,7 @@ class SessionConfig:
     max_slots: int = 1000  # BUS_MAX_SLOTS: the most slots one session may use, whatever the crawler asks
     max_result: int = 64 * 1024  # BUS_MAX_RESULT: bytes of one stored result; bigger ones become a marker
     handover_resume: float = 10.0  # BUS_HANDOVER_RESUME: bye.resume_within on a hand-over
+    max_items: int = 1000  # JOB_ITEMS_MAX: items stored per job from done.items; 0 = none stored
 
     @property
     def heartbeat_interval(self) -> float:
@@ -497,11 +498,17 @@ class SessionIO:
                     )
                 )
                 result = {"result_too_large": {"bytes": size, "limit": self.config.max_result}}
+            # Checked even when storing is off: a bad `items` is a bad frame whatever the setting.
+            items = protocol.items_of(frame, limit=self.config.max_items)
+            if items is None or not self.config.max_items:
+                return Outcome(job_id=job_id, attempt=attempt, succeeded=True, result=_without_nul(result))
             return Outcome(
                 job_id=job_id,
                 attempt=attempt,
                 succeeded=True,
                 result=_without_nul(result),
+                items=items[0],
+                items_truncated=items[1],
             )
         error = frame.get("error", "")
         retryable = frame.get("retryable", False)

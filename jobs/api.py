@@ -106,6 +106,7 @@ def job_detail(request: HttpRequest, job_id: int) -> JsonResponse:
         job, events, events_cut = selectors.job_with_events(job_id)
     except Job.DoesNotExist:
         return JsonResponse({"error": f"no job {job_id}"}, status=404)
+    items = selectors.stored_items_of(job)
     return JsonResponse(
         {
             **job_summary(job),
@@ -117,6 +118,10 @@ def job_detail(request: HttpRequest, job_id: int) -> JsonResponse:
             "progress": job.progress,
             "result": job.result,
             "error": job.error,
+            # Stored items (docs/protocol.md section 17): null when the job has none.
+            "items_stored": None if items is None else items.count,
+            "items_truncated": None if items is None else items.truncated,
+            "items_href": None if items is None else reverse("jobs:api_items", args=[job.pk]),
             "events": [event_record(event) for event in events],
             "events_truncated": events_cut,
             "page": job.get_absolute_url(),

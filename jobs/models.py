@@ -186,7 +186,7 @@ class Job(models.Model):
 
 
 class JobItems(models.Model):
-    """The items a crawler stored with a job's recorded `done` (docs/protocol.md section 16), as JSON Lines.
+    """The items a crawler stored with a job's recorded `done` (docs/protocol.md section 17), as JSON Lines.
 
     One row per job, replaced when a later attempt records its own; capped
     by JOB_ITEMS_MAX items and the frame size, so no crawler grows it

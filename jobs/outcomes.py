@@ -25,6 +25,11 @@ class Outcome:
     http_status: int | None = None
     retry_after: str | float | None = None
     network: bool = False
+    # Stored items extension (docs/protocol.md section 17): the objects a `done`
+    # carried, already cut to JOB_ITEMS_MAX; None when it carried none (the
+    # common case, which then costs the outcome path nothing).
+    items: list[dict[str, Any]] | None = None
+    items_truncated: bool = False
 
     def answer(self) -> tuple[int | None, str | float | None]:
         """The site's HTTP status and Retry-After this outcome reports (a `done` says it in its result)."""

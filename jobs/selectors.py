@@ -18,7 +18,7 @@ from django.db.models import Count, Q, QuerySet, TextField
 from django.db.models.functions import Cast, TruncMinute
 
 from .forms import parse_id
-from .models import TERMINAL, BusNode, BusSession, Crawler, EventKind, Job, JobEvent, SessionState, Status
+from .models import TERMINAL, BusNode, BusSession, Crawler, EventKind, Job, JobEvent, JobItems, SessionState, Status
 
 SESSION_WINDOW = timedelta(hours=1)  # closed and lost sessions stay on the dashboard this long
 MAX_SESSIONS = 200
@@ -542,10 +542,39 @@ def stored_json(text: str | None):
 def job_for_display(job_id: int) -> Job:
     """One job with its JSON fields decoded by stored_json, in one query; raises Job.DoesNotExist."""
     texts = {f"{name}_text": Cast(name, TextField()) for name in JSON_FIELDS}
-    job = Job.objects.select_related("host").defer(*JSON_FIELDS).annotate(**texts).get(pk=job_id)
+    # Its stored items' count rides along (a join on their primary key), not their text.
+    job = (
+        Job.objects.select_related("host", "stored_items")
+        .defer(*JSON_FIELDS, "stored_items__lines")
+        .annotate(**texts)
+        .get(pk=job_id)
+    )
     for name in JSON_FIELDS:
         setattr(job, name, stored_json(getattr(job, f"{name}_text")))
     return job
+
+
+@dataclass(frozen=True)
+class StoredItems:
+    """What the job page and the API say about a job's stored items (docs/protocol.md section 17)."""
+
+    count: int
+    truncated: bool
+    attempt: int
+
+
+def stored_items_of(job: Job) -> StoredItems | None:
+    """A job's stored items without their text, or None when it has none (no query for job_for_display's jobs)."""
+    try:
+        row = job.stored_items
+    except JobItems.DoesNotExist:
+        return None
+    return StoredItems(count=row.count, truncated=row.truncated, attempt=row.attempt)
+
+
+def stored_items_text(job_id: int) -> str | None:
+    """The job's stored items as JSON Lines, or None when it has none."""
+    return JobItems.objects.filter(job_id=job_id).values_list("lines", flat=True).first()
 
 
 def job_with_events(job_id: int) -> tuple[Job, list[JobEvent], bool]:

@@ -44,7 +44,7 @@ from jobsite_crawler.logfmt import kv
 
 from .dispatch import ClaimedJob, claim_jobs  # noqa: F401  (re-exported: services.claim_jobs)
 from .hosts import BACKOFF_STATUSES, HostKeyError, backoff_for, effective_delay, host_key
-from .models import BusSession, EventKind, Host, Job, JobEvent, Status
+from .models import BusSession, EventKind, Host, Job, JobEvent, JobItems, Status
 from .outcomes import Outcome  # noqa: F401  (re-exported: services.Outcome)
 from .sql import column as _column
 from .sql import db_value, dialect
@@ -389,6 +389,9 @@ def record_outcomes(
     4. anything else: change nothing -> "stale", with an audit event for the
        first `audit_stale` of them (None: all), so that one crawler cannot
        grow the audit trail without bound.
+    A `done` recorded under rule 1 or 3 that carries items (docs/protocol.md
+    section 17) stores them in the same transaction, replacing the job's
+    earlier ones; rules 2 and 4 never touch them.
     The caller acks only after this returns, i.e. after the commit.
     """
     if not outcomes:
@@ -425,6 +428,7 @@ def record_outcomes(
                 ).values_list("job_id", "attempt")
             )
         changed: dict[int, Job] = {}
+        with_items: dict[int, Outcome] = {}
         events: list[dict[str, Any]] = []
         requeued: dict[int, int] = {}  # host: best priority of the jobs going back to the queue
         hosts = _HostReports(at)
@@ -497,6 +501,8 @@ def record_outcomes(
                     update.status = Status.FAILED
                     reason = outcome.error[:1000]
             changed[outcome.job_id] = update
+            if outcome.succeeded and outcome.items is not None:
+                with_items[outcome.job_id] = outcome
             events.append(
                 dict(
                     job_id=outcome.job_id,
@@ -514,6 +520,8 @@ def record_outcomes(
             acks.append(RECORDED)
         if changed:
             _apply_outcomes(changed.values(), at)
+        if with_items:
+            _store_items(with_items.values(), at)
         _events(events)
         hosts.save()
         if requeued:
@@ -664,6 +672,44 @@ def _apply_outcomes(jobs: Iterable[Job], at: datetime) -> None:
         for job in jobs
     ]
     dialect().apply_outcomes(rows, _db("updated_at", at))
+
+
+def _store_items(outcomes: Iterable[Outcome], at: datetime) -> None:
+    """Store recorded `done`s' items as JSON Lines, one row per job, replacing the job's row in one upsert.
+
+    Capped again here at JOB_ITEMS_MAX (the bus already cuts them as it reads
+    the frame), so that no caller stores more. Lines are UTF-8 text unless an
+    item holds a lone surrogate (valid JSON, not encodable): that job's lines
+    are then written with ASCII escapes, which every JSON parser reads back.
+    """
+    cap = settings.JOB_ITEMS_MAX
+    if cap <= 0:
+        return
+    rows = []
+    for outcome in outcomes:
+        items = outcome.items or []
+        kept = items[:cap]
+        lines = "".join(json.dumps(item, ensure_ascii=False, separators=(",", ":")) + "\n" for item in kept)
+        try:
+            lines.encode("utf-8")
+        except UnicodeEncodeError:
+            lines = "".join(json.dumps(item, separators=(",", ":")) + "\n" for item in kept)
+        rows.append(
+            JobItems(
+                job_id=outcome.job_id,
+                attempt=outcome.attempt,
+                count=len(kept),
+                truncated=outcome.items_truncated or len(items) > cap,
+                lines=lines,
+                recorded_at=at,
+            )
+        )
+    JobItems.objects.bulk_create(
+        rows,
+        update_conflicts=True,
+        unique_fields=["job"],
+        update_fields=["attempt", "count", "truncated", "lines", "recorded_at"],
+    )
 
 
 def record_outcome(*, session: UUID | None, outcome: Outcome, crawler: str = "", actor: str = "bus") -> str:

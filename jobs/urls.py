@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import api, views
+from . import api, views, views_items
 from .views_hosts import host_detail, hosts
 
 app_name = "jobs"
@@ -13,6 +13,7 @@ urlpatterns = [
     path("jobs/new", views.enqueue, name="new"),
     path("jobs/actions", views.job_actions, name="actions"),
     path("jobs/<int:job_id>/", views.job_detail, name="detail"),
+    path("jobs/<int:job_id>/items.jsonl", views_items.job_items, name="items"),
     path("crawlers/", views.crawlers, name="crawlers"),
     path("crawlers/add", views.crawler_add, name="crawler_add"),
     path("crawlers/action", views.crawler_action, name="crawler_action"),
@@ -23,4 +24,5 @@ urlpatterns = [
     path("health", views.health, name="health"),
     path("api/jobs/", api.job_list, name="api_list"),
     path("api/jobs/<int:job_id>/", api.job_detail, name="api_detail"),
+    path("api/jobs/<int:job_id>/items.jsonl", views_items.api_job_items, name="api_items"),
 ]

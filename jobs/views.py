@@ -204,6 +204,7 @@ def job_detail(request: HttpRequest, job_id: int) -> HttpResponse:
             "last_session": next((event.session for event in reversed(events) if event.session), None),
             "result": result,
             "result_fields": _result_fields(result),
+            "stored_items": selectors.stored_items_of(job),
             "actions": ACTIONS,
             "return_to": reverse("jobs:detail", args=[job.pk]),
         },

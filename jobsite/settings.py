@@ -184,6 +184,9 @@ BUS_STALL_TIMEOUT = env.positive_float("BUS_STALL_TIMEOUT", 0.0, allow_zero=True
 # session, and the stored size of one result (bigger ones become a marker).
 BUS_MAX_SLOTS = env.positive_int("BUS_MAX_SLOTS", 1000)
 BUS_MAX_RESULT = env.positive_int("BUS_MAX_RESULT", 64 * 1024, minimum=1024)
+# Stored items (docs/protocol.md section 17): at most this many of a `done`'s
+# items are kept per job (more are cut, the row says truncated); 0: none kept.
+JOB_ITEMS_MAX = env.positive_int("JOB_ITEMS_MAX", 1000, minimum=0)
 # The fleet (jobs/fleet.py, bus/runtime.py): a bus process owns crawlers for
 # as long as its lease lasts; a dead process's crawlers are taken over after
 # it. Self-registered crawlers unreachable for BUS_ANNOUNCE_TTL are dropped.

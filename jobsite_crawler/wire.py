@@ -266,7 +266,7 @@ def progress_frame(
 
 
 def done_frame(job_id: int, attempt: int, result: dict[str, Any], *, items: list[Any] | None = None) -> Frame:
-    """`items` (section 16) carries the job's stored items with its outcome, resent with it until acked."""
+    """`items` (section 17) carries the job's stored items with its outcome, resent with it until acked."""
     return _with({"type": "done", "job_id": job_id, "attempt": attempt, "result": result}, {"items": items})
 
 
@@ -374,7 +374,7 @@ def kinds_of(frame: dict[str, Any]) -> list[str] | None:
 
 
 def items_of(frame: dict[str, Any], *, limit: int) -> tuple[list[dict[str, Any]], bool] | None:
-    """done's optional `items` (section 16): (the first `limit` JSON objects, whether any were left out).
+    """done's optional `items` (section 17): (the first `limit` JSON objects, whether any were left out).
 
     None when the frame has no `items`. An item that is not a JSON object is
     a FieldError: the crawler is told, and the outcome is not recorded.
