@@ -27,7 +27,7 @@ def ensure_venv(
     python = folder / "bin" / "python"
     req = ROOT / requirements
     wanted = hashlib.sha256(
-        req.read_bytes() + (ROOT / "requirements.txt").read_bytes() + " ".join(extra).encode()
+        b"".join(path.read_bytes() for path in _with_includes(req)) + " ".join(extra).encode()
     ).hexdigest()
     stamp = folder / f".installed-{req.stem}"
     if python.exists() and stamp.exists() and stamp.read_text() == wanted:
@@ -46,3 +46,19 @@ def ensure_venv(
         subprocess.run([*pip, *extra], check=True, env=env)
     stamp.write_text(wanted)
     return python
+
+
+def _with_includes(req: Path) -> list[Path]:
+    """The requirements file and every file it includes with `-r` (recursively): a change to any reinstalls."""
+    files: list[Path] = []
+    pending = [req]
+    while pending:
+        path = pending.pop(0)
+        if path in files or not path.exists():
+            continue
+        files.append(path)
+        for line in path.read_text().splitlines():
+            parts = line.split("#", 1)[0].split()
+            if len(parts) == 2 and parts[0] in ("-r", "--requirement"):
+                pending.append(path.parent / parts[1])
+    return files
