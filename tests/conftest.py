@@ -212,6 +212,22 @@ def short_socket_path():
     shutil.rmtree(folder, ignore_errors=True)
 
 
+# Modules whose tests use no database at all: the crawler side (jobsite_crawler,
+# Django-free) and the wire format. bin/test runs them once, in the SQLite run,
+# and sets DATABASE_INDEPENDENT_TESTS=once-elsewhere for the PostgreSQL and
+# Django 6 runs, where they would repeat the same checks (CI has 30 minutes).
+DATABASE_INDEPENDENT = frozenset(
+    {
+        "test_crawler.py",
+        "test_crawler_fleet_side.py",
+        "test_crawler_library.py",
+        "test_endpoints.py",
+        "test_fetch.py",
+        "test_protocol.py",
+    }
+)
+
+
 def pytest_collection_modifyitems(config, items):
     from django.db import connection
 
@@ -220,6 +236,10 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "postgres" in item.keywords:
                 item.add_marker(skip)
+    if os.environ.get("DATABASE_INDEPENDENT_TESTS") == "once-elsewhere":
+        kept = [item for item in items if item.path.name not in DATABASE_INDEPENDENT]
+        config.hook.pytest_deselected(items=[item for item in items if item.path.name in DATABASE_INDEPENDENT])
+        items[:] = kept
 
 
 class HeldCrawler:
