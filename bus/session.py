@@ -342,6 +342,7 @@ class SessionIO:
         try:
             slots = protocol.slots_of(ready)
             running = protocol.running_of(ready)
+            kinds = protocol.kinds_of(ready)  # job kinds (section 16): None takes every kind
         except FieldError as exc:
             self._fail(protocol.BAD_FRAME, f"ready: {exc}")
         name = welcome.get("crawler")
@@ -356,10 +357,17 @@ class SessionIO:
                 crawler=crawler[:100],
                 slots=slots,
                 resumed=len(running),
+                kinds=",".join(kinds)[:200] if kinds is not None else None,
             )
         )
         # Politeness extension (docs/protocol.md section 15): the crawler fetches robots.txt when asked.
-        return {"crawler": crawler, "slots": slots, "running": running, "robots": ready.get("robots") is True}
+        return {
+            "crawler": crawler,
+            "slots": slots,
+            "running": running,
+            "robots": ready.get("robots") is True,
+            "kinds": kinds,
+        }
 
     def _steady_state(self) -> None:
         config = self.config
@@ -690,6 +698,7 @@ class SessionWorker(threading.Thread):
                 endpoint=io.endpoint,
                 crawler=welcome["crawler"],
                 slots=welcome["slots"],
+                kinds=welcome.get("kinds"),
             ),
         )
         taken, refused = self._retrying(
@@ -939,7 +948,13 @@ class SessionWorker(threading.Thread):
                 state.want_dispatch = False  # full, or running a suspect alone
                 break
             limit = wanted.limit
-            claim = store.claim(session=session, endpoint=self.io.endpoint, limit=limit, alone=wanted.alone)
+            claim = store.claim(
+                session=session,
+                endpoint=self.io.endpoint,
+                limit=limit,
+                alone=wanted.alone,
+                kinds=self.welcome.get("kinds"),
+            )
             claimed = claim.jobs
             at = time.monotonic()
             for job in claimed:
@@ -948,7 +963,10 @@ class SessionWorker(threading.Thread):
                     state.suspects.add(job.id)
             if claimed:
                 self.io.send(
-                    *(protocol.assign_frame(job.id, job.attempt, url=job.url, payload=job.payload) for job in claimed)
+                    *(
+                        protocol.assign_frame(job.id, job.attempt, url=job.url, payload=job.payload, kind=job.kind)
+                        for job in claimed
+                    )
                 )
             state.want_dispatch = len(claimed) == limit and not claimed[0].run_alone
             if not state.want_dispatch and len(claimed) < limit:

@@ -45,11 +45,15 @@ class Store(Protocol):
     """
 
     # --- one session (SessionWorker) ---
-    def open_session(self, *, session: UUID, node: str, endpoint: str, crawler: str, slots: int) -> None: ...
+    def open_session(
+        self, *, session: UUID, node: str, endpoint: str, crawler: str, slots: int, kinds: list[str] | None = None
+    ) -> None: ...
     def session_ready(
         self, *, session: UUID, endpoint: str, epoch: int, slots: int, running: Sequence[tuple[int, int]]
     ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]: ...
-    def claim(self, *, session: UUID, endpoint: str, limit: int, alone: bool) -> Claim: ...
+    def claim(
+        self, *, session: UUID, endpoint: str, limit: int, alone: bool, kinds: list[str] | None = None
+    ) -> Claim: ...
     def claim_robots(self, *, session: UUID, limit: int) -> Sequence[RobotsRequest]: ...
     def record_robots(self, *, session: UUID, host: str, status: int, body: str, error: str) -> RobotsAnswer: ...
     def record_outcomes(
@@ -121,7 +125,7 @@ class DjangoStore:
 
     # Imports are local so that importing bus.store stays free of model imports
     # until Django is set up.
-    def open_session(self, *, session, node, endpoint, crawler, slots):
+    def open_session(self, *, session, node, endpoint, crawler, slots, kinds=None):
         from django.utils import timezone
 
         from .models import BusSession
@@ -135,6 +139,7 @@ class DjangoStore:
                 endpoint=endpoint,
                 crawler=crawler[:200],
                 slots=slots,
+                kinds=kinds,  # the dashboard's "waiting for a crawler" reads it
                 connected_at=at,
                 last_heartbeat_at=at,
                 state="connected",
@@ -170,11 +175,16 @@ class DjangoStore:
             fleet.connected(endpoint=endpoint, epoch=epoch, session=session, slots=slots)
         return taken, refused
 
-    def claim(self, *, session, endpoint, limit, alone):
+    def claim(self, *, session, endpoint, limit, alone, kinds=None):
         from jobs import dispatch
 
         return dispatch.claim(
-            session=session, limit=limit, crawler=endpoint, alone=alone, lease_seconds=self.lease_seconds
+            session=session,
+            limit=limit,
+            crawler=endpoint,
+            alone=alone,
+            lease_seconds=self.lease_seconds,
+            kinds=kinds,
         )
 
     def claim_robots(self, *, session, limit):

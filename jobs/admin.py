@@ -29,7 +29,7 @@ from .models import BusNode, Crawler, Job, JobEvent, Status
 
 # What an operator may change, and only while the job waits in the queue: once
 # claimed, the crawler already runs what it was given.
-EDITABLE_WHILE_QUEUED = ("url", "payload", "priority", "max_attempts", "max_interruptions")
+EDITABLE_WHILE_QUEUED = ("url", "payload", "priority", "kind", "max_attempts", "max_interruptions")
 
 # The changelist reads only these columns: payload, progress and result can
 # each be tens of kilobytes of JSON that a list page never shows.
@@ -38,6 +38,7 @@ CHANGELIST_FIELDS = (
     "url",
     "status",
     "priority",
+    "kind",
     "attempt",
     "interruptions",
     "lease_session",
@@ -71,6 +72,26 @@ class JobChangeList(ChangeList):
         return super().get_queryset(request, exclude_parameters).only(*CHANGELIST_FIELDS)
 
 
+class KindFilter(admin.SimpleListFilter):
+    """Jobs by kind: the kinds that have queued jobs (selectors.queued_kinds), never a scan of every job."""
+
+    title = "kind"
+    parameter_name = "kind"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        kinds = selectors.queued_kinds()
+        chosen = self.value()
+        if chosen and chosen not in kinds:
+            kinds.append(chosen)  # chosen from a link or kind:K: keep it selectable
+        return [("-", "(none: any crawler)")] + [(kind, kind) for kind in kinds]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        value = self.value()
+        if not value:
+            return queryset
+        return queryset.filter(kind="" if value == "-" else value)
+
+
 class JobForm(forms.ModelForm):
     """Holds an edited job to the rules enqueue applies (http/https URL, payload a JSON object...)."""
 
@@ -82,6 +103,7 @@ class JobForm(forms.ModelForm):
                 url=cleaned.get("url", self.instance.url),
                 payload=cleaned.get("payload", self.instance.payload),
                 priority=cleaned.get("priority", self.instance.priority),
+                kind=cleaned.get("kind", self.instance.kind),
             )
         except ValidationError as exc:
             for name, problems in exc.message_dict.items():
@@ -141,6 +163,7 @@ class JobAdmin(admin.ModelAdmin):
         "short_url",
         "status",
         "priority",
+        "kind",
         "attempt",
         "interruptions",
         "session_link",
@@ -148,10 +171,10 @@ class JobAdmin(admin.ModelAdmin):
         "updated_at",
     )
     list_display_links = ("id", "short_url")
-    list_filter = ("status",)
+    list_filter = ("status", KindFilter)
     form = JobForm
     search_fields = ("url",)
-    search_help_text = "A job id, or part of a URL."
+    search_help_text = "A job id, part of a URL, or kind:K for the jobs of kind K."
     actions = ("requeue_running", "retry", "cancel")
     inlines = (JobEventInline,)
     # Counting every matching row a second time is the slowest query of a page
@@ -185,6 +208,8 @@ class JobAdmin(admin.ModelAdmin):
 
     def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
         term = search_term.strip().removeprefix("#")
+        if term.startswith("kind:"):
+            return queryset.filter(kind=term.removeprefix("kind:").strip()), False
         job_id = parse_id(term)
         if job_id is not None:
             # An id (through the primary key, not a text cast), or digits in a URL.

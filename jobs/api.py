@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from functools import wraps
 
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, JsonResponse
 from django.urls import reverse
 from django.utils.http import urlencode
 from django.views.decorators.http import require_GET
 
-from . import selectors
+from . import selectors, services
 from .forms import parse_id
 from .models import Job, JobEvent, Status
 from .views import can_view_jobs
@@ -51,6 +52,7 @@ def job_summary(job: Job) -> dict:
         "url": job.url,
         "status": job.status,
         "priority": job.priority,
+        "kind": job.kind,  # "" : any crawler takes it
         "attempt": job.attempt,
         "failures": job.failures,
         "interruptions": job.interruptions,
@@ -80,10 +82,15 @@ def event_record(event: JobEvent) -> dict:
 @require_GET
 @api_login_required
 def job_list(request: HttpRequest) -> JsonResponse:
-    """GET /api/jobs/?status=&url=&before=&limit= — newest first; `next` holds the following page's URL."""
+    """GET /api/jobs/?status=&kind=&url=&before=&limit= — newest first; `next` holds the following page's URL."""
     status = request.GET.get("status") or None
     if status is not None and status not in Status.values:
         return _bad_request(f"status must be one of {', '.join(Status.values)}")
+    kind = request.GET.get("kind", "")
+    try:
+        kind = services.validate_kind(kind)
+    except ValidationError as exc:
+        return _bad_request("; ".join(exc.messages))
     limit = parse_id(request.GET.get("limit", str(DEFAULT_LIMIT)))
     before = parse_id(request.GET["before"]) if request.GET.get("before") else None
     if limit is None or (request.GET.get("before") and before is None):
@@ -91,10 +98,10 @@ def job_list(request: HttpRequest) -> JsonResponse:
     if not 1 <= limit <= MAX_LIMIT:
         return _bad_request(f"limit must be between 1 and {MAX_LIMIT}")
     url = request.GET.get("url", "")[:500]
-    page = selectors.job_page(status=status, url=url, before=before, limit=limit)
+    page = selectors.job_page(status=status, url=url, kind=kind or None, before=before, limit=limit)
     next_url = None
     if page.next_cursor is not None:
-        params: dict[str, str | int] = {k: v for k, v in (("status", status), ("url", url)) if v}
+        params: dict[str, str | int] = {k: v for k, v in (("status", status), ("kind", kind), ("url", url)) if v}
         next_url = request.path + "?" + urlencode({**params, "limit": limit, "before": page.next_cursor})
     return JsonResponse({"jobs": [job_summary(job) for job in page.jobs], "next": next_url})
 

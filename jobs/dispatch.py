@@ -12,6 +12,11 @@
 - robots.txt (ROBOTS_TXT=obey): a host's jobs start only once its robots.txt
   is known (jobs.robots), and a claimed URL its rules disallow is ended as
   `disallowed` in the claim's own transaction, never assigned.
+- Kinds: a session whose crawler named the kinds it takes (ready.kinds)
+  gets only jobs of those kinds and jobs without a kind; a host with none
+  of them queued is not looked at by that session (nor moved on by it:
+  it stays ready for the others). `kinds` None (a crawler that did not
+  say) runs exactly the claim without kinds.
 - When to ask again: a claim that came back short says when the next
   waiting host becomes ready (`Claim.wait`, counted from the claim's own
   clock so that no host slips between the claim and the question), so that
@@ -51,6 +56,7 @@ class ClaimedJob:
     url: str
     payload: dict
     run_alone: bool = False
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,10 +91,18 @@ def claim_jobs(
     alone: bool = False,
     at: datetime | None = None,
     actor: str = "bus",
+    kinds: list[str] | None = None,
 ) -> list[ClaimedJob]:
     """claim(), the jobs only."""
     return claim(
-        session=session, limit=limit, lease_seconds=lease_seconds, crawler=crawler, alone=alone, at=at, actor=actor
+        session=session,
+        limit=limit,
+        lease_seconds=lease_seconds,
+        crawler=crawler,
+        alone=alone,
+        at=at,
+        actor=actor,
+        kinds=kinds,
     ).jobs
 
 
@@ -101,6 +115,7 @@ def claim(
     alone: bool = False,
     at: datetime | None = None,
     actor: str = "bus",
+    kinds: list[str] | None = None,
 ) -> Claim:
     """Lease up to `limit` queued jobs to `session` (a session of `crawler`), under the host rules.
 
@@ -113,6 +128,9 @@ def claim(
     A suspected poison job (`run_alone`) goes only to a session that holds
     nothing (`alone`), and alone: the claim then returns just that job, and
     the caller claims nothing more while it runs.
+
+    `kinds` (the crawler's ready.kinds): only jobs of these kinds or of no
+    kind; None takes every kind.
     """
     if limit <= 0:
         return Claim(jobs=[], wait=None)
@@ -123,7 +141,15 @@ def claim(
         "robots": robots.obeyed(),
     }
     sql = dialect()
-    common = {"session": session, "crawler": crawler, "lease_seconds": lease_seconds, "at": at, "actor": actor}
+    common = {
+        "session": session,
+        "crawler": crawler,
+        "lease_seconds": lease_seconds,
+        "at": at,
+        "actor": actor,
+        # A job without a kind goes to any crawler: "" is among every session's kinds.
+        "kinds": None if kinds is None else sorted({"", *kinds}),
+    }
     wait: float | None = None
     with transaction.atomic():
         rows: list[tuple] = []
@@ -139,7 +165,9 @@ def claim(
         # The last word of robots.txt: a URL its rules disallow is ended here, never assigned.
         refused = robots.check_claimed([(row[0], row[2], row[5]) for row in rows])
     jobs = [
-        ClaimedJob(id=row[0], attempt=row[1], url=row[2], payload=json_value(row[3]), run_alone=bool(row[4]))
+        ClaimedJob(
+            id=row[0], attempt=row[1], url=row[2], payload=json_value(row[3]), run_alone=bool(row[4]), kind=row[6]
+        )
         for row in rows
         if row[0] not in refused
     ]

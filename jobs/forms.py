@@ -33,6 +33,12 @@ class EnqueueForm(forms.Form):
         help_text="Blank lines are skipped. Every line must be valid, or nothing is queued.",
     )
     priority = forms.IntegerField(initial=0, min_value=-(2**31), max_value=2**31 - 1, help_text="Higher runs first.")
+    kind = forms.CharField(
+        required=False,
+        max_length=100,
+        help_text="Only crawlers that take this kind run these jobs. Empty: any crawler.",
+        widget=forms.TextInput(attrs={"spellcheck": "false", "autocomplete": "off"}),
+    )
 
     def numbered_lines(self) -> list[tuple[int, str]]:
         """(line number in the textarea, text) of every non-blank line."""

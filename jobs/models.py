@@ -122,6 +122,9 @@ class Job(models.Model):
             models.Index(fields=["host", "-priority", "id"], condition=Q(status="queued"), name="job_host_queue"),
             # The hosts pages' counts per status: an index-only scan, whatever the host's size.
             models.Index(fields=["host", "status"], name="job_host_status"),
+            # A session that names its kinds: "has host H a queued job of kind K" (one probe per kind),
+            # and the dashboard's queued jobs per kind (an index-only scan).
+            models.Index(fields=["kind", "host"], condition=Q(status="queued"), name="job_kind_queue"),
             # "How many jobs of host H are in flight" (the concurrency limit).
             models.Index(fields=["host"], condition=Q(status="running"), name="job_host_running"),
             # Suspects waiting to run alone, taken first by a session that holds nothing.

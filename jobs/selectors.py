@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Count, Q, QuerySet, TextField
 from django.db.models.functions import Cast, TruncMinute
 
@@ -36,6 +37,7 @@ LIST_FIELDS = (
     "url",
     "status",
     "priority",
+    "kind",
     "attempt",
     "interruptions",
     "failures",
@@ -285,6 +287,7 @@ class Dashboard:
     throughput: list[ThroughputBar]
     requeues: list[JobEvent]
     oldest_running: Job | None
+    waiting_kinds: list[WaitingKind] = field(default_factory=list)
     heartbeat_timeout: float = field(default_factory=lambda: settings.HEARTBEAT_TIMEOUT)
 
     @property
@@ -339,8 +342,67 @@ def throughput(*, at: datetime, minutes: int = THROUGHPUT_MINUTES) -> list[Throu
     return bars
 
 
+@dataclass(frozen=True)
+class WaitingKind:
+    """Queued jobs of a kind that no connected crawler takes: they wait for one, they have not failed."""
+
+    kind: str
+    jobs: int
+
+
+def waiting_kinds() -> list[WaitingKind]:
+    """The kinds of queued jobs that no connected session takes, with their counts (at most two queries).
+
+    A session without kinds (BusSession.kinds null) takes every kind, and
+    jobs without a kind go to any crawler: neither ever waits here. The
+    count is one GROUP BY over the queued jobs (job_kind_queue, index-only),
+    whatever the table's size.
+    """
+    taken: set[str] = set()
+    for kinds in BusSession.objects.filter(state=SessionState.CONNECTED).values_list("kinds", flat=True).distinct():
+        if kinds is None:
+            return []  # a crawler that takes every kind is connected
+        taken.update(kind for kind in kinds if isinstance(kind, str))
+    rows = (
+        Job.objects.filter(status=Status.QUEUED)
+        .exclude(kind="")
+        .exclude(kind__in=sorted(taken))
+        .order_by()
+        .values("kind")
+        .annotate(n=Count("id"))
+        .values_list("kind", "n")
+    )
+    return sorted((WaitingKind(kind=kind, jobs=n) for kind, n in rows), key=lambda row: (-row.jobs, row.kind))
+
+
+MAX_KINDS_LISTED = 100
+
+
+def queued_kinds(limit: int = MAX_KINDS_LISTED) -> list[str]:
+    """The distinct non-empty kinds of queued jobs, in order, at most `limit`.
+
+    A skip scan over job_kind_queue (one index probe per kind found), not a
+    DISTINCT over every queued job: there may be millions of them.
+    """
+    table = connection.ops.quote_name(Job._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            WITH RECURSIVE found(kind, n) AS (
+                SELECT (SELECT min(kind) FROM {table} WHERE status = 'queued' AND kind > ''), 1
+                UNION ALL
+                SELECT (SELECT min(kind) FROM {table} WHERE status = 'queued' AND kind > found.kind), found.n + 1
+                FROM found WHERE found.kind IS NOT NULL AND found.n < %s
+            )
+            SELECT kind FROM found WHERE kind IS NOT NULL
+            """,
+            [limit],
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
 def dashboard(*, at: datetime) -> Dashboard:
-    """Everything the dashboard shows, in seven queries whatever the number of jobs and sessions."""
+    """Everything the dashboard shows, in nine queries whatever the number of jobs and sessions."""
     finished = _finished_events(at - timedelta(hours=1)).aggregate(
         hour=Count("id"), minute=Count("id", filter=Q(at__gte=at - timedelta(minutes=1)))
     )
@@ -377,6 +439,7 @@ def dashboard(*, at: datetime) -> Dashboard:
         throughput=throughput(at=at),
         requeues=requeues,
         oldest_running=oldest,
+        waiting_kinds=waiting_kinds(),
     )
 
 
@@ -420,8 +483,10 @@ SORTS: dict[str, tuple[tuple[str, bool], ...]] = {
 DEFAULT_SORT = "id"
 
 
-def search_jobs(queryset: QuerySet, *, status: str | None = None, url: str | None = None) -> QuerySet:
-    """Filter by status and by URL.
+def search_jobs(
+    queryset: QuerySet, *, status: str | None = None, url: str | None = None, kind: str | None = None
+) -> QuerySet:
+    """Filter by status, by kind (exactly; "" is no filter) and by URL.
 
     The URL term matches anywhere (icontains): no index helps, but with the
     keyset's LIMIT the database stops scanning once a page is full, so common
@@ -429,6 +494,8 @@ def search_jobs(queryset: QuerySet, *, status: str | None = None, url: str | Non
     """
     if status:
         queryset = queryset.filter(status=status)
+    if kind:
+        queryset = queryset.filter(kind=kind)
     term = (url or "").strip()
     if term:
         job_id = parse_id(term.removeprefix("#"))
@@ -466,6 +533,7 @@ def job_page(
     *,
     status: str | None = None,
     url: str | None = None,
+    kind: str | None = None,
     sort: str = DEFAULT_SORT,
     before: int | None = None,
     after: int | None = None,
@@ -478,7 +546,7 @@ def job_page(
     """
     order = SORTS.get(sort) or SORTS[DEFAULT_SORT]
     sort = sort if sort in SORTS else DEFAULT_SORT
-    queryset = search_jobs(Job.objects.only(*LIST_FIELDS), status=status, url=url)
+    queryset = search_jobs(Job.objects.only(*LIST_FIELDS), status=status, url=url, kind=kind)
     cursor_id = before if before is not None else after
     backwards = before is None and after is not None
     if cursor_id is not None:
@@ -497,7 +565,7 @@ def job_page(
     more = len(rows) > limit
     rows = rows[:limit]
     if backwards and not rows:  # nothing precedes the cursor: show the first page
-        return job_page(status=status, url=url, sort=sort, limit=limit)
+        return job_page(status=status, url=url, kind=kind, sort=sort, limit=limit)
     if backwards:
         rows.reverse()
         next_cursor = rows[-1].pk

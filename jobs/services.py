@@ -41,6 +41,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from jobsite_crawler.logfmt import kv
+from jobsite_crawler.wire import MAX_KIND_LENGTH
 
 from .dispatch import ClaimedJob, claim_jobs  # noqa: F401  (re-exported: services.claim_jobs)
 from .hosts import BACKOFF_STATUSES, HostKeyError, backoff_for, effective_delay, host_key
@@ -179,29 +180,52 @@ def _validate_payload_and_priority(payload: Any, priority: Any) -> tuple[dict, i
     return payload, priority
 
 
-def validate_job_spec(*, url: Any, payload: Any = None, priority: Any = 0) -> tuple[str, dict, int]:
+def validate_kind(kind: Any) -> str:
+    """A job's kind (which crawlers take it, docs/protocol.md section 16): "" (any crawler) or a name.
+
+    The same bounds as a crawler's ready.kinds, so that every kind can be
+    named by some crawler; NUL is refused (PostgreSQL text cannot hold it).
+    """
+    if kind is None:
+        return ""
+    if not isinstance(kind, str):
+        raise ValidationError({"kind": "kind must be a string"})
+    if len(kind) > MAX_KIND_LENGTH:
+        raise ValidationError({"kind": f"kind is {len(kind)} characters long; at most {MAX_KIND_LENGTH} are allowed"})
+    if "\x00" in kind:
+        raise ValidationError({"kind": "kind must not contain NUL characters"})
+    return kind
+
+
+def validate_job_spec(
+    *, url: Any, payload: Any = None, priority: Any = 0, kind: Any = ""
+) -> tuple[str, dict, int, str]:
     """Check one job's fields; raise ValidationError naming the bad field."""
     url = _validate_url(url)
     payload, priority = _validate_payload_and_priority(payload, priority)
-    return url, payload, priority
+    return url, payload, priority, validate_kind(kind)
 
 
-def enqueue(*, url: str, payload: dict | None = None, priority: int = 0, actor: str) -> Job:
+def enqueue(*, url: str, payload: dict | None = None, priority: int = 0, kind: str = "", actor: str) -> Job:
     """Queue one job; a bad field raises ValidationError keyed by the field's name."""
     # Checked here as well so the error names the field (message_dict) rather
     # than enqueue_many's "line 1: ..." list, which has no field to point at.
-    url, payload, priority = validate_job_spec(url=url, payload=payload, priority=priority)
-    return enqueue_many(urls=[url], payload=payload, priority=priority, actor=actor)[0]
+    url, payload, priority, kind = validate_job_spec(url=url, payload=payload, priority=priority, kind=kind)
+    return enqueue_many(urls=[url], payload=payload, priority=priority, kind=kind, actor=actor)[0]
 
 
-def enqueue_many(*, urls: Sequence[str], payload: dict | None = None, priority: int = 0, actor: str) -> list[Job]:
+def enqueue_many(
+    *, urls: Sequence[str], payload: dict | None = None, priority: int = 0, kind: str = "", actor: str
+) -> list[Job]:
     """Queue several jobs, all or none: any invalid URL raises before anything is written.
 
     The ValidationError lists every bad entry as "line N: reason" (1-based).
     The jobs and their enqueue events are written by two set-based statements
     whatever the count (no per-row INSERTs: a batch of 40,000 stays fast).
+    `kind` "" lets any crawler take them; a name, only crawlers that take it.
     """
     payload, priority = _validate_payload_and_priority(payload, priority)
+    kind = validate_kind(kind)
     problems: list[str] = []
     checked: list[str] = []
     for number, url in enumerate(urls, start=1):
@@ -225,6 +249,7 @@ def enqueue_many(*, urls: Sequence[str], payload: dict | None = None, priority: 
             hosts=[hosts[key] for key in keys],
             payload=json.dumps(payload),
             priority=priority,
+            kind=kind,
             limits=limits,
             at=_db("created_at", at),
             actor=actor,

@@ -145,10 +145,12 @@ def job_list(request: HttpRequest) -> HttpResponse:
     status = request.GET.get("status", "")
     status = status if status in Status.values else ""
     query = request.GET.get("q", "").strip()[:500]
+    kind = request.GET.get("kind", "").strip()[:100].replace("\x00", "")
     sort = request.GET.get("sort", selectors.DEFAULT_SORT)
     page = selectors.job_page(
         status=status or None,
         url=query,
+        kind=kind or None,
         sort=sort,
         before=_int_param(request, "before"),
         after=_int_param(request, "after"),
@@ -156,7 +158,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
     )
     filters = {
         key: value
-        for key, value in (("status", status), ("q", query), ("sort", page.sort))
+        for key, value in (("status", status), ("q", query), ("kind", kind), ("sort", page.sort))
         if value and not (key == "sort" and value == selectors.DEFAULT_SORT)
     }
 
@@ -171,6 +173,7 @@ def job_list(request: HttpRequest) -> HttpResponse:
             "page": page,
             "status": status,
             "query": query,
+            "kind": kind,
             "sort": page.sort,
             "statuses": Status.choices,
             "sorts": [("id", "Newest"), ("priority", "Claim order"), ("updated", "Updated")],
@@ -273,6 +276,7 @@ def enqueue(request: HttpRequest) -> HttpResponse:
             jobs = services.enqueue_many(
                 urls=[text for _, text in lines],
                 priority=form.cleaned_data["priority"],
+                kind=form.cleaned_data["kind"],
                 actor=f"web:{request.user.get_username()}",
             )
         except ValidationError as exc:

@@ -108,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="shared secret (default: BUS_TOKEN); required for tcp://")
     parser.add_argument("--noop", action="store_true", help="answer every job done at once, fetch nothing")
     parser.add_argument(
+        "--kind",
+        action="append",
+        default=None,
+        metavar="K",
+        help="take only jobs of kind K (and jobs without a kind); repeat for several (default: every kind)",
+    )
+    parser.add_argument(
         "--noop-delay-ms",
         type=_delay_range_ms,
         default=None,
@@ -227,6 +234,7 @@ def run(options: dict[str, Any], defaults: Defaults) -> None:
             fetcher=fetcher,
             noop=options["noop"],
             noop_delay=options["noop_delay_ms"],
+            kinds=options["kind"] or None,
             resume_grace=options["resume_grace"],
             connection_log=connection_log,
         )

@@ -286,7 +286,7 @@ def test_queued_job_definition_is_editable_but_not_its_state(admin_client, queue
     job = queued_jobs[0]
     response = admin_client.get(change_url(job.pk))
     form_fields = set(response.context["adminform"].form.fields)
-    assert form_fields == {"url", "payload", "priority", "max_attempts", "max_interruptions"}
+    assert form_fields == {"url", "payload", "priority", "kind", "max_attempts", "max_interruptions"}
     response = admin_client.post(
         change_url(job.pk),
         {

@@ -38,7 +38,15 @@ def upsert_hosts(keys: list[str], at: datetime) -> dict[str, int]:
 
 
 def insert_jobs(
-    *, urls: list[str], hosts: list[int], payload: str, priority: int, limits: dict[str, int], at: Any, actor: str
+    *,
+    urls: list[str],
+    hosts: list[int],
+    payload: str,
+    priority: int,
+    limits: dict[str, int],
+    at: Any,
+    actor: str,
+    kind: str = "",
 ) -> list[int]:
     """Insert queued jobs and their enqueue events in one statement; return the ids in input order."""
     jobs, events = table(Job), table(JobEvent)
@@ -46,9 +54,9 @@ def insert_jobs(
         cursor.execute(
             f"""
             WITH added AS (
-                INSERT INTO {jobs} (url, host_id, payload, priority, status, attempt, max_attempts, failures,
+                INSERT INTO {jobs} (url, host_id, payload, priority, kind, status, attempt, max_attempts, failures,
                                     backoffs, interruptions, max_interruptions, error, created_at, updated_at)
-                SELECT u.url, u.host, %s::jsonb, %s, 'queued', 0, %s, 0, 0, 0, %s, '', %s, %s
+                SELECT u.url, u.host, %s::jsonb, %s, %s, 'queued', 0, %s, 0, 0, 0, %s, '', %s, %s
                 FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS u(url, host, n) ORDER BY u.n
                 RETURNING id
             ),
@@ -58,7 +66,19 @@ def insert_jobs(
             )
             SELECT id FROM added ORDER BY id
             """,
-            (payload, priority, limits["max_attempts"], limits["max_interruptions"], at, at, urls, hosts, at, actor),
+            (
+                payload,
+                priority,
+                kind,
+                limits["max_attempts"],
+                limits["max_interruptions"],
+                at,
+                at,
+                urls,
+                hosts,
+                at,
+                actor,
+            ),
         )
         return [row[0] for row in cursor.fetchall()]
 
@@ -102,6 +122,7 @@ def claim(
     concurrency: int,
     max_crawl_delay: float,
     robots: bool,
+    kinds: list[str] | None = None,
 ) -> tuple[list[tuple], int, float | None]:
     """Two statements: lock the ready hosts; then, on a snapshot taken after the locks, start their best jobs.
 
@@ -110,15 +131,29 @@ def claim(
     LOCKED) is seen when the host's running jobs are counted. `at` None
     means the database's clock, read after each statement's snapshot: a
     start is never dated before an end it saw. With `robots`, only hosts
-    whose robots.txt is known are ready. Returns (id, attempt, url, payload,
-    run_alone, host_id) rows in claim order, how many ready hosts it looked
-    at, and the seconds until the next host that was not ready becomes
-    ready (None: none waits).
+    whose robots.txt is known are ready. With `kinds` (the kinds this
+    session takes, "" among them), only hosts with a queued job of those
+    kinds are locked, and only such jobs are picked: the other hosts are
+    left as they are, ready for other sessions. None adds nothing to the
+    SQL. Returns (id, attempt, url, payload, run_alone, host_id, kind) rows
+    in claim order, how many ready hosts it looked at, and the seconds until
+    the next host that was not ready becomes ready (None: none waits).
     """
     jobs, hosts, events = table(Job), table(Host), table(JobEvent)
+    of_kinds = "" if kinds is None else "AND {alias}.kind = ANY(%(kinds)s::text[])"
     # Suspects (run_alone) are few: look only at the hosts that have one.
     only_suspects = (
-        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone)" if alone else ""
+        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone "
+        f"{of_kinds.format(alias='s')})"
+        if alone
+        else ""
+    )
+    # A host none of whose queued jobs this session takes is not its to lock (job_kind_queue: one probe per kind).
+    has_kinds = (
+        ""
+        if kinds is None
+        else f"AND EXISTS (SELECT 1 FROM {jobs} AS k WHERE k.host_id = h.id AND k.status = 'queued' "
+        f"{of_kinds.format(alias='k')})"
     )
     pause = "GREATEST(COALESCE(h.delay, %(delay)s), LEAST(COALESCE(h.crawl_delay, 0), %(max_crawl)s))"
     busy = f"(SELECT count(*) FROM {jobs} AS r WHERE r.host_id = h.id AND r.status = 'running')"
@@ -137,13 +172,14 @@ def claim(
         "crawler": crawler,
         "actor": actor,
         "robots_off": not robots,
+        "kinds": kinds,
     }
     lock = f"""
         WITH clock AS MATERIALIZED (SELECT COALESCE(%(at)s::timestamptz, clock_timestamp()) AS at),
         locked AS (
             SELECT h.id FROM {hosts} AS h CROSS JOIN clock
             WHERE h.active AND NOT h.paused AND h.ready_at <= clock.at
-              AND {busy} < COALESCE(h.concurrency, %(concurrency)s) {only_suspects}
+              AND {busy} < COALESCE(h.concurrency, %(concurrency)s) {only_suspects} {has_kinds}
               AND (%(robots_off)s OR h.robots_state IN ('rules', 'unavailable'))
             ORDER BY h.top_priority DESC, h.ready_at, h.id
             LIMIT %(limit)s
@@ -175,7 +211,7 @@ def claim(
                 CROSS JOIN LATERAL (
                     SELECT j.id, j.priority FROM {jobs} AS j
                     WHERE j.host_id = r.id AND j.status = 'queued' AND j.run_alone = %(alone)s
-                      AND (j.run_after IS NULL OR j.run_after <= (SELECT at FROM clock))
+                      AND (j.run_after IS NULL OR j.run_after <= (SELECT at FROM clock)) {of_kinds.format(alias="j")}
                     ORDER BY j.priority DESC, j.id
                     LIMIT CASE WHEN r.pause > 0 THEN LEAST(1, GREATEST(r.room, 0))
                                ELSE LEAST(GREATEST(r.room, 0), %(limit)s) END
@@ -189,7 +225,7 @@ def claim(
                     started_at = clock.at, crawler = %(crawler)s, attempt_session = %(session)s,
                     updated_at = clock.at, run_after = NULL, progress = NULL
                 FROM picked, clock WHERE j.id = picked.id
-                RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority, j.host_id
+                RETURNING j.id, j.attempt, j.url, j.payload, j.run_alone, j.priority, j.host_id, j.kind
             ),
             logged AS (
                 INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)
@@ -242,10 +278,12 @@ def claim(
                       AND w.id <> ALL(%(hosts)s)
                 ) AS t
             )
-            SELECT id, attempt, url, payload, run_alone, priority, host_id, NULL::double precision FROM claimed
+            SELECT id, attempt, url, payload, run_alone, priority, host_id, NULL::double precision, kind
+            FROM claimed
             UNION ALL
             SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                   EXTRACT(EPOCH FROM soonest.at - GREATEST(clock.at, %(since)s::timestamptz))::double precision
+                   EXTRACT(EPOCH FROM soonest.at - GREATEST(clock.at, %(since)s::timestamptz))::double precision,
+                   NULL
             FROM soonest, clock
             """,
             params,
@@ -253,7 +291,7 @@ def claim(
         returned = cursor.fetchall()
     wait = next(row[7] for row in returned if row[0] is None)
     rows = sorted((row for row in returned if row[0] is not None), key=lambda row: (-row[5], row[0]))
-    return [(*row[:5], row[6]) for row in rows], len(ids), None if wait is None else max(0.0, float(wait))
+    return [(*row[:5], row[6], row[8]) for row in rows], len(ids), None if wait is None else max(0.0, float(wait))
 
 
 def next_ready_in(at: datetime | None) -> float | None:

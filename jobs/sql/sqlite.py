@@ -44,23 +44,32 @@ def upsert_hosts(keys: list[str], at: datetime) -> dict[str, int]:
 
 
 def insert_jobs(
-    *, urls: list[str], hosts: list[int], payload: str, priority: int, limits: dict[str, int], at: Any, actor: str
+    *,
+    urls: list[str],
+    hosts: list[int],
+    payload: str,
+    priority: int,
+    limits: dict[str, int],
+    at: Any,
+    actor: str,
+    kind: str = "",
 ) -> list[int]:
     """Insert queued jobs and their enqueue events (two statements); return the ids in input order."""
     jobs, events = table(Job), table(JobEvent)
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
-            INSERT INTO {jobs} (url, host_id, payload, priority, status, attempt, max_attempts, failures,
+            INSERT INTO {jobs} (url, host_id, payload, priority, kind, status, attempt, max_attempts, failures,
                                 backoffs, interruptions, max_interruptions, error, created_at, updated_at)
-            SELECT json_extract(u.value, '$[0]'), json_extract(u.value, '$[1]'), %s, %s, 'queued', 0, %s, 0, 0, 0,
-                   %s, '', %s, %s
+            SELECT json_extract(u.value, '$[0]'), json_extract(u.value, '$[1]'), %s, %s, %s, 'queued', 0, %s,
+                   0, 0, 0, %s, '', %s, %s
             FROM json_each(%s) AS u ORDER BY u.key
             RETURNING id
             """,
             (
                 payload,
                 priority,
+                kind,
                 limits["max_attempts"],
                 limits["max_interruptions"],
                 at,
@@ -116,21 +125,37 @@ def claim(
     concurrency: int,
     max_crawl_delay: float,
     robots: bool,
+    kinds: list[str] | None = None,
 ) -> tuple[list[tuple], int, float | None]:
     """Lock-free under SQLite's single writer: ready hosts, their best jobs, start them, move the hosts on.
 
     `at` None means now, read after the write lock was taken: a start is
     then never dated before an end it saw. With `robots`, only hosts whose
-    robots.txt is known are ready. Returns (id, attempt, url, payload,
-    run_alone, host_id) rows in claim order, how many ready hosts it looked
-    at, and the seconds until the next waiting host is ready (None: none waits).
+    robots.txt is known are ready. With `kinds` ("" among them), only hosts
+    with a queued job of those kinds are looked at and only such jobs picked
+    (see postgresql.claim); None adds nothing to the SQL. Returns (id,
+    attempt, url, payload, run_alone, host_id, kind) rows in claim order,
+    how many ready hosts it looked at, and the seconds until the next
+    waiting host is ready (None: none waits).
     """
     at = at or timezone.now()
     jobs, hosts, events = table(Job), table(Host), table(JobEvent)
     now_db = db_time(at)
     busy = f"(SELECT count(*) FROM {jobs} AS r WHERE r.host_id = h.id AND r.status = 'running')"
+    # The kinds are a few short names (ready.kinds is bounded): one placeholder each.
+    of_kinds = "" if kinds is None else f"AND {{alias}}.kind IN ({', '.join(['%s'] * len(kinds))})"
+    kind_params = list(kinds or [])
     only_suspects = (
-        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone)" if alone else ""
+        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone "
+        f"{of_kinds.format(alias='s')})"
+        if alone
+        else ""
+    )
+    has_kinds = (
+        ""
+        if kinds is None
+        else f"AND EXISTS (SELECT 1 FROM {jobs} AS k WHERE k.host_id = h.id AND k.status = 'queued' "
+        f"{of_kinds.format(alias='k')})"
     )
     robots_known = "AND h.robots_state IN ('rules', 'unavailable')" if robots else ""
     with connection.cursor() as cursor:
@@ -140,13 +165,13 @@ def claim(
                 SELECT h.id, h.delay, h.crawl_delay, h.top_priority, h.ready_at,
                        COALESCE(h.concurrency, %s) - {busy} AS room
                 FROM {hosts} AS h
-                WHERE h.active AND NOT h.paused AND h.ready_at <= %s {only_suspects} {robots_known}
+                WHERE h.active AND NOT h.paused AND h.ready_at <= %s {only_suspects} {has_kinds} {robots_known}
             )
             WHERE room > 0  -- each host's running jobs counted once
             ORDER BY top_priority DESC, ready_at, id
             LIMIT %s
             """,
-            [concurrency, now_db, limit],
+            [concurrency, now_db, *(kind_params if alone else []), *kind_params, limit],
         )
         ready = cursor.fetchall()
         pauses: dict[int, float] = {}
@@ -165,12 +190,12 @@ def claim(
                 SELECT * FROM (
                     SELECT priority, id, host_id FROM {jobs}
                     WHERE host_id = %s AND status = 'queued' AND run_alone = %s
-                      AND (run_after IS NULL OR run_after <= %s)
+                      AND (run_after IS NULL OR run_after <= %s) {of_kinds.format(alias=jobs)}
                     ORDER BY priority DESC, id LIMIT %s
                 )"""
             cursor.execute(
                 " UNION ALL ".join([one] * len(chunk)),
-                [value for host, take in chunk for value in (host, alone, now_db, take)],
+                [value for host, take in chunk for value in (host, alone, now_db, *kind_params, take)],
             )
             picks.extend(cursor.fetchall())
         picks.sort(key=lambda pick: (-pick[0], pick[1]))
@@ -184,7 +209,7 @@ def claim(
                     lease_session = %s, lease_expires_at = %s, started_at = %s, crawler = %s,
                     attempt_session = %s, updated_at = %s, run_after = NULL, progress = NULL
                 WHERE id IN (SELECT value FROM json_each(%s))
-                RETURNING id, attempt, url, payload, run_alone, priority, host_id
+                RETURNING id, attempt, url, payload, run_alone, priority, host_id, kind
                 """,
                 [
                     session_db,
@@ -198,7 +223,7 @@ def claim(
             )
             returned = cursor.fetchall()
             returned.sort(key=lambda row: (-row[5], row[0]))
-            rows = [(*row[:5], row[6]) for row in returned]
+            rows = [(*row[:5], row[6], row[7]) for row in returned]
             cursor.execute(
                 f"""
                 INSERT INTO {events} (job_id, at, kind, from_status, to_status, attempt, session, actor, reason)

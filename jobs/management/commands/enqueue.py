@@ -54,8 +54,16 @@ class Command(BaseCommand):
             metavar="JSON",
             help="A JSON object given to the crawler with every job.",
         )
+        parser.add_argument(
+            "--kind",
+            default="",
+            metavar="K",
+            help="Only crawlers that take this kind run the jobs (their ready.kinds); default: any crawler.",
+        )
 
-    def handle(self, *args, urls: list[str], file: str | None, priority: int, payload: dict | None, **options) -> None:
+    def handle(
+        self, *args, urls: list[str], file: str | None, priority: int, payload: dict | None, kind: str, **options
+    ) -> None:
         if urls and file:
             raise CommandError("give URLs as arguments or --file, not both")
         if not urls and not file:
@@ -71,7 +79,7 @@ class Command(BaseCommand):
         rejected: list[tuple[str, str, str]] = []
         for where, url in numbered:
             try:
-                services.validate_job_spec(url=url, payload=payload, priority=priority)
+                services.validate_job_spec(url=url, payload=payload, priority=priority, kind=kind)
             except ValidationError as exc:
                 problems = exc.message_dict
                 if "url" not in problems:  # the same for every line: an option is wrong
@@ -95,6 +103,7 @@ class Command(BaseCommand):
                 urls=[url for _, url in accepted],
                 payload=payload,
                 priority=priority,
+                kind=kind,
                 actor="command",
             )
         except ValidationError as exc:
