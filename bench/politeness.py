@@ -298,7 +298,9 @@ class Bench:
 
         with connection.cursor() as cursor:
             if connection.vendor == "postgresql":
-                cursor.execute("TRUNCATE jobs_jobitems, jobs_jobevent, jobs_job, jobs_host, bus_bussession RESTART IDENTITY")
+                cursor.execute(
+                    "TRUNCATE jobs_jobitems, jobs_jobevent, jobs_job, jobs_host, bus_bussession RESTART IDENTITY"
+                )
             else:
                 for name in ("jobs_jobevent", "jobs_job", "jobs_host", "bus_bussession"):
                     cursor.execute(f"DELETE FROM {name}")
