@@ -499,6 +499,8 @@ class JobSpiderMiddleware:
             return
         run.in_chain.add(number)
         if number == run.root:
+            if self.tracker.dupefilter is not None and response.request is not None:
+                self.tracker.dupefilter.seen(response.request)  # where the job's URL redirected to
             run.status = response.status
             if response.status in BACKOFF_STATUSES:
                 run.retry_after = retry_after_seconds(response.headers.get("Retry-After"))
