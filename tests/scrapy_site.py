@@ -16,7 +16,8 @@ Pages:
 - /private/...: disallowed by /robots.txt (User-agent: *, Disallow: /private/).
 - /b/<i>: one page without links (the benchmark).
 
-`hits` counts the requests per path; `paths(prefix)` lists them.
+`hits` counts the requests per path; `paths(prefix)` lists them; `times`
+holds (monotonic time, path) of every request.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SiteServer:
     def __init__(self) -> None:
         self.release = threading.Event()
         self.hits: collections.Counter[str] = collections.Counter()
+        self.times: list[tuple[float, str]] = []
         self.lock = threading.Lock()
         site = self
 
@@ -43,8 +45,10 @@ class SiteServer:
             protocol_version = "HTTP/1.1"  # keep-alive, as a real site
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = urlsplit(self.path).path
                 with site.lock:
-                    site.hits[urlsplit(self.path).path] += 1
+                    site.hits[path] += 1
+                    site.times.append((time.monotonic(), path))
                 status, headers, body = site.page(self.path)
                 self.send_response(status)
                 for name, value in headers.items():

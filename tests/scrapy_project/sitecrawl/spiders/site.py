@@ -14,9 +14,13 @@ import scrapy
 class SiteSpider(scrapy.Spider):
     name = "site"
 
-    def __init__(self, start: str = "", *args, **kwargs):
+    def __init__(self, start: str = "", start_file: str = "", *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.start_urls = [url for url in start.split(",") if url]
+        urls = start.split(",")
+        if start_file:  # one URL a line (bench/scrapy_overhead.py: thousands)
+            with open(start_file) as lines:
+                urls += lines.read().split()
+        self.start_urls = [url for url in urls if url]
 
     def parse(self, response):
         job = response.meta.get("jobsite_job")
