@@ -456,7 +456,7 @@ def outcome_problem(frame: Frame) -> str | None:
 def describe(frame: Frame) -> str:
     if frame["type"] == "failed":
         return f"failed ({frame.get('error')!s:.200})"
-    return f"{frame['type']} {frame.get('result')!s:.120}" if frame["type"] == "done" else frame["type"]
+    return str(frame["type"])
 
 
 # --- The checker ---------------------------------------------------------------------
