@@ -12,9 +12,10 @@ fresh tables and processes:
   (from the site's first request for a /b/ page to the moment the
   benchmark's poll, every 50 ms, sees every job `succeeded`): the outcome's
   way back to the database counts against the add-on.
-- plain: the same spider, the same project settings, the add-on off (no
-  JOBSITE_LISTEN), the same URLs as start_urls (`-a start_file`). Pages/s =
-  pages / (the site's first /b/ request to its last).
+- plain: the same spider and project, stock Scrapy (`-s ADDONS={}`; the two
+  control ports off as the add-on turns them off), the same URLs as
+  start_urls (`-a start_file`). Pages/s = pages / (the site's first /b/
+  request to its last).
 
 Both with CONCURRENT_REQUESTS=16 and CONCURRENT_REQUESTS_PER_DOMAIN=16 (one
 site): the add-on then takes 16 jobs at a time, as many pages as plain
@@ -89,7 +90,8 @@ def plain_run(site: SiteServer, url: str, args, number: int) -> float:
     try:
         start_file = procs.folder / "urls.txt"
         start_file.write_text("".join(site.url(f"{prefix}{i}") + "\n" for i in range(args.pages)))
-        proc = start_scrapy(procs, scrapy_argv("-a", f"start_file={start_file}"), "plain")
+        stock = ("-s", "ADDONS={}", "-s", "TELNETCONSOLE_ENABLED=False", "-s", "REMOTE_CONTROL_ENABLED=False")
+        proc = start_scrapy(procs, scrapy_argv(*stock, "-a", f"start_file={start_file}"), "plain")
         try:
             status = proc.wait(args.timeout)
         except subprocess.TimeoutExpired as exc:

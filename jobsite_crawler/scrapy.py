@@ -68,7 +68,6 @@ from scrapy.dupefilters import RFPDupeFilter
 from scrapy.exceptions import DontCloseSpider, IgnoreRequest, NotConfigured
 from scrapy.http import Response
 from scrapy.settings import BaseSettings
-from scrapy.utils.asyncio import is_asyncio_available
 from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.misc import arg_to_iter, load_object
 from scrapy.utils.serialize import ScrapyJSONEncoder
@@ -80,6 +79,11 @@ from .job import Job
 from .logfmt import kv
 from .runners import Finish
 from .wire import DEFAULT_MAX_FRAME, MAX_KIND_LENGTH, Frame, _depth_ok, done_frame, failed_frame
+
+try:
+    from scrapy.utils.asyncio import is_asyncio_available
+except ImportError:  # Scrapy 2.13: the same question, asked of the installed reactor
+    from scrapy.utils.reactor import is_asyncio_reactor_installed as is_asyncio_available
 
 log = logging.getLogger("jobsite_crawler.scrapy")
 
