@@ -516,7 +516,8 @@ class SessionIO:
                 succeeded=True,
                 result=_without_nul(result),
                 items=items[0],
-                items_truncated=items[1],
+                # Cut here by the cap, or already by the crawler (its own limits; docs/protocol.md section 17).
+                items_truncated=items[1] or result.get("items_truncated") is True,
             )
         error = frame.get("error", "")
         retryable = frame.get("retryable", False)

@@ -154,6 +154,17 @@ def test_job_items_max_cuts_the_items_and_zero_stores_none(processes, short_sock
             assert parsed(row.lines) == items[:3]
 
 
+def test_items_the_crawler_cut_itself_are_marked_truncated_too(processes, short_socket_path):
+    [job_id] = enqueue(1)
+    with bus_and_peer(processes, short_socket_path) as (peer, bus):
+        peer.handshake(slots=1)
+        peer.recv("assign")
+        peer.send(done(job_id, 1, ITEMS, result={"items": 40, "items_truncated": True}))
+        assert ack_of(peer, job_id, 1) == RECORDED
+        row = stored(job_id)
+        assert row is not None and (row.count, row.truncated) == (2, True)
+
+
 def test_bad_items_are_invalid_and_the_outcome_is_not_recorded(processes, short_socket_path):
     [job_id] = enqueue(1)
     bad = ["not a list", {"a": 1}, 7, [1], [{"ok": 1}, "a string"], [[{"nested": "list"}]], [None]]
