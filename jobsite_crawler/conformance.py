@@ -76,7 +76,9 @@ from .wire import (
 HEARTBEAT = 1.0  # hello.heartbeat of the checker's sessions: short, so that liveness is seen quickly
 CADENCE_HEARTBEAT = 0.5  # the interval the cadence rule asks for
 CADENCE_WINDOW = 3.0  # how long the cadence rule watches
-CADENCE_SLACK = 2.0  # a gap of up to this many intervals passes (scheduling on a busy machine)
+CADENCE_SLACK = 2.0  # a gap of up to this many intervals passes...
+SCHEDULING_SLACK = 0.25  # ...plus this, for a busy machine
+MAX_RECEIVED = 100_000  # frames kept per session: a flooding crawler ends its session, not the checker's memory
 MAX_SLOT_JOBS = 8  # the slots rule fills at most this many slots with held jobs
 RESUME_WITHIN = 10.0  # bye.resume_within of the hand-over rule
 LOOPBACK_NOTE = "the crawler must be allowed to fetch loopback addresses (the reference crawler: --allow-private)"
@@ -90,8 +92,8 @@ RULES = {
     "auth.no_token": "without a token: a hello carrying auth is refused (optional)",
     "heartbeat.cadence": "a complete frame at least every hello.heartbeat, heartbeats with ts and running",
     "jobs.run": "an assigned job is fetched and answered done with its job_id, attempt and a result object",
+    "heartbeat.running": "heartbeats list every unfinished job (one left out twice in a row is requeued as lost)",
     "slots": "never more running jobs than slots; capacity frames well-formed; assigned jobs all finish",
-    "heartbeat.running": "heartbeats list every unfinished job (one left out twice is requeued as lost)",
     "outcomes.resent": "an unacked outcome is resent after the next ready, unchanged",
     "outcomes.acked_once": "an outcome acked recorded is not sent again",
     "late.cancelled": "a cancelled attempt sends no outcome and leaves running",
@@ -253,7 +255,8 @@ class BusSession:
         self.session_id = str(uuid.uuid4())
         self.hello_nonce = new_nonce()
         self.heartbeat = HEARTBEAT
-        self.slots = 0
+        self.slots = 0  # the latest from ready or a capacity frame
+        self.slots_in_ready = 0
         self.ready_running: list[JobKey] = []
         self.problems: list[str] = []  # malformed frames the crawler sent in passing (ids of outcomes)
         self._cond = threading.Condition()
@@ -323,8 +326,15 @@ class BusSession:
                 bad = None
             except FrameError as exc:
                 frames, bad = exc.frames, exc
+            if len(self.received) + len(frames) > MAX_RECEIVED:
+                self._closed(f"the crawler sent more than {MAX_RECEIVED} frames on one session")
+                return
             for frame in frames:
-                self._on_frame(frame)
+                try:
+                    self._on_frame(frame)
+                except Exception as exc:  # noqa: BLE001 - a frame that trips the checker must not hang the check
+                    self._closed(f"checker error on {frame['type']!r:.40} frame: {type(exc).__name__}: {exc}")
+                    return
             if bad is not None:
                 self.send(error_frame(BAD_FRAME, str(bad)))
                 self._closed(f"the crawler sent a malformed frame: {bad}")
@@ -394,6 +404,17 @@ class BusSession:
             also = f"; the crawler also sent: {'; '.join(self.problems)}" if self.problems else ""
             raise Fail(f"no {what} within {timeout:g} s{also}")
         return received
+
+    def heartbeats_after(self, after: float, *, count: int, timeout: float, start: int = 0) -> list[Received]:
+        """The first `count` heartbeats arriving after monotonic time `after` (fewer at the deadline or the end)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                beats = [r for r in self.received[start:] if r.frame["type"] == "heartbeat" and r.at > after]
+                remaining = deadline - time.monotonic()
+                if len(beats) >= count or self.closed is not None or remaining <= 0:
+                    return beats[:count]
+                self._cond.wait(remaining)
 
     def wait_closed(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -497,7 +518,8 @@ class Checker:
         self._rules: list[str] = []
         self._usable = False  # the handshake worked: the other scenarios can open sessions
         self.pages = PageServer(hold_max=max(60.0, 6 * self.timeout))
-        self.quiet = max(1.5, 1.5 * HEARTBEAT)  # how long "nothing happens" is watched
+        # How long "nothing happens" is watched: longer for a slow crawler given a longer --timeout.
+        self.quiet = max(1.5 * HEARTBEAT, 0.15 * self.timeout)
 
     # --- Running ---
 
@@ -537,9 +559,16 @@ class Checker:
         reported_before = {r.rule for r in self.results}
         try:
             function(self)
-        except (Fail, Skip, OSError) as exc:
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line per rule, whatever went wrong
             status = "SKIP" if isinstance(exc, Skip) else "FAIL"
-            reason = str(exc) if isinstance(exc, (Fail, Skip)) else f"lost the crawler: {exc}"
+            if isinstance(exc, (Fail, Skip)):
+                reason = str(exc)
+            elif isinstance(exc, OSError):
+                reason = f"lost the crawler: {exc}"
+            else:
+                reason = f"checker error (a bug in crawlercheck, please report): {type(exc).__name__}: {exc}"
             # The scenario stopped at the first rule it could not finish; that rule and the
             # ones after it share the reason.
             for rule in self._rules:
@@ -607,7 +636,7 @@ class Checker:
         ready = session.ready = answer.frame
         session.ready_index = session.received.index(answer)
         try:
-            session.slots = slots_of(ready)
+            session.slots = session.slots_in_ready = slots_of(ready)
             session.ready_running = running_of(ready)
         except FieldError as exc:
             raise Fail(f"ready: {exc}") from None
@@ -773,7 +802,7 @@ class Checker:
                     raise FieldError("ts is missing")
             except FieldError as exc:
                 raise Fail(f"a heartbeat with a bad ts ({exc}): {received.frame!r:.200}") from None
-        limit = CADENCE_SLACK * CADENCE_HEARTBEAT
+        limit = CADENCE_SLACK * CADENCE_HEARTBEAT + SCHEDULING_SLACK
         if gap > limit:
             raise Fail(
                 f"with hello.heartbeat {CADENCE_HEARTBEAT:g} s the crawler was silent for {gap:.2f} s "
@@ -811,7 +840,7 @@ class Checker:
         fields = ", ".join(sorted(frame["result"]))
         self.report("jobs.run", "PASS", f"job {key[0]} attempt 3 fetched and done, result fields: {fields}")
 
-    @scenario("slots", "heartbeat.running")
+    @scenario("heartbeat.running", "slots")
     def check_slots(self) -> None:
         session = self.open_session()
         self.needs_slots(session)
@@ -821,61 +850,67 @@ class Checker:
         assigned_at = time.monotonic()
         for key, _, url in jobs:
             self.assign(session, key, url)
-        keys = {key for key, _, _ in jobs}
-
-        def lists_all(frame: Frame) -> bool:
-            return frame["type"] == "heartbeat" and keys <= listed(frame)
-
-        first = session.wait(lambda f: lists_all(f), self.timeout, mark)
-        if first is None:
-            self._slots_verdict(session, count)  # a slots problem explains a missing job better
-            most = max(
-                (len(keys & set(r.running or [])) for r in session.frames(mark) if r.frame["type"] == "heartbeat"),
-                default=0,
-            )
-            raise Fail(
-                f"no heartbeat listed all {count} unfinished jobs within {self.timeout:g} s (at most {most}): "
-                "a job left out of two heartbeats in a row is requeued as lost"
-            )
-        # Two more intervals: each heartbeat must keep listing them while their pages are held.
-        watch_from = session.received.index(first)
-        session.stay_open(max(2 * session.heartbeat, assigned_at + session.heartbeat - time.monotonic()) + 0.2)
-        for received in session.frames(watch_from):
-            if received.frame["type"] == "heartbeat" and not lists_all(received.frame):
-                missing = keys - set(received.running or [])
-                raise Fail(f"a heartbeat left out running jobs {sorted(missing)}: they would be requeued as lost")
-        fetched = sum(self.pages.seen(name) for _, name, _ in jobs)
-        self.report(
-            "heartbeat.running", "PASS", f"every heartbeat listed the {count} unfinished jobs ({fetched} fetching)"
-        )
+        self.report("heartbeat.running", *self._judge_running(session, jobs, assigned_at, mark))
         for _, name, _ in jobs:
             self.pages.release(name)
         for key, _, _ in jobs:
             session.expect(is_outcome(key), f"the outcome of held job {key[0]} once released", self.timeout, mark)
-        self._slots_verdict(session, count)
+        problem = self._slots_problem(session)
+        if problem:
+            raise Fail(problem)
         self.report(
             "slots",
             "PASS",
-            f"ready.slots {session.ready['slots'] if session.ready else '?'}: {count} jobs assigned at once, "
+            f"ready.slots {session.slots_in_ready}: {count} jobs assigned at once, "
             "running never above slots, all finished",
         )
 
-    def _slots_verdict(self, session: BusSession, count: int) -> None:
+    def _judge_running(
+        self, session: BusSession, jobs: list[tuple[JobKey, str, str]], assigned_at: float, mark: int
+    ) -> tuple[str, str]:
+        """(status, reason) of heartbeat.running, its held jobs assigned at `assigned_at`.
+
+        The bus's rule: a job assigned more than one interval ago that two
+        heartbeats in a row leave out is requeued as lost. So three heartbeats
+        past that point are watched while the pages are held. The wait is
+        bounded by the cadence rule's allowance, not --timeout: a fetcher's
+        own read timeout (10 s for the reference) must not end the jobs first.
+        """
+        keys = {key for key, _, _ in jobs}
+        due = assigned_at + session.heartbeat
+        wait = 3 * CADENCE_SLACK * session.heartbeat + SCHEDULING_SLACK + session.heartbeat
+        beats = session.heartbeats_after(due, count=3, timeout=wait, start=mark)
+        ended = [describe(r.frame) for r in session.frames(mark) if r.frame["type"] in ("done", "failed")]
+        if ended:
+            fetched = all(self.pages.seen(name) for _, name, _ in jobs)
+            return "FAIL", (
+                f"held jobs ended before their pages were released: {', '.join(ended)}"
+                + ("" if fetched else f"; {LOOPBACK_NOTE}")
+            )
+        if len(beats) < 3:
+            closed = f"; the session ended ({session.closed})" if session.closed else ""
+            return "FAIL", f"only {len(beats)} heartbeat(s) more than one interval after the assigns{closed}"
+        for before, after in zip(beats, beats[1:]):
+            lost = keys - set(before.running or []) - set(after.running or [])
+            if lost:
+                return "FAIL", f"two heartbeats in a row left out running jobs {sorted(lost)}: requeued as lost"
+        once = "" if all(keys <= set(r.running or []) for r in beats) else " (one heartbeat left a job out)"
+        fetched_count = sum(self.pages.seen(name) for _, name, _ in jobs)
+        return "PASS", f"heartbeats listed the {len(keys)} unfinished jobs{once}; {fetched_count} fetching"
+
+    def _slots_problem(self, session: BusSession) -> str | None:
         """Replay the session: every capacity frame well-formed, no heartbeat listing more jobs than slots."""
-        slots = slots_of(session.ready or {})
+        slots = session.slots_in_ready
         for received in session.frames(session.ready_index + 1):
             frame = received.frame
             if frame["type"] == "capacity":
                 try:
                     slots = slots_of(frame)
                 except FieldError as exc:
-                    self.report("slots", "FAIL", f"a malformed capacity frame ({exc}): {frame!r:.200}")
-                    raise Fail(f"not judged: {self._rules[0]} failed first") from None
+                    return f"a malformed capacity frame ({exc}): {frame!r:.200}"
             elif received.running is not None and len(received.running) > slots:
-                self.report(
-                    "slots", "FAIL", f"a heartbeat lists {len(received.running)} running jobs with slots {slots}"
-                )
-                raise Fail(f"not judged: {self._rules[0]} failed first")
+                return f"a heartbeat lists {len(received.running)} running jobs with slots {slots}"
+        return None
 
     @scenario("outcomes.resent", "outcomes.acked_once")
     def check_resend(self) -> None:

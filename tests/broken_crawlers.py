@@ -56,6 +56,13 @@ class BadCapacity(engine.Crawler):
         return result
 
 
+class EmptyRunning(engine.Crawler):
+    """Heartbeats on time, but always with an empty running list."""
+
+    def _running_of(self, session):
+        return []
+
+
 class _Ghost:
     """Stands in for a session that ended: not live, so a job's outcome goes to whichever session is."""
 
@@ -132,6 +139,7 @@ BREAKS = {
         "auth.hello_checked", "FAIL", patch=_patch("proof_matches", lambda *args: True), token=True
     ),
     "no-heartbeat": Break("heartbeat.cadence", "FAIL", patch=_patch("_Session", SilentSession)),
+    "empty-running": Break("heartbeat.running", "FAIL", crawler=EmptyRunning),
     "outcome-after-cancel": Break("late.cancelled", "FAIL", crawler=OutcomeAfterCancel),
     "resends-stale": Break("late.stale", "FAIL", patch=_patch("_Session", KeepsStale)),
     "bad-capacity": Break("slots", "FAIL", crawler=BadCapacity),
