@@ -22,6 +22,13 @@ site): the add-on then takes 16 jobs at a time, as many pages as plain
 Scrapy downloads at once. The order of the two alternates per run. Checked:
 every page fetched exactly once per run; every job succeeded at attempt 1
 with one item. Median of `--runs`; target: overhead <= 10 %.
+
+Also printed, to tell the add-on's own cost from the control plane's: the
+Scrapy process's CPU time per page (utime + stime from /proc, sampled when
+the site sees the first page request and when the run's clock stops), and
+for the add-on the CPU of runbus over the same window. On this 2-core
+machine the bus and its database compete with Scrapy and the site for the
+cores; in production they run elsewhere.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from bench._procs import (  # noqa: E402
     median,
     parser_for,
     per_backend,
+    proc_cpu_seconds,
     verdict,
 )
 from tests.scrapy_site import SiteServer  # noqa: E402
@@ -84,7 +92,29 @@ def page_span(site: SiteServer, prefix: str, pages: int) -> float:
     return max(times) - min(times)
 
 
-def plain_run(site: SiteServer, url: str, args, number: int) -> float:
+def requests_seen(site: SiteServer, prefix: str) -> int:
+    with site.lock:
+        return sum(1 for _, path in site.times if path.startswith(prefix))
+
+
+class CpuWindow:
+    """CPU seconds processes spend between start() and stop(), from /proc (sampled while they run)."""
+
+    def __init__(self, *procs: subprocess.Popen):
+        self.procs = procs
+        self.begin: list[float] | None = None
+        self.spent: list[float] | None = None
+
+    def start(self) -> None:
+        if self.begin is None:
+            self.begin = [proc_cpu_seconds(proc.pid) for proc in self.procs]
+
+    def stop(self) -> None:
+        if self.begin is not None and self.spent is None:
+            self.spent = [proc_cpu_seconds(proc.pid) - b for proc, b in zip(self.procs, self.begin)]
+
+
+def plain_run(site: SiteServer, url: str, args, number: int) -> tuple[float, CpuWindow]:
     prefix = f"/b/p{number}/"
     procs = Procs(url, keep_logs=args.keep_logs)
     try:
@@ -92,17 +122,25 @@ def plain_run(site: SiteServer, url: str, args, number: int) -> float:
         start_file.write_text("".join(site.url(f"{prefix}{i}") + "\n" for i in range(args.pages)))
         stock = ("-s", "ADDONS={}", "-s", "TELNETCONSOLE_ENABLED=False", "-s", "REMOTE_CONTROL_ENABLED=False")
         proc = start_scrapy(procs, scrapy_argv(*stock, "-a", f"start_file={start_file}"), "plain")
-        try:
-            status = proc.wait(args.timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise CheckFailed(f"plain scrapy crawl did not finish within {args.timeout} s") from exc
+        cpu = CpuWindow(proc)
+        deadline = time.monotonic() + args.timeout
+        while proc.poll() is None:
+            seen = requests_seen(site, prefix)
+            if seen:
+                cpu.start()
+            if seen >= args.pages:
+                cpu.stop()  # the last page is requested: what is left is its answer and the shutdown
+            check(time.monotonic() < deadline, f"plain scrapy crawl did not finish within {args.timeout} s")
+            time.sleep(0.01)
+        status = proc.wait()
         check(status == 0, f"plain scrapy crawl exited with {status}:\n{procs.log_text(proc)[-2000:]}")
-        return args.pages / page_span(site, prefix, args.pages)
+        check(cpu.spent is not None, "the plain crawl ended before its CPU could be sampled")
+        return args.pages / page_span(site, prefix, args.pages), cpu
     finally:
         procs.stop_all()
 
 
-def addon_run(site: SiteServer, url: str, args, number: int) -> float:
+def addon_run(site: SiteServer, url: str, args, number: int) -> tuple[float, CpuWindow]:
     from jobs import services
 
     prefix = f"/b/a{number}/"
@@ -121,11 +159,15 @@ def addon_run(site: SiteServer, url: str, args, number: int) -> float:
             check(time.monotonic() < deadline, "scrapy did not listen within 60 s")
             time.sleep(POLL_INTERVAL)
         runbus = procs.manage("runbus", "--endpoint", sock)
+        cpu = CpuWindow(crawler, runbus)
         deadline = time.monotonic() + args.timeout
         done_at = None
         while time.monotonic() < deadline:
+            if requests_seen(site, prefix):
+                cpu.start()
             if poller.count("succeeded") >= args.pages:
                 done_at = time.monotonic()
+                cpu.stop()
                 break
             check(runbus.poll() is None, f"runbus exited:\n{procs.log_text(runbus)[-2000:]}")
             check(crawler.poll() is None, f"scrapy exited:\n{procs.log_text(crawler)[-2000:]}")
@@ -139,7 +181,7 @@ def addon_run(site: SiteServer, url: str, args, number: int) -> float:
         page_span(site, prefix, args.pages)  # each page fetched once
         with site.lock:
             first = min(at for at, path in site.times if path.startswith(prefix))
-        return args.pages / (done_at - first)
+        return args.pages / (done_at - first), cpu
     finally:
         poller.close()
         procs.stop_all()
@@ -157,16 +199,28 @@ def run_backend(args) -> int:
         )
         addon: list[float] = []
         plain: list[float] = []
+        cpu_addon: list[float] = []  # Scrapy ms per page
+        cpu_bus: list[float] = []
+        cpu_plain: list[float] = []
         try:
             for number in range(1, args.runs + 1):
                 order = ("addon", "plain") if number % 2 else ("plain", "addon")
                 for mode in order:
                     if mode == "addon":
-                        addon.append(addon_run(site, url, args, number))
+                        rate, cpu = addon_run(site, url, args, number)
+                        addon.append(rate)
+                        assert cpu.spent is not None
+                        cpu_addon.append(cpu.spent[0] * 1000 / args.pages)
+                        cpu_bus.append(cpu.spent[1] * 1000 / args.pages)
                     else:
-                        plain.append(plain_run(site, url, args, number))
+                        rate, cpu = plain_run(site, url, args, number)
+                        plain.append(rate)
+                        assert cpu.spent is not None
+                        cpu_plain.append(cpu.spent[0] * 1000 / args.pages)
                 print(
-                    f"#   run {number}: add-on {addon[-1]:,.0f} pages/s, plain {plain[-1]:,.0f} pages/s; {load_line()}",
+                    f"#   run {number}: add-on {addon[-1]:,.0f} pages/s, plain {plain[-1]:,.0f} pages/s; "
+                    f"Scrapy CPU {cpu_addon[-1]:.2f} vs {cpu_plain[-1]:.2f} ms/page, runbus {cpu_bus[-1]:.2f} ms/page; "
+                    f"{load_line()}",
                     flush=True,
                 )
         except CheckFailed as exc:
@@ -178,6 +232,12 @@ def run_backend(args) -> int:
             f"Scrapy add-on ({label}): {through:,.0f} pages/s through the add-on, {alone:,.0f} pages/s plain; "
             f"overhead {overhead:.1%}  target overhead <= {TARGET_OVERHEAD:.0%}  {verdict(overhead <= TARGET_OVERHEAD)}"
             f"  (add-on runs: {_figures(addon)}; plain runs: {_figures(plain)})",
+            flush=True,
+        )
+        print(
+            f"# CPU per page ({label}): Scrapy with the add-on {median(cpu_addon):.2f} ms, plain "
+            f"{median(cpu_plain):.2f} ms (x{median(cpu_addon) / median(cpu_plain):.2f}); runbus "
+            f"{median(cpu_bus):.2f} ms",
             flush=True,
         )
     return 0
