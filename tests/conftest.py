@@ -221,6 +221,7 @@ DATABASE_INDEPENDENT = frozenset(
         "test_crawler.py",
         "test_crawler_fleet_side.py",
         "test_crawler_library.py",
+        "test_crawlercheck.py",
         "test_endpoints.py",
         "test_fetch.py",
         "test_protocol.py",
