@@ -33,6 +33,31 @@ def dialect() -> ModuleType:
     return sqlite
 
 
+def claim_host_filters(jobs: str, of_kinds: str, *, alone: bool, kinds: list[str] | None) -> tuple[str, str]:
+    """The claim's two optional conditions on a host `h`, the same on both databases.
+
+    `of_kinds` is the dialect's "this job's kind is one of the session's"
+    condition with an `{alias}` slot ("" when the session takes every kind).
+    Returns (only hosts with a queued suspect, when `alone`; only hosts with
+    a queued job of the session's kinds, when it has kinds: a host none of
+    whose jobs it takes is not its to lock; job_kind_queue makes that one
+    probe per kind).
+    """
+    only_suspects = (
+        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone "
+        f"{of_kinds.format(alias='s')})"
+        if alone
+        else ""
+    )
+    has_kinds = (
+        ""
+        if kinds is None
+        else f"AND EXISTS (SELECT 1 FROM {jobs} AS k WHERE k.host_id = h.id AND k.status = 'queued' "
+        f"{of_kinds.format(alias='k')})"
+    )
+    return only_suspects, has_kinds
+
+
 def table(model: type[Model]) -> str:
     return connection.ops.quote_name(model._meta.db_table)
 

@@ -17,7 +17,7 @@ from django.db import connection
 from jobs.hosts import LONG_AGO
 from jobs.models import Host, Job, JobEvent
 
-from . import db_time, db_value, table
+from . import claim_host_filters, db_time, db_value, table
 
 
 def upsert_hosts(keys: list[str], at: datetime) -> dict[str, int]:
@@ -142,19 +142,7 @@ def claim(
     jobs, hosts, events = table(Job), table(Host), table(JobEvent)
     of_kinds = "" if kinds is None else "AND {alias}.kind = ANY(%(kinds)s::text[])"
     # Suspects (run_alone) are few: look only at the hosts that have one.
-    only_suspects = (
-        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone "
-        f"{of_kinds.format(alias='s')})"
-        if alone
-        else ""
-    )
-    # A host none of whose queued jobs this session takes is not its to lock (job_kind_queue: one probe per kind).
-    has_kinds = (
-        ""
-        if kinds is None
-        else f"AND EXISTS (SELECT 1 FROM {jobs} AS k WHERE k.host_id = h.id AND k.status = 'queued' "
-        f"{of_kinds.format(alias='k')})"
-    )
+    only_suspects, has_kinds = claim_host_filters(jobs, of_kinds, alone=alone, kinds=kinds)
     pause = "GREATEST(COALESCE(h.delay, %(delay)s), LEAST(COALESCE(h.crawl_delay, 0), %(max_crawl)s))"
     busy = f"(SELECT count(*) FROM {jobs} AS r WHERE r.host_id = h.id AND r.status = 'running')"
     waiting = f"""

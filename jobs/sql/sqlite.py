@@ -18,7 +18,7 @@ from django.utils import timezone
 from jobs.hosts import LONG_AGO, effective_delay
 from jobs.models import Host, Job, JobEvent
 
-from . import db_time, db_value, table
+from . import claim_host_filters, db_time, db_value, table
 
 # SQLite's default limit on the SELECTs of one compound statement is 500.
 MAX_COMPOUND = 400
@@ -145,18 +145,8 @@ def claim(
     # The kinds are a few short names (ready.kinds is bounded): one placeholder each.
     of_kinds = "" if kinds is None else f"AND {{alias}}.kind IN ({', '.join(['%s'] * len(kinds))})"
     kind_params = list(kinds or [])
-    only_suspects = (
-        f"AND h.id IN (SELECT s.host_id FROM {jobs} AS s WHERE s.status = 'queued' AND s.run_alone "
-        f"{of_kinds.format(alias='s')})"
-        if alone
-        else ""
-    )
-    has_kinds = (
-        ""
-        if kinds is None
-        else f"AND EXISTS (SELECT 1 FROM {jobs} AS k WHERE k.host_id = h.id AND k.status = 'queued' "
-        f"{of_kinds.format(alias='k')})"
-    )
+    # Suspects (run_alone) are few: look only at the hosts that have one.
+    only_suspects, has_kinds = claim_host_filters(jobs, of_kinds, alone=alone, kinds=kinds)
     robots_known = "AND h.robots_state IN ('rules', 'unavailable')" if robots else ""
     with connection.cursor() as cursor:
         cursor.execute(
