@@ -1,24 +1,28 @@
-"""A read-only JSON API over jobs for scripts: the list (filters, keyset pages) and one job with its events.
+"""A JSON API over jobs for scripts: the list (filters, keyset pages), one job with its events, and enqueue.
 
 Signed-in users with the `jobs.view_job` permission only (the session cookie
 of the pages); anonymous callers get a JSON 401 rather than the login page,
-users without the permission a JSON 403.
+users without the permission a JSON 403. Queueing jobs (POST to the list)
+needs what the new-jobs page needs: a staff account with the "change job"
+permission; being a POST with the session cookie, it carries Django's CSRF
+token (the `csrftoken` cookie, sent back in an `X-CSRFToken` header).
 """
 
 from __future__ import annotations
 
+import json
 from functools import wraps
 
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, JsonResponse
 from django.urls import reverse
 from django.utils.http import urlencode
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_http_methods
 
 from . import selectors, services
-from .forms import parse_id
+from .forms import MAX_LINES, parse_id
 from .models import Job, JobEvent, Status
-from .views import can_view_jobs
+from .views import can_change_jobs, can_view_jobs
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
@@ -79,9 +83,53 @@ def event_record(event: JobEvent) -> dict:
     }
 
 
-@require_GET
+@require_http_methods(["GET", "POST"])
 @api_login_required
-def job_list(request: HttpRequest) -> JsonResponse:
+def jobs(request: HttpRequest) -> JsonResponse:
+    """/api/jobs/: GET lists jobs, POST queues new ones."""
+    if request.method == "POST":
+        return _enqueue(request)
+    return _job_list(request)
+
+
+def _enqueue(request: HttpRequest) -> JsonResponse:
+    """POST /api/jobs/ {"urls": [...], "priority": 0, "kind": "", "payload": {}}: all queued, or none (400).
+
+    `url` (one string) may stand for `urls`. The answer, 201, lists the new
+    jobs' ids in the order of the URLs.
+    """
+    if not can_change_jobs(request.user):
+        return JsonResponse({"error": "queueing jobs needs a staff account with permission to change jobs"}, status=403)
+    try:
+        body = json.loads(request.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return _bad_request(f"the body must be a JSON object: {exc}")
+    if not isinstance(body, dict):
+        return _bad_request("the body must be a JSON object")
+    unknown = sorted(set(body) - {"url", "urls", "priority", "kind", "payload"})
+    if unknown:
+        return _bad_request(f"unknown fields: {', '.join(unknown)}")
+    if ("url" in body) == ("urls" in body):
+        return _bad_request("give either url (a string) or urls (a list of strings)")
+    urls = [body["url"]] if "url" in body else body["urls"]
+    if not isinstance(urls, list) or not urls or not all(isinstance(url, str) for url in urls):
+        return _bad_request("urls must be a non-empty list of strings")
+    if len(urls) > MAX_LINES:
+        return _bad_request(f"at most {MAX_LINES} URLs at once")
+    try:
+        queued = services.enqueue_many(
+            urls=urls,
+            priority=body.get("priority", 0),
+            kind=body.get("kind", ""),
+            payload=body.get("payload"),
+            actor=f"api:{request.user.get_username()}",
+        )
+    except ValidationError as exc:
+        return JsonResponse({"error": "nothing was queued", "problems": exc.messages}, status=400)
+    return JsonResponse({"count": len(queued), "ids": [job.pk for job in queued]}, status=201)
+
+
+def _job_list(request: HttpRequest) -> JsonResponse:
     """GET /api/jobs/?status=&kind=&url=&before=&limit= — newest first; `next` holds the following page's URL."""
     status = request.GET.get("status") or None
     if status is not None and status not in Status.values:

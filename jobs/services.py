@@ -162,11 +162,39 @@ def _validate_url(url: Any) -> str:
     return url
 
 
+def _untextual(value: Any) -> str | None:
+    """Why a string somewhere in `value` (keys included) cannot be stored as text, or None.
+
+    JSON may carry "\\u0000" and lone surrogates ("\\ud800"); PostgreSQL's text
+    and jsonb refuse both, so they are refused here, with a reason, before any
+    statement runs (not as a database error half-way through a batch).
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "holds a NUL character (\\u0000), which the database cannot store"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def _validate_payload_and_priority(payload: Any, priority: Any) -> tuple[dict, int]:
     if payload is None:
         payload = {}
     if not isinstance(payload, dict):
         raise ValidationError({"payload": "payload must be a JSON object"})
+    problem = _untextual(payload)
+    if problem:
+        raise ValidationError({"payload": f"payload {problem}"})
     try:
         size = len(json.dumps(payload, allow_nan=False).encode())
     except (TypeError, ValueError) as exc:
@@ -192,8 +220,9 @@ def validate_kind(kind: Any) -> str:
         raise ValidationError({"kind": "kind must be a string"})
     if len(kind) > MAX_KIND_LENGTH:
         raise ValidationError({"kind": f"kind is {len(kind)} characters long; at most {MAX_KIND_LENGTH} are allowed"})
-    if "\x00" in kind:
-        raise ValidationError({"kind": "kind must not contain NUL characters"})
+    problem = _untextual(kind)
+    if problem:
+        raise ValidationError({"kind": f"kind {problem}"})
     return kind
 
 

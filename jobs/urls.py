@@ -22,7 +22,7 @@ urlpatterns = [
     path("hosts/", hosts, name="hosts"),
     path("hosts/<str:key>/", host_detail, name="host"),
     path("health", views.health, name="health"),
-    path("api/jobs/", api.job_list, name="api_list"),
+    path("api/jobs/", api.jobs, name="api_list"),
     path("api/jobs/<int:job_id>/", api.job_detail, name="api_detail"),
     path("api/jobs/<int:job_id>/items.jsonl", views_items.api_job_items, name="api_items"),
 ]

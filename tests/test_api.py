@@ -1,4 +1,4 @@
-"""The read-only JSON API for scripts: sign-in, filters, keyset pages, one job with its history."""
+"""The JSON API for scripts: sign-in, filters, keyset pages, one job and its history (queueing: test_api_enqueue)."""
 
 from __future__ import annotations
 
@@ -143,8 +143,9 @@ def test_detail_of_a_missing_job_is_json_404(api):
     assert response.status_code == 404 and response.json() == {"error": "no job 424242"}
 
 
-def test_the_api_is_read_only(api):
+def test_readers_cannot_change_anything(api):
     job = enqueue("https://example.com/a")[0]
-    assert api.post(LIST, {}).status_code == 405
+    assert api.post(LIST, {}).status_code == 403  # queueing needs the change permission (tests/test_api_enqueue.py)
     assert api.delete(reverse("jobs:api_detail", args=[job.pk])).status_code == 405
+    assert api.post(reverse("jobs:api_detail", args=[job.pk]), {}).status_code == 405
     assert Job.objects.filter(pk=job.pk, status=Status.QUEUED).exists()
