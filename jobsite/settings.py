@@ -253,6 +253,7 @@ LOGGING = {
     "loggers": {
         "jobs": {"level": LOG_LEVEL},
         "bus": {"level": LOG_LEVEL},
+        "jobsite_crawler": {"level": LOG_LEVEL},  # the crawler side (runcrawler, the library)
         "django": {"level": "INFO"},
     },
 }

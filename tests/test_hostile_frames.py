@@ -406,9 +406,11 @@ def test_flood_of_made_up_attempts_writes_a_bounded_audit_trail(bus, connect):
     """The probe's audit flood (failed frames with made-up attempts for a real job): at most 100
     stale events per session, the rest summed up in the session's close reason."""
     peer, (job_id,) = holding(connect)
-    peer.send_raw(
-        b"".join(frame(type="failed", job_id=job_id, attempt=1000 + i, error="x" * 500) for i in range(FLOOD))
-    )
+    flood = b"".join(frame(type="failed", job_id=job_id, attempt=1000 + i, error="x" * 500) for i in range(FLOOD))
+    try:
+        peer.send_raw(flood)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the bus may end the session while the rest of the flood is still being written: that is the point
     assert peer.recv("error", timeout=60)["code"] == "too_many_stale"
     assert peer.wait_closed(timeout=10)
     wait_until(
