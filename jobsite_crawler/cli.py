@@ -29,7 +29,7 @@ from .fetch import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, US
 from .logfmt import KeyValueFormatter, kv
 from .wire import DEFAULT_MAX_FRAME
 
-log = logging.getLogger("bus.crawler")
+log = logging.getLogger("jobsite_crawler.cli")
 
 
 class UsageError(Exception):
