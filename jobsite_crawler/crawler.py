@@ -225,7 +225,7 @@ class Crawler:
         self.listening = threading.Event()  # set once every endpoint is bound
         self._stopping = threading.Event()
         self._drain_by: float | None = None  # draining: stop once every outcome is acked, or at this time
-        self._capacity_due = False  # set_slots from a signal handler found the lock taken: repeat it
+        self._capacity_due = False  # drain() asked for capacity frames: serve_forever sends them
         self._lock = threading.Lock()  # guards the four collections below and _Session.live
         self._running: dict[JobKey, _Job] = {}
         self._unacked: dict[JobKey, _Outcome] = {}
@@ -298,22 +298,20 @@ class Crawler:
         After `timeout` seconds it stops anyway: the bus requeues what is
         still running. Safe from any thread and from a signal handler.
         """
+        # No lock taken here (a signal handler may interrupt a thread holding one):
+        # serve_forever sends the capacity frames once woken.
         self._drain_by = time.monotonic() + timeout
-        self.set_slots(0, blocking=False)
+        self.slots = 0
+        self._capacity_due = True
         _wake(self._wake_w)
 
-    def set_slots(self, slots: int, *, blocking: bool = True) -> None:
+    def set_slots(self, slots: int) -> None:
         """Change how many jobs each session accepts; live sessions are told with a `capacity` frame."""
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
             raise ValueError("slots must be an integer >= 0")
         self.slots = slots
-        if not self._lock.acquire(blocking=blocking):  # in a signal handler: the serve loop repeats it
-            self._capacity_due = True
-            return
-        try:
+        with self._lock:
             sessions = [session for session in self._sessions if session.live]
-        finally:
-            self._lock.release()
         for session in sessions:
             session.queue(encode_frame(capacity_frame(slots)))
 
