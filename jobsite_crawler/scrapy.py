@@ -34,6 +34,11 @@ Settings (the add-on's own rank below the project's: a project setting wins):
   ITEMS_MAX_BYTES of JSON, `result["items_truncated"]` when some were left out.
 - JOBSITE_DRAIN_TIMEOUT (60): seconds the first SIGTERM waits for running jobs.
 - JOBSITE_CONNECTION_LOG: a file for the library's connection log (optional).
+- JOBSITE_SLOTS: the jobs taken at once (default CONCURRENT_REQUESTS). More
+  hides each job's round trip through the bus behind a queued one (bench/
+  scrapy_overhead.py: twice CONCURRENT_REQUESTS turned a 10 % overhead into
+  none), but a job then waits in Scrapy's queue after jobsite started it, so
+  two jobs of one host may be fetched closer together than the host's delay.
 
 The add-on also turns off Scrapy's two control ports (TELNETCONSOLE_ENABLED,
 REMOTE_CONTROL_ENABLED: both on by default in Scrapy 2.19), and deduplicates
@@ -603,12 +608,13 @@ class JobsiteExtension:
         self.crawler = crawler
         self.tracker = _tracker_of(crawler)
         self.drain_timeout = settings.getfloat("JOBSITE_DRAIN_TIMEOUT", 60.0)
+        slots = settings.getint("JOBSITE_SLOTS", 0) or settings.getint("CONCURRENT_REQUESTS")
         log_path = settings.get("JOBSITE_CONNECTION_LOG")
         self.connection_log = ConnectionLog(log_path) if log_path else None
         # Built now, so that a bad endpoint or a tcp:// endpoint without a token fails the crawl at once.
         self.jobsite = Crawler(
             endpoints=endpoints,
-            slots=settings.getint("CONCURRENT_REQUESTS"),
+            slots=slots,
             name=f"{socket.gethostname()}-{os.getpid()}",
             token=settings.get("JOBSITE_TOKEN") or os.environ.get("BUS_TOKEN") or None,
             runner=self.tracker,

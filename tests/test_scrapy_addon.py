@@ -251,3 +251,20 @@ def test_the_sites_answers_reach_the_bus_404_503_with_retry_after_and_network_fa
     for job_id in (unavailable.id, unreachable.id):
         assert Job.objects.get(id=job_id).failures == 0  # sent back without spending an attempt
     assert proc.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_slots_follow_concurrent_requests_unless_jobsite_slots_says_otherwise(processes, short_socket_path):
+    from tests.test_crawler import BusClient
+
+    default, chosen = socket_paths(short_socket_path, 2)
+    start_scrapy(processes, default, "CONCURRENT_REQUESTS=3")
+    start_scrapy(processes, chosen, "CONCURRENT_REQUESTS=3", "JOBSITE_SLOTS=7")
+    for path, slots in ((default, 3), (chosen, 7)):
+        client = BusClient(path)
+        try:
+            ready = client.handshake()
+            assert ready is not None and ready["slots"] == slots
+            assert ready["kinds"] == ["site"]  # the spider's name
+        finally:
+            client.close()
